@@ -1,0 +1,243 @@
+"""Tune-A-Video's temporal UNet, built by inflating diffusers' ``UNet2DConditionModel``.
+
+The 3D UNet owns the 2D UNet's modules under their own names (so SD 1.x weights load with
+their keys unchanged) and adds, to every transformer block, ``norm_temp`` and ``attn_temp``.
+Its forward pass is written here, over the diffusers modules, for tensors (b, c, f, h, w):
+
+* every 2D conv runs per frame with shared weights (frames folded into the batch);
+* resnet GroupNorms (and ``conv_norm_out``) pool their statistics over all frames;
+* the transformer's input GroupNorm is per frame; ``attn1`` is sparse-causal (frame i
+  attends to frames 0 and i-1), ``attn2`` and the feed-forward are SD's; ``attn_temp``
+  attends over the f frames at each spatial position, after ``norm_temp``, and its output
+  projection starts at zero so the inflated model starts as SD.
+
+Every frame-dependent step is a tensor op (reshape, expand, slice, cat), so the module
+exports to ONNX with a dynamic frame axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from apla_rt.errors import ConfigError
+
+SUPPORTED_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                    "CrossAttnUpBlock2D", "UpBlock2D"}
+TEMPORAL_KEYS = ("attn_temp", "norm_temp")
+TRAINABLE_SUFFIXES = ("attn1.to_q", "attn2.to_q", "attn_temp")
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> (b*f, c, h, w)."""
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+def _unfold(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(b*f, c, h, w) -> (b, c, f, h, w)."""
+    bf, c, h, w = x.shape
+    return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def _repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(b, ...) -> (b*f, ...), each video's row repeated for its frames."""
+    return x.unsqueeze(1).expand(x.shape[0], frames, *x.shape[1:]).reshape(-1, *x.shape[1:])
+
+
+def group_norm_over_frames(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """GroupNorm on folded (b*f, c, h, w) with statistics pooled over each video's frames."""
+    y = F.group_norm(_unfold(x, frames), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return _fold(y)
+
+
+def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.reshape(b, n, attn.heads, d // attn.heads).transpose(1, 2)
+
+
+def attention(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
+              keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention with a diffusers ``Attention``'s projections.
+
+    ``keys`` (already projected input for k/v, by token) overrides ``context``; it is how
+    sparse-causal attention supplies frames 0 and i-1.
+    """
+    q = attn.to_q(x)
+    src = x if context is None else context
+    k = attn.to_k(src) if keys is None else attn.to_k(keys)
+    v = attn.to_v(src) if keys is None else attn.to_v(keys)
+    out = F.scaled_dot_product_attention(_heads(attn, q), _heads(attn, k), _heads(attn, v),
+                                         scale=attn.scale)
+    b, h, n, d = out.shape
+    out = out.transpose(1, 2).reshape(b, n, h * d)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def sparse_causal_keys(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """For tokens (b*f, n, d): per frame i, tokens of frame 0 then of frame i-1 (0 for i=0)."""
+    bf, n, d = x.shape
+    v = x.reshape(bf // frames, frames, n, d)
+    first = v[:, :1].expand_as(v)
+    former = torch.cat([v[:, :1], v[:, :-1]], dim=1)
+    return torch.cat([first, former], dim=2).reshape(bf, 2 * n, d)
+
+
+class UNet3DConditionModel(nn.Module):
+    """The temporal UNet. ``forward(sample (b,4,f,h,w), timestep (b,), text (b,seq,d))``."""
+
+    def __init__(self, unet2d: nn.Module, temporal: bool = True):
+        super().__init__()
+        cfg = unet2d.config
+        blocks = set(cfg.down_block_types) | set(cfg.up_block_types) | {cfg.mid_block_type}
+        unsupported = sorted(blocks - SUPPORTED_BLOCKS)
+        if unsupported:
+            raise ConfigError(f"unsupported UNet block types {unsupported}: APLA supports SD 1.x UNets")
+        if getattr(cfg, "addition_embed_type", None) or getattr(cfg, "class_embed_type", None):
+            raise ConfigError("UNets with class or added embeddings are not SD 1.x; not supported")
+        self.config = cfg
+        self.temporal = temporal
+        self.gradient_checkpointing = False
+        for name, child in unet2d.named_children():
+            self.add_module(name, child)
+        for block in self.transformer_blocks():
+            self._inflate(block)
+
+    @staticmethod
+    def _inflate(block: nn.Module) -> None:
+        from diffusers.models.attention_processor import Attention
+
+        if getattr(block, "only_cross_attention", False) or getattr(block, "norm_type", "layer_norm") != "layer_norm":
+            raise ConfigError("transformer blocks other than SD 1.x's are not supported")
+        dim = block.norm1.normalized_shape[0]
+        heads = block.attn1.heads
+        block.add_module("norm_temp", nn.LayerNorm(dim))
+        block.add_module("attn_temp", Attention(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False))
+        nn.init.zeros_(block.attn_temp.to_out[0].weight)
+        nn.init.zeros_(block.attn_temp.to_out[0].bias)
+
+    def transformer_blocks(self):
+        for module in self.modules():
+            if type(module).__name__ == "BasicTransformerBlock":
+                yield module
+
+    # -- blocks ----------------------------------------------------------------------
+
+    def _resnet(self, resnet: nn.Module, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
+        if resnet.time_embedding_norm != "default" or resnet.upsample is not None or resnet.downsample is not None:
+            raise ConfigError("only SD 1.x resnet blocks are supported")
+        h = resnet.nonlinearity(group_norm_over_frames(resnet.norm1, x, frames))
+        h = resnet.conv1(h)
+        h = h + resnet.time_emb_proj(resnet.nonlinearity(temb))[:, :, None, None]
+        h = resnet.nonlinearity(group_norm_over_frames(resnet.norm2, h, frames))
+        h = resnet.conv2(resnet.dropout(h))
+        if resnet.conv_shortcut is not None:
+            x = resnet.conv_shortcut(x)
+        return (x + h) / resnet.output_scale_factor
+
+    def _block(self, block: nn.Module, x: torch.Tensor, text: torch.Tensor, frames: int) -> torch.Tensor:
+        h = block.norm1(x)
+        x = attention(block.attn1, h, keys=sparse_causal_keys(h, frames)) + x
+        x = attention(block.attn2, block.norm2(x), context=text) + x
+        x = block.ff(block.norm3(x)) + x
+        if self.temporal:
+            bf, n, d = x.shape
+            t = x.reshape(bf // frames, frames, n, d).transpose(1, 2).reshape(-1, frames, d)
+            t = attention(block.attn_temp, block.norm_temp(t)) + t
+            x = t.reshape(bf // frames, n, frames, d).transpose(1, 2).reshape(bf, n, d)
+        return x
+
+    def _transformer(self, tr: nn.Module, x: torch.Tensor, text: torch.Tensor, frames: int) -> torch.Tensor:
+        bf, _, h, w = x.shape
+        residual = x
+        x = tr.norm(x)
+        if not tr.use_linear_projection:
+            x = tr.proj_in(x)
+        d = x.shape[1]
+        x = x.permute(0, 2, 3, 1).reshape(bf, h * w, d)
+        if tr.use_linear_projection:
+            x = tr.proj_in(x)
+        for block in tr.transformer_blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(self._block, block, x, text, frames, use_reentrant=False)
+            else:
+                x = self._block(block, x, text, frames)
+        if tr.use_linear_projection:
+            x = tr.proj_out(x)
+        x = x.reshape(bf, h, w, -1).permute(0, 3, 1, 2)
+        if not tr.use_linear_projection:
+            x = tr.proj_out(x)
+        return x + residual
+
+    def _res(self, resnet, x, temb, frames):
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(self._resnet, resnet, x, temb, frames, use_reentrant=False)
+        return self._resnet(resnet, x, temb, frames)
+
+    # -- forward ---------------------------------------------------------------------
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        frames = sample.shape[2]
+        up_factor = 2 ** sum(1 for block in self.up_blocks if block.upsamplers)
+        forward_upsample_size = any(s % up_factor for s in sample.shape[-2:])
+
+        timestep = timestep.reshape(-1).expand(sample.shape[0])
+        temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
+        temb = _repeat_frames(temb, frames)
+        text = _repeat_frames(encoder_hidden_states, frames)
+
+        x = self.conv_in(_fold(sample))
+        skips = [x]
+        for block in self.down_blocks:
+            attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for resnet, attn in zip(block.resnets, attns):
+                x = self._res(resnet, x, temb, frames)
+                if attn is not None:
+                    x = self._transformer(attn, x, text, frames)
+                skips.append(x)
+            for down in block.downsamplers or []:
+                x = down(x)
+                skips.append(x)
+
+        mid = self.mid_block
+        x = self._res(mid.resnets[0], x, temb, frames)
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+            x = self._transformer(attn, x, text, frames)
+            x = self._res(resnet, x, temb, frames)
+
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            upsample_size = skips[-1].shape[2:] if (i < len(self.up_blocks) - 1 and forward_upsample_size) else None
+            attns = getattr(block, "attentions", None) or [None] * n
+            for resnet, attn in zip(block.resnets, attns):
+                x = torch.cat([x, res.pop()], dim=1)
+                x = self._res(resnet, x, temb, frames)
+                if attn is not None:
+                    x = self._transformer(attn, x, text, frames)
+            for up in block.upsamplers or []:
+                x = up(x, upsample_size)
+
+        x = self.conv_act(group_norm_over_frames(self.conv_norm_out, x, frames))
+        return _unfold(self.conv_out(x), frames)
+
+
+def is_trainable_name(name: str, mode: str = "tav") -> bool:
+    """Whether a parameter of the UNet is fine-tuned (spec section 2: the TAV subset)."""
+    if mode == "all":
+        return True
+    module = name.rsplit(".", 1)[0]
+    return module.endswith(TRAINABLE_SUFFIXES) or ".attn_temp." in name + "."
+
+
+def load_2d_weights_strict(unet3d: UNet3DConditionModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a 2D SD UNet state dict; only the temporal keys may be missing, nothing extra."""
+    result = unet3d.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not any(t in k for t in TEMPORAL_KEYS)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"UNet weights do not match the model: {len(missing)} missing "
+                          f"(e.g. {missing[:1]}), {len(result.unexpected_keys)} unexpected "
+                          f"(e.g. {result.unexpected_keys[:1]})")
