@@ -1,0 +1,288 @@
+"""Video IO on the real clips: sampling, crop/resize, gif/folder/mp4 round trips, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from apla_rt import video
+from apla_rt.errors import InputError, OutputExistsError, VideoError
+from apla_rt.video import read_video, video_fps, write_video
+
+SKIING = "man-skiing.mp4"  # 91 frames, 718x718, 29.97 fps, AAC audio
+CAR = "car-turn.mp4"       # 80 frames, 480x480, 10 fps, no audio
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def bicubic(frame: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def skiing(shared_data) -> np.ndarray:
+    return read_video(shared_data / SKIING)
+
+
+@pytest.fixture(scope="module")
+def car(shared_data) -> np.ndarray:
+    return read_video(shared_data / CAR)
+
+
+@pytest.fixture(scope="module")
+def small(car) -> np.ndarray:
+    """16 frames of car-turn at 64x64: the round-trip payload."""
+    return np.stack([bicubic(f, 64) for f in car[:32:2]])
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def test_full_decode(skiing, car, shared_data):
+    assert skiing.shape == (91, 718, 718, 3) and skiing.dtype == np.uint8
+    assert car.shape == (80, 480, 480, 3) and car.dtype == np.uint8
+    assert video_fps(shared_data / SKIING) == pytest.approx(30000 / 1001)
+    assert video_fps(shared_data / CAR) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("start, stride, n_frames", [
+    (0, 1, 8), (0, 2, 24), (5, 3, 10), (90, 1, 1), (0, 7, None), (60, 10, None), (0, 45, 3),
+])
+def test_stride_sampling_picks_the_right_frames(skiing, shared_data, start, stride, n_frames):
+    got = read_video(shared_data / SKIING, start=start, stride=stride, n_frames=n_frames)
+    want = skiing[start::stride][:n_frames]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_resize_is_bicubic_of_the_sampled_frames(car, shared_data):
+    got = read_video(shared_data / CAR, start=1, stride=4, n_frames=6, size=64)
+    assert got.shape == (6, 64, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.stack([bicubic(f, 64) for f in car[1::4][:6]]))
+    same = read_video(shared_data / CAR, n_frames=2, size=480)
+    np.testing.assert_array_equal(same, car[:2])
+
+
+def test_video_stream_is_found_behind_an_audio_stream(skiing, shared_data, tmp_path):
+    """Remux man-skiing with its audio track first; the video must still be read."""
+    out_path = tmp_path / "audio-first.mkv"
+    with av.open(str(shared_data / SKIING)) as src, av.open(str(out_path), "w") as out:
+        audio = out.add_stream_from_template(src.streams.audio[0])
+        vid = out.add_stream_from_template(src.streams.video[0])
+        streams = {src.streams.audio[0].index: audio, src.streams.video[0].index: vid}
+        for packet in src.demux():
+            if packet.dts is None:
+                continue
+            packet.stream = streams[packet.stream.index]
+            out.mux(packet)
+    with av.open(str(out_path)) as check:
+        assert check.streams[0].type == "audio"
+    np.testing.assert_array_equal(read_video(out_path, stride=3, n_frames=5), skiing[::3][:5])
+    assert video_fps(out_path) == pytest.approx(30000 / 1001)
+
+
+def test_folder_is_sorted_naturally_and_cropped(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (12, 24, 40, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        suffix = ".png" if i % 2 else ".bmp"  # lossless formats so the check is exact
+        Image.fromarray(frame).save(tmp_path / f"frame{i}{suffix}")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    np.testing.assert_array_equal(read_video(tmp_path), frames)  # frame2 < frame10
+    np.testing.assert_array_equal(read_video(tmp_path, start=2, stride=5), frames[2::5])
+    cropped = read_video(tmp_path, n_frames=3, size=24)
+    np.testing.assert_array_equal(cropped, frames[:3, :, 8:32])
+    assert read_video(tmp_path, n_frames=3, size=12).shape == (3, 12, 12, 3)
+    assert video_fps(tmp_path) is None
+
+
+# --- round trips -----------------------------------------------------------------------
+
+def test_gif_round_trip(small, tmp_path):
+    path = write_video(tmp_path / "clip.gif", small, fps=8.0)
+    back = read_video(path)
+    assert back.shape == small.shape and back.dtype == np.uint8
+    assert psnr(back, small) > 25
+    assert video_fps(path) == pytest.approx(8.0, rel=0.1)  # GIF delays are in 10 ms units
+    np.testing.assert_array_equal(read_video(path, start=1, stride=3), back[1::3])
+
+
+def test_gif_keeps_identical_frames_and_decodes_in_ffmpeg(small, tmp_path):
+    still = np.concatenate([small[:1]] * 3 + [small[1:3]] + [small[2:3]] * 2)  # repeats
+    path = write_video(tmp_path / "still.gif", still, fps=5.0)
+    back = read_video(path)
+    assert back.shape == still.shape
+    assert psnr(back, still) > 25
+    with av.open(str(path)) as container:  # an independent decoder agrees
+        ffmpeg = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    np.testing.assert_array_equal(ffmpeg, back)
+
+
+def test_decoding_stops_at_the_last_needed_frame(shared_data, monkeypatch):
+    seen = []
+    original = video._av_frames
+
+    def counting(path):
+        for item in original(path):
+            seen.append(item)
+            yield item
+
+    monkeypatch.setattr(video, "_av_frames", counting)
+    read_video(shared_data / SKIING, start=4, stride=3, n_frames=5)
+    assert len(seen) == 4 + 3 * 4 + 1
+
+
+def test_mp4_round_trip(small, tmp_path):
+    path = write_video(tmp_path / "clip.mp4", small, fps=10.0)
+    back = read_video(path)
+    assert back.shape == small.shape
+    assert psnr(back, small) > 30
+    assert video_fps(path) == pytest.approx(10.0)
+
+
+def test_mp4_odd_size_is_padded_to_even(small, tmp_path):
+    odd = np.ascontiguousarray(small[:4, :63, :61])
+    back = read_video(write_video(tmp_path / "odd.mp4", odd))
+    assert back.shape == (4, 64, 62, 3)
+    assert psnr(back[:, :63, :61], odd) > 30
+
+
+def test_mp4_mpeg4_fallback(small, tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "_mp4_codec", lambda: "mpeg4")
+    back = read_video(write_video(tmp_path / "fallback.mp4", small))
+    assert psnr(back, small) > 30
+
+
+# --- read errors -----------------------------------------------------------------------
+
+def truncated(src: Path, dst: Path, n_bytes: int) -> Path:
+    dst.write_bytes(src.read_bytes()[:n_bytes])
+    return dst
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(VideoError, match="does not exist"):
+        read_video(tmp_path / "nope.mp4")
+    with pytest.raises(VideoError, match="does not exist"):
+        video_fps(tmp_path / "nope.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty"):
+        read_video(tmp_path / "empty.mp4")
+
+
+@pytest.mark.parametrize("name", ["text.mp4", "text.gif", "text.mkv"])
+def test_not_a_video(tmp_path, name):
+    (tmp_path / name).write_text("this is not a video\n" * 20)
+    with pytest.raises(VideoError, match="not a readable"):
+        read_video(tmp_path / name)
+
+
+def test_unsupported_extension(tmp_path):
+    (tmp_path / "clip.txt").write_text("hello")
+    with pytest.raises(VideoError, match="unsupported file type"):
+        read_video(tmp_path / "clip.txt")
+
+
+@pytest.mark.parametrize("clip", [SKIING, CAR])
+def test_truncated_to_2kb(shared_data, tmp_path, clip):
+    path = truncated(shared_data / clip, tmp_path / clip, 2048)
+    with pytest.raises(VideoError):
+        read_video(path, n_frames=8)
+
+
+def test_truncated_to_half_moov_at_end(shared_data, tmp_path):
+    """man-skiing keeps its index at the end: half the file is unreadable."""
+    src = shared_data / SKIING
+    path = truncated(src, tmp_path / SKIING, src.stat().st_size // 2)
+    with pytest.raises(VideoError):
+        read_video(path, n_frames=8)
+
+
+def test_truncated_to_half_moov_at_start(car, shared_data, tmp_path):
+    """car-turn keeps its index first: half the file decodes its first frames."""
+    src = shared_data / CAR
+    path = truncated(src, tmp_path / CAR, src.stat().st_size // 2)
+    np.testing.assert_array_equal(read_video(path, n_frames=8), car[:8])  # enough frames
+    with pytest.raises(VideoError, match="truncated"):
+        read_video(path)  # "all frames" of a damaged file
+    with pytest.raises(VideoError, match="truncated"):
+        read_video(path, n_frames=70)
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "readme.txt").write_text("no frames here")
+    with pytest.raises(VideoError, match="no images"):
+        read_video(tmp_path)
+
+
+def test_too_few_frames_says_how_many(shared_data, tmp_path, small):
+    with pytest.raises(VideoError, match=r"has 91 frames .*n_frames=24 need 94"):
+        read_video(shared_data / SKIING, start=47, stride=2, n_frames=24)
+    with pytest.raises(VideoError, match=r"has 80 frames .*start=80"):
+        read_video(shared_data / CAR, start=80)
+    gif = write_video(tmp_path / "short.gif", small[:4])
+    with pytest.raises(VideoError, match="has 4 frames"):
+        read_video(gif, n_frames=5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"start": -1}, {"stride": 0}, {"stride": -2}, {"n_frames": 0}, {"n_frames": -3},
+    {"size": 0}, {"size": -64}, {"start": 1.5}, {"n_frames": True}, {"size": "64"},
+])
+def test_invalid_arguments(shared_data, kwargs):
+    with pytest.raises(InputError) as info:
+        read_video(shared_data / CAR, **kwargs)
+    assert not isinstance(info.value, VideoError)
+
+
+# --- write errors and atomicity --------------------------------------------------------
+
+@pytest.mark.parametrize("frames, fps, name", [
+    (np.zeros((2, 8, 8, 3), np.float32), 8.0, "a.mp4"),
+    (np.zeros((8, 8, 3), np.uint8), 8.0, "a.mp4"),
+    (np.zeros((2, 8, 8, 4), np.uint8), 8.0, "a.gif"),
+    (np.zeros((0, 8, 8, 3), np.uint8), 8.0, "a.gif"),
+    ([[0]], 8.0, "a.mp4"),
+    (np.zeros((2, 8, 8, 3), np.uint8), 0.0, "a.mp4"),
+    (np.zeros((2, 8, 8, 3), np.uint8), 8.0, "a.avi"),
+    (np.zeros((2, 8, 8, 3), np.uint8), 8.0, "a"),
+])
+def test_write_rejects_bad_input(tmp_path, frames, fps, name):
+    with pytest.raises(InputError):
+        write_video(tmp_path / name, frames, fps=fps)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.gif"])
+def test_existing_output_needs_force(small, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError):
+        write_video(path, small)
+    assert path.read_bytes() == b"keep me"
+    write_video(path, small, force=True)
+    assert read_video(path).shape == small.shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_failed_write_leaves_nothing_behind(small, tmp_path, monkeypatch):
+    def broken(tmp: Path, frames: np.ndarray, fps: float) -> None:
+        tmp.write_bytes(b"half a video")
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr(video, "_write_mp4", broken)
+    path = tmp_path / "clip.mp4"
+    with pytest.raises(RuntimeError):
+        write_video(path, small)
+    assert list(tmp_path.iterdir()) == []
+    path.write_bytes(b"old video")
+    with pytest.raises(RuntimeError):
+        write_video(path, small, force=True)
+    assert path.read_bytes() == b"old video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
