@@ -39,7 +39,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_file(path: str | os.PathLike, write: Callable[[Path], None], force: bool = False) -> Path:
+def write_file(path: str | os.PathLike, write: Callable[[Path], object], force: bool = False) -> Path:
     """Call ``write(tmp_path)`` then move the finished file to ``path`` atomically."""
     path = check_writable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,150 @@
+"""Checkpoints: safetensors + JSON only, complete or invisible.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` in the run folder:
+
+| file | content |
+|---|---|
+| `model.safetensors` | `unet.<name>` for every *trainable* UNet parameter, `vgt.<name>` for the whole VGT |
+| `disc.safetensors` | the discriminator (absent when the adversarial term is off) |
+| `optim.safetensors` + `optim.json` | optimiser tensors / the rest of each optimiser's state_dict |
+| `rng.safetensors` | torch's global CPU RNG and the training data generator's state |
+| `state.json` | `{"step": N, "format": 1, "config": {...}}` |
+
+It is written into a hidden ``.partial`` sibling, every file fsynced, then renamed into
+place, so a killed run never leaves a half checkpoint where ``latest`` would find it. The
+frozen weights are not copied: they come from the run's ``base/`` folder (tiny preset) or
+the ``--pretrained`` folder recorded in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from apla_rt.errors import InputError
+
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = list_checkpoints(run)
+    return found[-1][1] if found else None
+
+
+def _flatten_optimizer(opt_state: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"param_groups": opt_state["param_groups"], "state": {}}
+    for idx, state in opt_state["state"].items():
+        entry = {}
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{idx}.{key}"] = value.detach().cpu().contiguous()
+                entry[key] = {"tensor": f"{prefix}.{idx}.{key}"}
+            else:
+                entry[key] = value
+        meta["state"][str(idx)] = entry
+    return meta
+
+
+def _unflatten_optimizer(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state = {}
+    for idx, entry in meta["state"].items():
+        state[int(idx)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                           for k, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.Tensor],
+                    vgt: torch.nn.Module | None, disc: torch.nn.Module | None,
+                    optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
+                    config: dict[str, Any], keep: int) -> Path:
+    final = checkpoint_dir(run, step)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet_trainable.items()}
+    if vgt is not None:
+        model.update({f"vgt.{k}": v.detach().cpu().contiguous() for k, v in vgt.state_dict().items()})
+    save_file(model, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
+    if disc is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in disc.state_dict().items()},
+                  str(tmp / "disc.safetensors"))
+    opt_tensors: dict[str, torch.Tensor] = {}
+    opt_meta = {name: _flatten_optimizer(opt.state_dict(), name, opt_tensors) for name, opt in optimizers.items()}
+    save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optim.safetensors"))
+    (tmp / "optim.json").write_text(json.dumps(opt_meta))
+    save_file({"torch_cpu": torch.get_rng_state(), "data": generator.get_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, "config": config}, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old_step, old in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"checkpoint {ckpt} is unreadable: {err}") from err
+    if state.get("format") != FORMAT:
+        raise InputError(f"checkpoint {ckpt} has format {state.get('format')!r}; this apla reads format {FORMAT}")
+    return state
+
+
+def load_model_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable UNet tensors, VGT state dict) from a checkpoint."""
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    unet = {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}
+    vgt = {k[4:]: v for k, v in tensors.items() if k.startswith("vgt.")}
+    return unet, vgt
+
+
+def load_training_state(ckpt: Path, optimizers: dict[str, torch.optim.Optimizer],
+                        disc: torch.nn.Module | None, generator: torch.Generator) -> int:
+    meta = json.loads((ckpt / "optim.json").read_text())
+    tensors = load_file(str(ckpt / "optim.safetensors"))
+    for name, opt in optimizers.items():
+        opt.load_state_dict(_unflatten_optimizer(meta[name], tensors))
+    if disc is not None:
+        disc.load_state_dict(load_file(str(ckpt / "disc.safetensors")), strict=True)
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    generator.set_state(rng["data"])
+    return int(read_state(ckpt)["step"])

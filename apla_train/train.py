@@ -1,0 +1,339 @@
+"""One-shot APLA training: one video, one prompt (spec section 4).
+
+Each step: one t for the whole clip, noise, z_t = add_noise(z0); eps_hat = UNet3D(z_t, t, c)
++ VGT(z_t, t); Hyper-Loss (MSE + L1 + LPIPS on decoded clean estimates) + the adversarial
+term; then a discriminator step (real = eps, fake = eps_hat). Runs under Hugging Face
+Accelerate (``accelerate launch`` for several GPUs); fp32 on CPU, fp16 autocast on CUDA.
+
+Run folder (``--out``)::
+
+    config.json        the full config
+    base/              tiny preset only: the frozen components (diffusers format)
+    checkpoints/       see checkpoint.py; resumed with --resume
+    metrics.jsonl      one JSON line per step: every loss term, ratio ||delta||/||eps_theta||
+    start_latent.npy   DDIM inversion of the training clip (empty prompt, the trained predictor)
+    sample.mp4/.gif    the training prompt sampled from start_latent (reference sampler)
+    summary.json       losses at start/end, PSNR of the reconstruction, timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from apla_rt import atomic
+from apla_rt.errors import InputError, NonFiniteError, OutputExistsError
+from apla_rt.schedule import alphas_cumprod
+from apla_rt.video import read_video, write_video
+
+from . import checkpoint as ckpt
+from .components import Components, build_tiny, encode_prompts, load_pretrained, save_components
+from .config import AplaConfig, from_dict
+from .discriminator import Discriminator
+from .losses import (discriminator_loss, generator_adv_loss, hyper_terms, load_lpips,
+                     perceptual_loss, perturbation_ratio)
+from .sampling import ddim_invert, ddim_sample, decode_video, encode_video, frames_to_tensor, psnr
+from .unet3d import is_trainable_name
+from .vgt import build_vgt
+
+
+@dataclass
+class Models:
+    components: Components
+    vgt: torch.nn.Module | None
+    latents: torch.Tensor  # (1, c, f, h, w), scaled
+    frames: np.ndarray  # uint8 (f, H, W, 3) the training clip as read
+
+
+def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Components:
+    """The frozen/pretrained parts of a run: from --pretrained, or the run's tiny base/."""
+    if cfg.model.preset == "sd":
+        return load_pretrained(cfg.model.pretrained, temporal=cfg.model.temporal)
+    base = run / "base"
+    if not (base / "model_index.json").is_file():
+        if frames is None:
+            raise InputError(f"run {run} has no base/ folder: it was not created by apla-train")
+        tmp = run / ".base.partial"
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_components(build_tiny(frames, cfg.model.tiny_patch, cfg.train.seed, tmp), tmp)
+        tmp.rename(base)
+    return load_pretrained(base, temporal=cfg.model.temporal)
+
+
+def build_models(cfg: AplaConfig, run: Path, frames: np.ndarray | None = None) -> tuple[Components, torch.nn.Module | None]:
+    """Everything needed to train, sample or export: components (with fresh temporal
+    layers) and the VGT. Weights from a checkpoint are applied by ``apply_checkpoint``."""
+    components = components_for(cfg, run, frames)
+    latent = cfg.data.size // components.codec.downsample
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        for block in components.unet.transformer_blocks():
+            components.unet._inflate(block)  # seeded, reproducible temporal init
+        vgt = build_vgt(cfg.vgt, components.codec.latent_channels, latent)
+    return components, vgt
+
+
+def apply_checkpoint(components: Components, vgt, path: Path, mode: str) -> None:
+    """Load a checkpoint's weights strictly: exactly the trainable UNet set and the VGT."""
+    unet_w, vgt_w = ckpt.load_model_weights(path)
+    expected = {n for n, _ in components.unet.named_parameters() if is_trainable_name(n, mode)}
+    if set(unet_w) != expected:
+        raise InputError(f"checkpoint {path} does not match the model: {len(set(unet_w) ^ expected)} "
+                         f"UNet tensors differ (was it trained with another config?)")
+    result = components.unet.load_state_dict(unet_w, strict=False)
+    assert not result.unexpected_keys
+    if vgt is not None:
+        vgt.load_state_dict(vgt_w, strict=True)
+    elif vgt_w:
+        raise InputError(f"checkpoint {path} has VGT weights but the config has vgt.kind=none")
+
+
+def _trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
+    params = {}
+    for name, p in unet.named_parameters():
+        train = is_trainable_name(name, mode)
+        p.requires_grad_(train)
+        if train:
+            params[name] = p
+    return params
+
+
+def _mixed_precision(cfg: AplaConfig) -> str:
+    if cfg.train.mixed_precision != "auto":
+        return cfg.train.mixed_precision
+    return "fp16" if torch.cuda.is_available() else "no"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n", force=True)
+
+
+def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool) -> AplaConfig:
+    """Create or reopen the run folder; with --resume the saved config is authoritative."""
+    saved = run / "config.json"
+    if resume:
+        if not saved.is_file():
+            raise InputError(f"--resume: {run} is not a run folder (no config.json)")
+        return from_dict(json.loads(saved.read_text())).validate()
+    if run.exists() and any(run.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{run} already exists and is not empty; pass --resume to continue "
+                                    f"it or --force to start over")
+        import shutil
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    _write_json(saved, cfg.to_dict())
+    return cfg
+
+
+def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = False,
+          log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg = prepare_run(cfg, Path(run), resume, force)
+    run = Path(run)
+    started = time.time()
+    frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
+                        n_frames=cfg.data.n_frames, size=cfg.data.size)
+    components, vgt = build_models(cfg, run, frames)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+
+    # -- models, data, optimisers ----------------------------------------------------
+    unet = components.unet
+    unet.gradient_checkpointing = cfg.model.gradient_checkpointing
+    components.text_encoder.to(device)
+    components.codec.to(device)
+    generator = torch.Generator().manual_seed(cfg.train.seed + accelerator.process_index)
+    with torch.no_grad():
+        latents = encode_video(components.codec, frames, generator=generator).to(device)
+        cond = encode_prompts(components, [cfg.prompt])
+        uncond = encode_prompts(components, [""])
+    n_frames = latents.shape[2]
+    trainable = _trainable(unet, cfg.model.trainable)
+    groups = [{"params": list(trainable.values()), "lr": cfg.train.lr}]
+    if vgt is not None:
+        groups.append({"params": list(vgt.parameters()), "lr": cfg.train.vgt_lr})
+    opt = torch.optim.AdamW(groups, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+    disc = dopt = None
+    if cfg.loss.l_adv > 0:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.train.seed + 1)
+            disc = Discriminator(cfg.disc, components.codec.latent_channels, n_frames)
+        dopt = torch.optim.Adam(disc.parameters(), lr=cfg.disc.lr, betas=cfg.disc.betas)
+    lpips_model = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights).to(device) if cfg.loss.l_per > 0 else None
+
+    start_step = 0
+    optimizers = {"generator": opt} | ({"discriminator": dopt} if dopt is not None else {})
+    last = ckpt.latest_checkpoint(run) if resume else None
+    if last is not None:
+        apply_checkpoint(components, vgt, last, cfg.model.trainable)
+        start_step = ckpt.load_training_state(last, optimizers, disc, generator)
+        log(f"resumed from {last.relative_to(run)} (step {start_step})")
+    elif resume:
+        log("no checkpoint yet: starting from step 0")
+    _truncate_metrics(run / "metrics.jsonl", start_step)
+
+    unet, opt = accelerator.prepare(unet, opt)
+    if vgt is not None:
+        vgt = accelerator.prepare(vgt)
+    if disc is not None:
+        disc, dopt = accelerator.prepare(disc, dopt)
+    unet.train()
+    abar = torch.from_numpy(alphas_cumprod(components.scheduler)).float().to(device)
+    n_train = components.scheduler.num_train_timesteps
+    source_frames = frames_to_tensor(frames).to(device)
+
+    def save(step: int) -> Path:
+        model = accelerator.unwrap_model(unet)
+        weights = {n: p for n, p in model.named_parameters() if is_trainable_name(n, cfg.model.trainable)}
+        return ckpt.save_checkpoint(run, step, unet_trainable=weights,
+                                    vgt=accelerator.unwrap_model(vgt) if vgt is not None else None,
+                                    disc=accelerator.unwrap_model(disc) if disc is not None else None,
+                                    optimizers=optimizers, generator=generator,
+                                    config=cfg.to_dict(), keep=cfg.train.keep_checkpoints)
+
+    # -- the loop --------------------------------------------------------------------
+    losses = []
+    skipped = 0
+    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
+               disable=not (progress and is_main), desc="train", dynamic_ncols=True)
+    metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
+    try:
+        for step in bar:
+            t = torch.randint(cfg.train.t_min, n_train, (1,), generator=generator)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            t_dev = t.to(device)
+            a = abar[t_dev].view(-1, 1, 1, 1, 1)
+            z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+            use_per = lpips_model is not None and int(t) < cfg.loss.per_t_max
+            per_idx = torch.randperm(n_frames, generator=generator)[:cfg.loss.per_frames] if use_per else None
+            adv_on = disc is not None and step >= cfg.loss.adv_start
+            with accelerator.autocast():
+                eps_theta = unet(z_t, t_dev, cond)
+                delta = vgt(z_t, t_dev, latents) if (vgt is not None and cfg.vgt.source) else \
+                    (vgt(z_t, t_dev) if vgt is not None else torch.zeros_like(eps_theta))
+                eps_hat = eps_theta + delta
+                terms = hyper_terms(eps_hat.float(), noise)
+                loss = cfg.loss.l_mse * terms["mse"] + cfg.loss.l_l1 * terms["l1"]
+                if use_per:
+                    idx = per_idx.to(device)
+                    x0 = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+                    decoded = components.codec.decode(x0[0].permute(1, 0, 2, 3)[idx].float())
+                    terms["per"] = perceptual_loss(lpips_model, decoded, source_frames[idx])
+                    loss = loss + cfg.loss.l_per * terms["per"]
+                if adv_on:
+                    terms["adv"] = generator_adv_loss(disc, eps_hat.float())
+                    loss = loss + cfg.loss.l_adv * terms["adv"]
+            if not torch.isfinite(loss):
+                if cfg.train.skip_nonfinite:
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                _nonfinite(run, step, "loss")
+            accelerator.backward(loss)
+            params = list(trainable.values()) + (list(vgt.parameters()) if vgt is not None else [])
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.grad_clip)
+            if not torch.isfinite(torch.as_tensor(grad_norm)):
+                opt.zero_grad(set_to_none=True)
+                if cfg.train.skip_nonfinite:
+                    skipped += 1
+                    continue
+                _nonfinite(run, step, "gradient")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if adv_on:
+                with accelerator.autocast():
+                    d_loss = discriminator_loss(disc, noise, eps_hat.detach().float())
+                accelerator.backward(d_loss)
+                dopt.step()
+                dopt.zero_grad(set_to_none=True)
+                terms["disc"] = d_loss.detach()
+            record = {"step": step + 1, "t": int(t), "loss": float(loss.detach())}
+            record.update({k: float(v.detach()) for k, v in terms.items()})
+            record["ratio"] = float(perturbation_ratio(delta.float(), eps_theta.float()))
+            losses.append(record["loss"])
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "mse", "l1", "per", "adv", "ratio")
+                             if k in record})
+            done = step + 1
+            if is_main and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
+                save(done)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    accelerator.wait_for_everyone()
+    train_s = time.time() - started
+    if not is_main:
+        return {}
+
+    # -- after training: inversion, sample, summary ------------------------------------
+    unet_eval = accelerator.unwrap_model(unet).eval()
+    vgt_eval = accelerator.unwrap_model(vgt).eval() if vgt is not None else None
+    summary = finish_run(cfg, run, components, unet_eval, vgt_eval, latents, frames, cond, uncond, log)
+    history = _read_losses(run / "metrics.jsonl")
+    summary.update(steps=cfg.train.steps, skipped_nonfinite=skipped, train_seconds=round(train_s, 1),
+                   loss_first10=_mean(history[:10]), loss_last10=_mean(history[-10:]))
+    _write_json(run / "summary.json", summary)
+    return summary
+
+
+def finish_run(cfg, run, components, unet, vgt, latents, frames, cond, uncond, log) -> dict:
+    """Invert the training clip, sample the training prompt from it, measure the PSNR."""
+    source = latents if cfg.vgt.source else None
+    start = ddim_invert(unet, vgt, latents, uncond, components.scheduler, cfg.sample.inversion_steps, source)
+    np_start = start.float().cpu().numpy()
+    atomic.write_file(run / "start_latent.npy", lambda p: np.save(p, np_start, allow_pickle=False), force=True)
+    text = torch.cat([uncond, cond])
+    sample = ddim_sample(unet, vgt, start, text, components.scheduler, cfg.sample.steps,
+                         cfg.sample.guidance, source)
+    video = decode_video(components.codec, sample)
+    for ext in ("mp4", "gif"):
+        write_video(run / f"sample.{ext}", video, fps=cfg.sample.fps, force=True)
+    recon_psnr = psnr(video, frames)
+    autoencoder_psnr = psnr(decode_video(components.codec, latents), frames)
+    log(f"reconstruction PSNR vs the source frames: {recon_psnr:.2f} dB "
+        f"(autoencoder alone: {autoencoder_psnr:.2f} dB)")
+    return {"reconstruction_psnr_db": round(recon_psnr, 3),
+            "autoencoder_psnr_db": round(autoencoder_psnr, 3),
+            "frames": int(video.shape[0]), "size": int(video.shape[1]),
+            "prompt": cfg.prompt, "guidance": cfg.sample.guidance, "sample_steps": cfg.sample.steps}
+
+
+def _nonfinite(run: Path, step: int, what: str) -> None:
+    last = ckpt.latest_checkpoint(run)
+    where = f"last good checkpoint: {last.relative_to(run)}" if last else "no checkpoint was written yet"
+    raise NonFiniteError(f"non-finite {what} at step {step + 1}; training stopped ({where}); "
+                         f"resume with --resume, or pass --skip-nonfinite to skip such steps")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metric lines up to ``step`` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic.write_text(path, "".join(line + "\n" for line in keep), force=True)
+
+
+def _read_losses(path: Path) -> list[float]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(float(np.mean(xs)), 6) if xs else None
