@@ -1,0 +1,50 @@
+"""``apla-export --run DIR [--out DIR] ...``: a thin click command over ``pipeline.export_run``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from apla_rt.errors import AplaError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="Training run folder.")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="Engine folder (default engines/<run name>).")
+@click.option("--fp16", is_flag=True, help="Build FP16 TensorRT engines (where TensorRT and a CUDA GPU exist).")
+@click.option("--backend", type=click.Choice(["auto", "onnx", "trt"]), default="auto", show_default=True,
+              help="auto: ONNX always, engines when TensorRT is usable; onnx: ONNX only; trt: engines or fail.")
+@click.option("--frames-min", type=int, help="Smallest frame count the engines accept (default 1).")
+@click.option("--frames-opt", type=int, help="Frame count engines are tuned for (default: training frames).")
+@click.option("--frames-max", type=int, help="Largest frame count (default max(24, 2x training frames)).")
+@click.option("--dynamo", is_flag=True, help="Use torch's dynamo ONNX exporter instead of TorchScript.")
+@click.option("--threads", type=int, help="CPU threads for torch and ONNX Runtime.")
+@click.option("--force", is_flag=True, help="Replace an existing engine folder.")
+def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, threads, force):
+    """Export a training run to ONNX (validated against PyTorch) and TensorRT engines."""
+    try:
+        for name, value in (("--frames-min", frames_min), ("--frames-opt", frames_opt),
+                            ("--frames-max", frames_max), ("--threads", threads)):
+            if value is not None and not 1 <= value <= 1024:
+                raise AplaError(f"{name} must be between 1 and 1024 (got {value})")
+        import torch
+
+        from .pipeline import export_run
+
+        if threads:
+            torch.set_num_threads(threads)
+        out = out or Path("engines") / run.resolve().name
+        export_run(run, out, fp16=fp16, backend=backend, frames_min=frames_min, frames_opt=frames_opt,
+                   frames_max=frames_max, force=force, dynamo=dynamo, log=lambda m: click.echo(m, err=True))
+    except AplaError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: no engine folder was changed", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""One export contract per network: wrapper module, tensor names, named dims, example inputs.
+
+The wrappers only rename inputs/outputs to the contract of docs/architecture.md; the
+networks themselves are ``apla_train``'s classes, rebuilt from the run (nothing re-declared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+
+class UNet(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states)
+
+
+class VGT(nn.Module):
+    def __init__(self, vgt: nn.Module):
+        super().__init__()
+        self.vgt = vgt
+
+    def forward(self, sample, timestep, *source):
+        return self.vgt(sample, timestep, *source)
+
+
+class VAEDecoder(nn.Module):
+    """Scaled latents (frames, c, h, w) -> images (frames, 3, H, W) in [-1, 1]."""
+
+    def __init__(self, codec: nn.Module):
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, latent):
+        return self.codec.decode(latent)
+
+
+class VAEEncoder(nn.Module):
+    """Images (frames, 3, H, W) in [-1, 1] -> scaled latents (posterior mean)."""
+
+    def __init__(self, codec: nn.Module):
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, image):
+        return self.codec.encode(image)
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" | "int64"
+    dims: list  # ints (fixed) and strings (named dynamic dims)
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+
+@dataclass
+class NetworkSpec:
+    name: str
+    module: nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    profile: dict[str, list[int]]  # named dim -> [min, opt, max]
+    tolerance: dict[str, float]  # ORT fp32 vs PyTorch: max_abs (and mean_abs)
+    validate_at: list[dict[str, int]] = field(default_factory=list)  # dim sizes; first = traced
+    make_input: Callable[[TensorSpec, tuple[int, ...], torch.Generator], torch.Tensor] | None = None
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for t in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+            if named:
+                axes[t.name] = named
+        return axes
+
+    def example(self, sizes: dict[str, int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(seed)
+        return tuple(self.make_input(t, t.shape(sizes), gen) for t in self.inputs)
+
+
+def default_input(vocab: int, max_t: int) -> Callable:
+    def make(spec: TensorSpec, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        if spec.name == "input_ids":
+            return torch.randint(0, vocab, shape, generator=gen)
+        if spec.name == "timestep":
+            return torch.randint(0, max_t, shape, generator=gen)
+        if spec.name == "image":
+            return torch.rand(shape, generator=gen) * 2 - 1
+        return torch.randn(shape, generator=gen)
+    return make
+
+
+def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[NetworkSpec]:
+    """The five networks of a run with their contracts; ``frames`` = (min, opt, max)."""
+    codec = components.codec
+    c = codec.latent_channels
+    h = cfg.data.size // codec.downsample
+    size = cfg.data.size
+    seq = int(components.tokenizer.model_max_length)
+    hidden = int(components.text_encoder.config.hidden_size)
+    vocab = int(components.text_encoder.config.vocab_size)
+    make = default_input(vocab, components.scheduler.num_train_timesteps)
+    fmin, fopt, fmax = frames
+    # frame counts other than the traced one, inside the profile: 3 and 12 where possible
+    others = sorted({max(fmin, min(fmax, n)) for n in (3, 12)} - {fopt}) or [fmin]
+    other, other2 = others[0], others[-1]
+    latent = ["batch", c, "frames", "height", "width"]
+    hw = {"height": [h, h, h], "width": [h, h, h]}
+    big = size >= 256  # SD-scale networks get looser fp32 tolerances
+    specs = [
+        NetworkSpec("text_encoder", TextEncoder(components.text_encoder),
+                    [TensorSpec("input_ids", "int64", ["batch", seq])],
+                    [TensorSpec("last_hidden_state", "float32", ["batch", seq, hidden])],
+                    {"batch": [1, 2, 2]}, {"max_abs": 1e-4 if not big else 1e-3},
+                    [{"batch": 2}, {"batch": 1}], make),
+        NetworkSpec("unet", UNet(components.unet),
+                    [TensorSpec("sample", "float32", latent), TensorSpec("timestep", "int64", ["batch"]),
+                     TensorSpec("encoder_hidden_states", "float32", ["batch", seq, hidden])],
+                    [TensorSpec("noise_pred", "float32", latent)],
+                    {"batch": [1, 2, 2], "frames": [fmin, fopt, fmax], **hw},
+                    {"max_abs": 1e-4 if not big else 2e-3},
+                    [{"batch": 2, "frames": fopt, "height": h, "width": h},
+                     {"batch": 1, "frames": other, "height": h, "width": h},
+                     {"batch": 2, "frames": other2, "height": h, "width": h}], make),
+    ]
+    if vgt is not None:
+        vgt_inputs = [TensorSpec("sample", "float32", ["batch", c, "frames", h, h]),
+                      TensorSpec("timestep", "int64", ["batch"])]
+        if cfg.vgt.source:
+            vgt_inputs.append(TensorSpec("source", "float32", ["batch", c, "frames", h, h]))
+        specs.append(NetworkSpec("vgt", VGT(vgt), vgt_inputs,
+                                 [TensorSpec("delta", "float32", ["batch", c, "frames", h, h])],
+                                 {"batch": [1, 1, 2], "frames": [fmin, fopt, min(fmax, cfg.vgt.max_frames)]},
+                                 {"max_abs": 1e-4},
+                                 [{"batch": 1, "frames": fopt}, {"batch": 1, "frames": other},
+                                  {"batch": 2, "frames": other2}], make))
+    img = ["frames", 3, "image_height", "image_width"]
+    lat = ["frames", c, "height", "width"]
+    dec_frames = [1, min(fopt, 8), fmax]
+    img_hw = {"image_height": [size, size, size], "image_width": [size, size, size]}
+    specs.append(NetworkSpec("vae_decoder", VAEDecoder(codec), [TensorSpec("latent", "float32", lat)],
+                             [TensorSpec("image", "float32", img)],
+                             {"frames": dec_frames, **hw}, {"max_abs": 1e-4 if not big else 5e-3},
+                             [{"frames": dec_frames[1], "height": h, "width": h},
+                              {"frames": other, "height": h, "width": h}], make))
+    specs.append(NetworkSpec("vae_encoder", VAEEncoder(codec), [TensorSpec("image", "float32", img)],
+                             [TensorSpec("latent", "float32", lat)],
+                             {"frames": dec_frames, **img_hw}, {"max_abs": 1e-4 if not big else 5e-3},
+                             [{"frames": dec_frames[1], "image_height": size, "image_width": size},
+                              {"frames": other, "image_height": size, "image_width": size}], make))
+    return specs

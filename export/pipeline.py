@@ -1,0 +1,201 @@
+"""Run folder -> engine folder: rebuild, export, validate, (TensorRT), manifest.
+
+The engine folder is built in a hidden sibling and swapped in only when everything passed
+(``apla_rt.atomic.atomic_dir``): an interrupted or failed export leaves a previous folder
+intact. A lock file next to it makes a second concurrent export of the same folder refuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from apla_rt.atomic import atomic_dir, check_writable
+from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
+
+from .networks import network_specs
+from .onnx_export import OPSET, export_onnx, graph_io
+from .validate import validate_network
+
+FORMAT = "apla-engines"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def export_lock(out: Path) -> Iterator[None]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.lock"
+    fh = open(lock_path, "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AplaError(f"another apla-export is writing {out}; wait for it to finish") from None
+        yield
+    finally:
+        fh.close()
+
+
+def load_run(run: Path):
+    """Rebuild the run's networks from its config and latest checkpoint (strictly)."""
+    from apla_train import checkpoint as ckpt
+    from apla_train.config import from_dict
+    from apla_train.train import apply_checkpoint, build_models
+
+    if not (run / "config.json").is_file():
+        raise InputError(f"--run {run} is not a training run folder (no config.json)")
+    cfg = from_dict(json.loads((run / "config.json").read_text())).validate()
+    last = ckpt.latest_checkpoint(run)
+    if last is None:
+        raise InputError(f"--run {run} has no complete checkpoint yet; train it first")
+    components, vgt = build_models(cfg, run)
+    apply_checkpoint(components, vgt, last, cfg.model.trainable)
+    components.unet.eval()
+    if vgt is not None:
+        vgt.eval()
+    return cfg, components, vgt, last
+
+
+def frame_profile(cfg, frames_min: int | None, frames_opt: int | None, frames_max: int | None) -> tuple[int, int, int]:
+    fopt = frames_opt or cfg.data.n_frames
+    fmin = frames_min or 1
+    fmax = frames_max or min(max(24, 2 * cfg.data.n_frames), cfg.vgt.max_frames)
+    if not 1 <= fmin <= fopt <= fmax:
+        raise InputError(f"frame profile must satisfy 1 <= min <= opt <= max (got {fmin}, {fopt}, {fmax})")
+    if cfg.vgt.kind != "none" and fmax > cfg.vgt.max_frames:
+        raise InputError(f"--frames-max {fmax} exceeds the VGT's {cfg.vgt.max_frames} frame positions")
+    return fmin, fopt, fmax
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__, "opset": str(OPSET)}
+    for pkg in ("apla", "diffusers", "transformers", "polygraphy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, backend: str = "auto",
+               frames_min: int | None = None, frames_opt: int | None = None, frames_max: int | None = None,
+               force: bool = False, dynamo: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Export a run; returns the manifest. Raises ``AplaError`` on user errors and failures."""
+    run, out = Path(run), Path(out)
+    if backend not in ("auto", "onnx", "trt"):
+        raise InputError(f"unknown backend {backend!r} (auto, onnx or trt)")
+    check_writable(out, force)
+    trt_reason = None
+    if backend in ("auto", "trt"):
+        from .trt import trt_available
+
+        ok, reason = trt_available()
+        if not ok:
+            if backend == "trt":
+                raise BackendUnavailable(f"cannot build TensorRT engines: {reason}")
+            trt_reason = reason
+    cfg, components, vgt, last = load_run(run)
+    frames = frame_profile(cfg, frames_min, frames_opt, frames_max)
+    specs = network_specs(components, vgt, cfg, frames)
+    threads = torch.get_num_threads()
+
+    with export_lock(out), atomic_dir(out, force=force) as tmp:
+        networks, report = {}, {"networks": {}, "frames_profile": list(frames)}
+        for spec in specs:
+            started = time.time()
+            files = export_onnx(spec, spec.validate_at[0], tmp / f"{spec.name}.onnx", dynamo=dynamo)
+            export_s = time.time() - started
+            io = graph_io(files[0])
+            for t in spec.inputs + spec.outputs:
+                got = io["inputs" if t in spec.inputs else "outputs"].get(t.name)
+                if got is None or [d if isinstance(d, str) else int(d) for d in t.dims] != got:
+                    raise IntegrityError(f"{spec.name}: ONNX tensor {t.name} has dims {got}, "
+                                         f"expected {t.dims}")
+            result = validate_network(spec, files[0], threads)
+            result["export_seconds"] = round(export_s, 2)
+            report["networks"][spec.name] = result
+            worst = max(c["max_abs"] for c in result["checks"])
+            shapes = sorted({tuple(sorted(c["shape"].items())) for c in result["checks"]})
+            log(f"{spec.name:13s} exported in {export_s:5.1f} s; ORT vs PyTorch max abs {worst:.2e} "
+                f"(tolerance {spec.tolerance['max_abs']:.0e}) at {len(shapes)} shapes: "
+                f"{'ok' if result['passed'] else 'FAILED'}")
+            networks[spec.name] = {
+                "onnx": files[0].name, "external_data": [f.name for f in files[1:]], "engine": None,
+                "inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs],
+                "profile": spec.profile, "tolerance": spec.tolerance,
+            }
+        (tmp / "validation.json").write_text(json.dumps(report, indent=2))
+        failed = [n for n, r in report["networks"].items() if not r["passed"]]
+        if failed:
+            raise IntegrityError(f"validation failed for {', '.join(failed)} (report: "
+                                 f"{tmp.name}/validation.json was discarded; re-run to inspect)")
+
+        components.tokenizer.save_pretrained(tmp / "tokenizer")
+        start_latent = None
+        if (run / "start_latent.npy").is_file():
+            latent = np.load(run / "start_latent.npy", allow_pickle=False)
+            np.save(tmp / "start_latent.npy", latent.astype(np.float32), allow_pickle=False)
+            start_latent = "start_latent.npy"
+        codec = components.codec
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "name": out.name, "run": run.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "networks": networks,
+            "scheduler": components.scheduler.to_dict(),
+            "vae_scaling_factor": codec.scaling_factor,
+            "latent_channels": codec.latent_channels, "vae_downsample": codec.downsample,
+            "image_size": cfg.data.size, "latent_size": cfg.data.size // codec.downsample,
+            "train_frames": cfg.data.n_frames,
+            "tokenizer": {"dir": "tokenizer", "model_max_length": int(components.tokenizer.model_max_length)},
+            "start_latent": start_latent,
+            "prompt": cfg.prompt,
+            "sample_defaults": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "fps": cfg.sample.fps},
+            "vgt_source": bool(cfg.vgt.source),
+            "checkpoint": last.name,
+            "checkpoint_sha256": sha256_file(last / "model.safetensors"),
+            "config": cfg.to_dict(),
+            "versions": _versions(),
+        }
+        if trt_reason is None and backend in ("auto", "trt"):
+            from .trt import build_all
+
+            manifest = build_all(tmp, manifest, fp16=fp16, log=log)
+        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                             if p.is_file() and p.name not in ("manifest.json",) and not p.name.endswith(".lock")}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if trt_reason is not None:
+        log(f"TensorRT engines were not built: {trt_reason}; the validated ONNX folder is ready "
+            f"for ONNX Runtime")
+    log(f"engine folder written to {out}")
+    return manifest
+
+
+def remove_partial(out: Path) -> None:
+    """Remove leftovers of a killed export (hidden .partial siblings)."""
+    for p in out.parent.glob(f".{out.name}.*.partial"):
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,44 @@
+"""ONNX Runtime (CPU, fp32) against PyTorch, output by output, at several shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .networks import NetworkSpec
+
+
+def ort_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def validate_network(spec: NetworkSpec, onnx_path, threads: int | None = None) -> dict:
+    """Compare at every ``spec.validate_at`` shape; NaN/Inf or an error over tolerance fails."""
+    session = ort_session(onnx_path, threads)
+    checks = []
+    for i, sizes in enumerate(spec.validate_at):
+        args = spec.example(sizes, seed=100 + i)
+        with torch.no_grad():
+            ref = spec.module.eval()(*args)
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, args)}
+        outs = session.run([t.name for t in spec.outputs], feeds)
+        for t, r, o in zip(spec.outputs, refs, outs):
+            r = r.float().numpy()
+            finite = bool(np.isfinite(o).all())
+            same_shape = tuple(o.shape) == tuple(r.shape)
+            err = np.abs(o.astype(np.float64) - r) if same_shape else np.array([np.inf])
+            max_abs = float(err.max()) if finite else float("inf")
+            mean_abs = float(err.mean()) if finite else float("inf")
+            ok = finite and same_shape and max_abs <= spec.tolerance["max_abs"]
+            checks.append({"shape": dict(sizes), "traced": i == 0, "output": t.name,
+                           "output_shape": list(o.shape), "max_abs": max_abs, "mean_abs": mean_abs,
+                           "ref_abs_max": float(np.abs(r).max()), "finite": finite, "passed": ok})
+    return {"network": spec.name, "tolerance": spec.tolerance, "checks": checks,
+            "passed": all(c["passed"] for c in checks)}
