@@ -244,7 +244,8 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
             accelerator.backward(loss)
             params = list(trainable.values()) + (list(vgt.parameters()) if vgt is not None else [])
             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.grad_clip)
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
+            # with fp16 loss scaling, overflowing gradients are expected: the scaler skips the step
+            if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
                 opt.zero_grad(set_to_none=True)
                 if cfg.train.skip_nonfinite:
                     skipped += 1
