@@ -1,0 +1,418 @@
+"""The runtime's sampling loop (spec section 5), NumPy around the networks' runners.
+
+    text   = TextEncoder(tokenize([negative prompt, prompt]))      once, batch 2 = [uncond, cond]
+    z      = start latent (the manifest's inversion, a .npy, or seeded Gaussian noise)
+    for t in DDIM timesteps (descending):
+        eps_u, eps_c = UNet([z, z], [t, t], text)                  one call on batch 2
+        delta        = VGT(z, t)                                   one call (0 with --no-vgt)
+        eps          = eps_u + s (eps_c - eps_u) + delta
+        z            = ddim_step(eps, t, z)                        float64 NumPy, apla_rt.schedule
+    frames = VAE decoder(z) in chunks of frames -> uint8 -> mp4/gif
+
+Inversion (``invert``) walks the same timesteps in ascending order with the same predictor,
+the empty prompt and no guidance (UNet batch 1), from the VAE encoder's latents of a video.
+This is the same computation as ``apla_train.sampling`` (the PyTorch reference sampler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from .atomic import check_writable, write_file
+from .errors import InputError
+from .manifest import Manifest, check_latent, load_npy
+from .runners import Runner, open_runner, select_backend
+from .schedule import DDIMSchedule, ddim_inversion_step, ddim_step
+from .tokenizer import ClipTokenizer
+from .video import WRITE_SUFFIXES, read_video, write_video
+
+MAX_STEPS = 1000
+DECODE_CHUNK = 8  # frames per VAE call (also capped by the VAE's profile)
+STAGES = ("load", "text encoder", "unet", "vgt", "ddim", "vae", "video write")
+
+StepCallback = Callable[[int, int], None]  # (step index, timestep)
+
+
+# --------------------------------------------------------------------------- timings
+
+
+class Timings:
+    """Wall-clock seconds and call counts per stage (``time.perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.calls: dict[str, int] = dict.fromkeys(STAGES, 0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            self.calls[stage] = self.calls.get(stage, 0) + 1
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: round(v, 6) for k, v in self.seconds.items()}, "total": round(self.total, 6)}
+
+    def table(self) -> str:
+        total = self.total or 1e-12
+        lines = [f"{'stage':<13} {'seconds':>9} {'calls':>6} {'share':>7}"]
+        for stage, sec in self.seconds.items():
+            lines.append(f"{stage:<13} {sec:>9.3f} {self.calls[stage]:>6} {100 * sec / total:>6.1f}%")
+        lines.append(f"{'total':<13} {self.total:>9.3f}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_steps(steps: Any, flag: str = "--steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"{flag} must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    return int(steps)
+
+
+def check_guidance(guidance: Any) -> float:
+    if (isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating))
+            or not math.isfinite(guidance)):
+        raise InputError(f"--guidance must be a finite number, got {guidance!r}")
+    return float(guidance)
+
+
+def check_frames(frames: Any, manifest: Manifest, flag: str = "--frames") -> int:
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise InputError(f"{flag} must be an integer >= 1, got {frames!r}")
+    lo, _opt, hi = manifest.frame_range()
+    if not lo <= frames <= hi:
+        raise InputError(f"{flag} {frames} is outside the engines' range {lo}..{hi} (frames)")
+    return int(frames)
+
+
+def _dim0_limit(spec_profile: Mapping[str, tuple[int, int, int]], dims: list[Any]) -> int | None:
+    limits = [spec_profile[d][2] for d in dims if isinstance(d, str)]
+    return min(limits) if limits else None
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass(eq=False)
+class Engine:
+    """An opened engine folder: manifest, runners (opened on first use), tokenizer."""
+
+    manifest: Manifest
+    backend: str  # "ort" or "trt"
+    backend_reason: str
+    threads: int | None = None
+    timings: Timings = field(default_factory=Timings)
+    runners: dict[str, Runner] = field(default_factory=dict)
+    _tokenizer: ClipTokenizer | None = None
+
+    @classmethod
+    def open(cls, engine_dir: str | os.PathLike | Manifest, backend: str = "auto",
+             networks: tuple[str, ...] = ("text_encoder", "unet", "vgt", "vae_decoder"),
+             threads: int | None = None, timings: Timings | None = None) -> "Engine":
+        """Open ``networks`` (those the folder has; vgt is optional) with ``backend``."""
+        timings = timings or Timings()
+        with timings("load"):
+            manifest = engine_dir if isinstance(engine_dir, Manifest) else Manifest.open(engine_dir)
+            present = tuple(n for n in networks if manifest.has(n) or n != "vgt")
+            chosen, why = select_backend(backend, manifest, present)
+            engine = cls(manifest, chosen, why, threads, timings)
+            for name in present:
+                engine.runner(name)
+        return engine
+
+    def runner(self, name: str) -> Runner:
+        if name not in self.runners:
+            with self.timings("load"):
+                self.runners[name] = open_runner(self.manifest, name, self.backend, self.threads)
+        return self.runners[name]
+
+    @property
+    def has_vgt(self) -> bool:
+        return self.manifest.has("vgt")
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        if self._tokenizer is None:
+            self.manifest.verify([self.manifest.tokenizer_dir])
+            self._tokenizer = ClipTokenizer.load(self.manifest.tokenizer_dir,
+                                                 self.manifest.model_max_length)
+        return self._tokenizer
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        kinds = sorted({r.backend for r in self.runners.values()})
+        return f"{', '.join(kinds) or self.backend} ({self.backend_reason})"
+
+    # -- networks ------------------------------------------------------------------------
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray], preferred: int | None = None) -> np.ndarray:
+        """Run a network, splitting dim 0 (batch or frames) into chunks its profile takes."""
+        runner = self.runner(name)
+        spec = runner.spec
+        output = spec.output_names[0]
+        limit = _dim0_limit(spec.profile, [spec.input(k).dims[0] for k in feeds])
+        n = next(iter(feeds.values())).shape[0]
+        chunk = min(x for x in (limit, preferred, n) if x is not None)
+        if chunk >= n:
+            return runner.run(feeds)[output]
+        parts = [runner.run({k: v[i:i + chunk] for k, v in feeds.items()})[output]
+                 for i in range(0, n, chunk)]
+        return np.concatenate(parts)
+
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        """Prompts -> text embeddings (n, seq, hidden) float32."""
+        ids = self.tokenizer(prompts)
+        with self.timings("text encoder"):
+            return self._run("text_encoder", {"input_ids": ids}).astype(np.float32, copy=False)
+
+    def predict_noise(self, z: np.ndarray, t: int, text: np.ndarray, guidance: float | None,
+                      use_vgt: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(eps_hat, eps_theta, delta) for z (1, c, f, h, w); ``text`` is (2, ...) = [uncond,
+        cond] with guidance, or (1, ...) without (then ``guidance`` is None)."""
+        b = text.shape[0]
+        with self.timings("unet"):
+            eps = self._run("unet", {
+                "sample": np.ascontiguousarray(np.broadcast_to(z, (b,) + z.shape[1:])),
+                "timestep": np.full((b,), t, dtype=np.int64),
+                "encoder_hidden_states": text,
+            })
+        if b == 2:
+            assert guidance is not None
+            eps_theta = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
+        else:
+            eps_theta = eps
+        if use_vgt and self.has_vgt:
+            with self.timings("vgt"):
+                delta = self._run("vgt", {"sample": z, "timestep": np.full((1,), t, dtype=np.int64)})
+        else:
+            delta = np.zeros_like(eps_theta)
+        return eps_theta + delta, eps_theta, delta
+
+    def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float,
+               use_vgt: bool = True, callback: StepCallback | None = None) -> np.ndarray:
+        """DDIM (eta = 0) with classifier-free guidance from ``start`` (1, c, f, h, w)."""
+        schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
+        z = np.ascontiguousarray(start, dtype=np.float32)
+        for i, t in enumerate(schedule.timesteps):
+            eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt)
+            with self.timings("ddim"):
+                z = ddim_step(eps_hat, int(t), z, schedule)
+            if callback is not None:
+                callback(i, int(t))
+        return z
+
+    def invert_latents(self, latents: np.ndarray, steps: int, use_vgt: bool = True,
+                       callback: StepCallback | None = None) -> np.ndarray:
+        """DDIM inversion of clean latents: empty prompt, no guidance, ascending timesteps."""
+        schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
+        uncond = self.encode_text([""])
+        z = np.ascontiguousarray(latents, dtype=np.float32)
+        for i, t in enumerate(schedule.timesteps[::-1]):
+            eps_hat, _, _ = self.predict_noise(z, int(t), uncond, None, use_vgt)
+            with self.timings("ddim"):
+                z = ddim_inversion_step(eps_hat, int(t), z, schedule)
+            if callback is not None:
+                callback(i, int(t))
+        return z
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents (1, c, f, h, w) -> uint8 frames (f, H, W, 3), in chunks of frames."""
+        z = np.ascontiguousarray(latents[0].transpose(1, 0, 2, 3), dtype=np.float32)
+        with self.timings("vae"):
+            x = self._run("vae_decoder", {"latent": z}, preferred=DECODE_CHUNK)
+        return images_to_frames(x)
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames (f, H, W, 3) -> scaled latents (1, c, f, h, w)."""
+        with self.timings("vae"):
+            z = self._run("vae_encoder", {"image": frames_to_images(frames)}, preferred=DECODE_CHUNK)
+        return np.ascontiguousarray(z.transpose(1, 0, 2, 3)[None], dtype=np.float32)
+
+
+def frames_to_images(frames: np.ndarray) -> np.ndarray:
+    """uint8 (f, h, w, 3) -> float32 (f, 3, h, w) in [-1, 1]."""
+    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - 1
+
+
+def images_to_frames(x: np.ndarray) -> np.ndarray:
+    """float (f, 3, h, w) in [-1, 1] -> uint8 (f, h, w, 3)."""
+    x = np.round((np.clip(x.astype(np.float32), -1, 1) + 1) * np.float32(127.5))
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@dataclass
+class GenerateResult:
+    frames: np.ndarray  # uint8 (f, H, W, 3)
+    latents: np.ndarray  # final latents (1, c, f, h, w)
+    start: np.ndarray  # the start latent
+    path: Path | None
+    timings: Timings
+    backend: str
+    vgt: bool  # whether the VGT perturbation was added
+
+
+def start_latent(manifest: Manifest, frames: int | None, seed: int, from_noise: bool,
+                 latent: str | os.PathLike | None) -> np.ndarray:
+    """The start latent for ``generate``: a .npy file, seeded noise, or the manifest's."""
+    if latent is not None and from_noise:
+        raise InputError("--latent and --from-noise exclude each other; give one")
+    if latent is not None:
+        z = check_latent(load_npy(Path(latent)), manifest.latent_channels, f"--latent {latent}")
+        if frames is not None and frames != z.shape[2]:
+            raise InputError(f"--frames {frames} differs from the {z.shape[2]} frames of --latent "
+                             f"{latent}; drop --frames or pass --from-noise")
+        check_frames(z.shape[2], manifest, "the latent's frame count")
+        return z
+    if from_noise or manifest.start_latent_path is None:
+        if not from_noise:
+            raise InputError(f"the engine folder {manifest.root} has no start latent; pass "
+                             "--from-noise (or --latent FILE.npy)")
+        n = check_frames(frames, manifest) if frames is not None else manifest.frame_range()[1]
+        h, w = manifest.latent_size()
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((1, manifest.latent_channels, n, h, w)).astype(np.float32)
+    shape = manifest.start_latent_shape()
+    assert shape is not None
+    if frames is not None:
+        check_frames(frames, manifest)
+        if frames != shape[2]:
+            raise InputError(f"--frames {frames} differs from the {shape[2]} frames of the engine "
+                             f"folder's start latent; pass --from-noise to start from noise")
+    return manifest.load_start_latent()
+
+
+def _progress(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    return (lambda i, t: bar.update(1)), bar.close
+
+
+def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike | None = None, *,
+             frames: int | None = None, steps: int = 50, guidance: float = 12.5, seed: int = 0,
+             negative_prompt: str = "", use_vgt: bool = True, from_noise: bool = False,
+             latent: str | os.PathLike | None = None, backend: str = "auto",
+             threads: int | None = None, fps: float | None = None, force: bool = False,
+             progress: bool = False) -> GenerateResult:
+    """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif)."""
+    steps = check_steps(steps)
+    guidance = check_guidance(guidance)
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise InputError("--prompt and --negative-prompt must be text")
+    if out is not None:
+        if Path(out).suffix.lower() not in WRITE_SUFFIXES:
+            raise InputError(f"cannot write {out}: unknown extension {Path(out).suffix!r}; "
+                             "use .mp4 or .gif")
+        check_writable(out, force)
+    timings = Timings()
+    with timings("load"):
+        manifest = Manifest.open(engine_dir)
+        start = start_latent(manifest, frames, seed, from_noise, latent)
+    networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_decoder",)
+    with Engine.open(manifest, backend, networks, threads, timings) as engine:
+        text = engine.encode_text([negative_prompt, prompt])
+        callback, done = _progress(progress, steps, "sample")
+        try:
+            z = engine.sample(start, text, steps, guidance, use_vgt, callback)
+        finally:
+            done()
+        video = engine.decode(z)
+        path = None
+        if out is not None:
+            with timings("video write"):
+                path = write_video(out, video, fps=fps or manifest.fps, force=force)
+        return GenerateResult(video, z, start, path, timings, engine.describe(),
+                              use_vgt and engine.has_vgt)
+
+
+# --------------------------------------------------------------------------- invert
+
+
+@dataclass
+class InvertResult:
+    latent: np.ndarray  # (1, c, f, h, w)
+    clean: np.ndarray  # the VAE encoder's latents of the frames
+    path: Path | None
+    timings: Timings
+    backend: str
+
+
+def _config_value(manifest: Manifest, section: str, key: str) -> Any:
+    config = manifest.data.get("config")
+    part = config.get(section) if isinstance(config, dict) else None
+    return part.get(key) if isinstance(part, dict) else None
+
+
+def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+           *, steps: int = 50, frames: int | None = None, start: int | None = None,
+           stride: int | None = None, use_vgt: bool = True, backend: str = "auto",
+           threads: int | None = None, force: bool = False, progress: bool = False) -> InvertResult:
+    """DDIM-invert a video with the engine folder's predictor; save the latent to ``out`` (.npy).
+
+    Frames ``start, start + stride, ...`` (defaults: the run config's, else 0 and 1) are read
+    at the engine's size; ``frames`` defaults to the start latent's frame count.
+    """
+    steps = check_steps(steps)
+    if out is not None:
+        check_writable(out, force)
+    timings = Timings()
+    with timings("load"):
+        manifest = Manifest.open(engine_dir)
+        shape = manifest.start_latent_shape()
+        if frames is None:
+            frames = int(shape[2]) if shape is not None else manifest.frame_range()[1]
+        frames = check_frames(frames, manifest)
+        h, w = manifest.latent_size()
+        if h != w:
+            raise InputError(f"the engines take {h}x{w} latents; invert reads square frames only")
+        start = start if start is not None else _config_value(manifest, "data", "start") or 0
+        stride = stride if stride is not None else _config_value(manifest, "data", "stride") or 1
+        pixels = read_video(video, start=start, stride=stride, n_frames=frames,
+                            size=h * manifest.vae_downsample)
+    networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_encoder",)
+    with Engine.open(manifest, backend, networks, threads, timings) as engine:
+        clean = engine.encode_frames(pixels)
+        callback, done = _progress(progress, steps, "invert")
+        try:
+            z = engine.invert_latents(clean, steps, use_vgt, callback)
+        finally:
+            done()
+        path = None
+        if out is not None:
+            def save(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, z, allow_pickle=False)
+
+            path = write_file(out, save, force=force)
+        return InvertResult(z, clean, path, timings, engine.describe())
