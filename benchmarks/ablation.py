@@ -1,0 +1,597 @@
+"""APLA's comparison: Tune-A-Video vs the VGT variants, trained and measured the same way.
+
+    nice -n 10 python benchmarks/ablation.py                # tiny CPU preset, ~30 min on 2 cores
+    python benchmarks/ablation.py --quick --out /tmp/abl    # smoke test (1 clip, 2 methods)
+    python benchmarks/ablation.py --pretrained models/sd-1-5 --clip models/clip-vit-large-patch14
+
+For each clip in ``shared/data`` with its training prompt (spec section 6), every method is
+trained with ``apla_train.train.train`` from the same seed for the same number of steps. Each
+run is then rebuilt from its last checkpoint and sampled with the PyTorch reference sampler
+from its inverted start latent: the training prompt (reconstruction) and the edited prompts
+(text-to-video), recording ||delta|| / ||eps_theta|| at every DDIM step. Every video is
+measured with ``apla_eval.report.evaluate``. Written under ``--out``::
+
+    ablation.md                       the table, settings and what the numbers can and cannot say
+    ablation/results.json             every number, per run and per video
+    ablation/metrics.png              metrics per method (bars)
+    ablation/ratio.png                ||delta|| / ||eps_theta|| over the denoising steps (Fig. 5b)
+    ablation/frames-<clip>.png        the source, each method's reconstruction and first edit
+
+Runs (checkpoints, sampled mp4s) go to ``--runs`` (default ``runs/ablation``, not in git).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Training prompt and edited prompts per clip (spec section 6, from Tune-A-Video's configs).
+CLIPS = {
+    "man-skiing": ("a man is skiing", [
+        "mickey mouse is skiing on the snow", "spider man is skiing on the beach, cartoon style",
+        "wonder woman, wearing a cowboy hat, is skiing", "a man, wearing pink clothes, is skiing at sunset"]),
+    "car-turn": ("a jeep car is moving on the road", [
+        "a jeep car is moving on the beach", "a jeep car is moving on the snow",
+        "a jeep car is moving on the road, cartoon style", "a sports car is moving on the road"]),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    overrides: tuple[str, ...]  # --set items applied over the preset
+
+
+METHODS = (
+    Method("none", "Tune-A-Video: no VGT, MSE only, no discriminator",
+           ("vgt.kind=none", "loss.l_l1=0", "loss.l_per=0", "loss.l_adv=0")),
+    Method("pure", "VGT-Pure (causal), Hyper-Loss + adversarial", ("vgt.kind=pure",)),
+    Method("hyper", "VGT-Hyper (causal), Hyper-Loss + adversarial", ("vgt.kind=hyper",)),
+    Method("pure-EN", "VGT-Pure without masks (encoder)", ("vgt.kind=pure", "vgt.mask=none")),
+    Method("hyper-EN", "VGT-Hyper without masks (encoder)", ("vgt.kind=hyper", "vgt.mask=none")),
+    Method("hyper-noadv", "VGT-Hyper, Hyper-Loss only (loss.l_adv=0)", ("vgt.kind=hyper", "loss.l_adv=0")),
+    Method("pure-noadv", "VGT-Pure, Hyper-Loss only (loss.l_adv=0)", ("vgt.kind=pure", "loss.l_adv=0")),
+)
+QUICK_METHODS = ("none", "hyper")
+
+
+@dataclass
+class Settings:
+    preset: str  # "tiny" or "sd"
+    frames: int | None  # None: the config's default
+    size: int | None
+    steps: int | None
+    sample_steps: int | None
+    seed: int
+    threads: int
+    edits: int  # edited prompts per clip
+    methods: tuple[str, ...]
+    clips: tuple[str, ...]
+
+
+# Defaults for the tiny preset, sized for ~30 min on a shared 2-core CPU (measured: see the doc).
+TINY_DEFAULTS = {"frames": 8, "size": 64, "steps": 100, "sample_steps": 15}
+QUICK = {"frames": 4, "size": 32, "steps": 3, "sample_steps": 2}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# One run: train, rebuild, sample every prompt, evaluate every video
+
+
+def build_run_config(clip: Path, prompt: str, method: Method, s: Settings, pretrained: str | None):
+    from apla_train.cli import build_config
+
+    overrides = list(method.overrides)
+    if s.sample_steps is not None:
+        overrides += [f"sample.steps={s.sample_steps}", f"sample.inversion_steps={s.sample_steps}"]
+    if s.steps is not None:
+        overrides.append(f"train.checkpoint_every={s.steps}")  # only the final checkpoint
+    flags = {"train.steps": s.steps, "data.n_frames": s.frames, "data.size": s.size, "train.seed": s.seed}
+    return build_config(str(clip), prompt, "tiny" if pretrained is None else None, pretrained, None,
+                        tuple(overrides), flags)
+
+
+def _video_metrics(report, reference: np.ndarray | None = None, frames: np.ndarray | None = None) -> dict:
+    m = report.metrics
+    fc = m["frame_consistency"] or {}
+    out = {"fc_all": fc.get("all_pairs"), "fc_consecutive": fc.get("consecutive"),
+           "clip_score": m["clip_score"], "warp_error": m["warp_error"],
+           "p99_flow_px": m["motion"]["p99_flow_px"], "mean_flow_px": m["motion"]["mean_flow_px"],
+           "is_static": m["motion"]["is_static"],
+           "psnr": m["psnr"]["mean"] if m.get("psnr") else None,
+           "ssim": m["ssim"]["mean"] if m.get("ssim") else None}
+    if reference is not None and frames is not None:  # how far an edit moved from the reconstruction
+        from apla_eval.metrics import psnr
+
+        out["psnr_vs_reconstruction"] = psnr(frames, reference)["mean"]
+    return out
+
+
+def run_one(clip: Path, clip_name: str, method: Method, s: Settings, runs: Path, embedder,
+            pretrained: str | None) -> dict:
+    import torch
+
+    from apla_eval.report import evaluate
+    from apla_rt.video import read_video, write_video
+    from apla_train.checkpoint import latest_checkpoint
+    from apla_train.components import encode_prompts
+    from apla_train.sampling import ddim_sample, decode_video, encode_video
+    from apla_train.train import apply_checkpoint, build_models, train
+
+    prompt, edits = CLIPS[clip_name]
+    cfg = build_run_config(clip, prompt, method, s, pretrained)
+    run = runs / clip_name / method.name
+    started = time.time()
+    summary = train(cfg, run, force=True, log=lambda m: None, progress=False)
+    train_s = time.time() - started
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    # rebuild from the checkpoint, exactly as a user of the run would
+    started = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    components, vgt = build_models(cfg, run)
+    apply_checkpoint(components, vgt, latest_checkpoint(run), cfg.model.trainable)
+    unet = components.unet.to(device).eval()
+    vgt = vgt.to(device).eval() if vgt is not None else None
+    components.text_encoder.to(device)
+    components.codec.to(device)
+    start = torch.from_numpy(np.load(run / "start_latent.npy")).to(device)
+    source_frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
+                               n_frames=cfg.data.n_frames, size=cfg.data.size)
+    source = encode_video(components.codec, source_frames).to(device) if cfg.vgt.source else None
+    uncond = encode_prompts(components, [""])
+    source_note = f"{cfg.data.n_frames} frames from {cfg.data.start}, stride {cfg.data.stride}, {cfg.data.size} px"
+
+    videos, reconstruction = [], None
+    for k, text in enumerate([prompt] + edits[:s.edits]):
+        ratios, timesteps = [], []
+
+        def record(i: int, t: int, ratio: float) -> None:
+            ratios.append(ratio)
+            timesteps.append(t)
+
+        cond = torch.cat([uncond, encode_prompts(components, [text])])
+        z = ddim_sample(unet, vgt, start, cond, components.scheduler, cfg.sample.steps,
+                        cfg.sample.guidance, source, callback=record)
+        frames = decode_video(components.codec, z)
+        write_video(run / "samples" / f"{k}.mp4", frames, fps=cfg.sample.fps, force=True)
+        is_recon = k == 0
+        report = evaluate(frames, embedder=embedder, prompt=text if embedder.has_text else None,
+                          source=source_frames if is_recon else None, source_note=source_note, lpips=False)
+        metrics = _video_metrics(report, None if is_recon else reconstruction, frames)
+        if is_recon:
+            reconstruction = frames
+        videos.append({"prompt": text, "kind": "reconstruction" if is_recon else "edit",
+                       "file": str((run / "samples" / f"{k}.mp4").resolve()), "metrics": metrics,
+                       "ratio": ratios, "timesteps": timesteps, "_frames": frames})
+    sample_s = time.time() - started
+    last = history[-10:]
+    return {
+        "clip": clip_name, "method": method.name, "run": str(run.resolve()),
+        "train": {"seconds": round(train_s, 1), "steps": cfg.train.steps,
+                  "loss_first10": summary.get("loss_first10"), "loss_last10": summary.get("loss_last10"),
+                  "mse_last10": _mean([h["mse"] for h in last]),
+                  "ratio_last10": _mean([h["ratio"] for h in last]),
+                  "ratio_curve": [h["ratio"] for h in history], "loss_curve": [h["loss"] for h in history],
+                  "reconstruction_psnr_db_at_train": summary.get("reconstruction_psnr_db"),
+                  "autoencoder_psnr_db": summary.get("autoencoder_psnr_db")},
+        "sample_seconds": round(sample_s, 1), "videos": videos,
+        "config": cfg.to_dict(), "source_frames": source_frames,
+    }
+
+
+def source_row(runs_meta: dict, embedder) -> dict:
+    """The source clips themselves, as read for training: what a real video scores."""
+    from apla_eval.report import evaluate
+
+    rows = [_video_metrics(evaluate(frames, embedder=embedder, lpips=False)) for frames in runs_meta.values()]
+    return {key: _mean([r[key] for r in rows]) for key in ("fc_all", "fc_consecutive", "warp_error", "p99_flow_px")}
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation
+
+METRICS = ("fc_all", "fc_consecutive", "clip_score", "warp_error", "p99_flow_px", "psnr", "ssim",
+           "psnr_vs_reconstruction")
+
+
+def _mean(xs) -> float | None:
+    xs = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarise(results: list[dict], methods: tuple[str, ...]) -> dict:
+    """Per method: the reconstruction mean over clips, the text-to-video mean over clips x edits."""
+    out = {}
+    for name in methods:
+        runs = [r for r in results if r["method"] == name]
+        entry = {}
+        for kind, label in (("reconstruction", "reconstruction"), ("edit", "text_to_video")):
+            vids = [v for r in runs for v in r["videos"] if v["kind"] == kind]
+            entry[label] = {k: _mean([v["metrics"].get(k) for v in vids]) for k in METRICS}
+            entry[label]["static"] = f"{sum(v['metrics']['is_static'] for v in vids)}/{len(vids)}"
+        entry["ratio_sampling_mean"] = _mean([x for r in runs for v in r["videos"] for x in v["ratio"]])
+        entry["ratio_train_last10"] = _mean([r["train"]["ratio_last10"] for r in runs])
+        entry["mse_train_last10"] = _mean([r["train"]["mse_last10"] for r in runs])
+        entry["train_seconds"] = _mean([r["train"]["seconds"] for r in runs])
+        out[name] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from apla_rt.atomic import write_file
+
+    write_file(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"), force=True)
+    plt.close(fig)
+
+
+def plot_metrics(summary: dict, path: Path, has_clip: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    panels = [("fc_all", "frame consistency, all pairs (higher = more consistent)"),
+              ("fc_consecutive", "frame consistency, consecutive (higher)"),
+              ("warp_error", "warp error (lower = more consistent)"),
+              ("p99_flow_px", "motion: p99 flow, px/frame (0 = frozen)")]
+    panels += [("clip_score", "CLIP score (higher)")] if has_clip else []
+    panels += [("psnr", "PSNR vs source, dB (reconstruction only)"), ("ssim", "SSIM vs source (reconstruction only)")]
+    methods = list(summary)
+    cols = 3
+    n_rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.4 * n_rows), squeeze=False)
+    x = np.arange(len(methods))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for j, (label, color) in enumerate((("reconstruction", "#4477aa"), ("text_to_video", "#ee6677"))):
+            vals = [summary[m][label][key] for m in methods]
+            if all(v is None for v in vals):
+                continue
+            heights = [np.nan if v is None else v for v in vals]
+            ax.bar(x + (j - 0.5) * 0.38, heights, 0.38, label=label.replace("_", "-"), color=color)
+        finite = [summary[m][lab][key] for m in methods for lab in ("reconstruction", "text_to_video")
+                  if summary[m][lab][key] is not None]
+        zoom = bool(finite) and key in ("fc_all", "fc_consecutive", "ssim", "psnr")
+        if zoom:  # the differences are small: zoom in, and say so
+            lo, hi = min(finite), max(finite)
+            pad = max((hi - lo) * 0.3, 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title(title + (" [y zoomed]" if zoom else ""), fontsize=9)
+        ax.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Ablation metrics per method (mean over clips; text-to-video: also over edited prompts)", fontsize=10)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_ratio(results: list[dict], methods: tuple[str, ...], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.get_cmap("tab10")
+    for j, name in enumerate(methods):
+        runs = [r for r in results if r["method"] == name]
+        curves = np.array([v["ratio"] for r in runs for v in r["videos"]])
+        if curves.size == 0 or not np.any(curves > 0):
+            continue  # no VGT: delta is exactly zero
+        t = runs[0]["videos"][0]["timesteps"]
+        mean = curves.mean(0)
+        left.plot(t, mean, marker="o", ms=3, label=name, color=colors(j))
+        left.fill_between(t, curves.min(0), curves.max(0), color=colors(j), alpha=0.12)
+        train_curves = np.array([r["train"]["ratio_curve"] for r in runs])
+        k = max(1, train_curves.shape[1] // 20)
+        smooth = np.convolve(train_curves.mean(0), np.ones(k) / k, mode="valid")
+        right.plot(np.arange(len(smooth)) + k, smooth, label=name, color=colors(j))
+    left.set_xlim(1000, 0)
+    left.set_yscale("log")
+    left.set_xlabel("DDIM timestep t (denoising runs left to right)")
+    left.set_ylabel("||delta|| / ||eps_theta||")
+    left.set_title("Sampling (cf. paper Fig. 5b): mean over clips and prompts, band = min..max", fontsize=9)
+    right.set_yscale("log")
+    right.set_xlabel("training step")
+    right.set_title("Training: ratio per step (moving average), mean over clips", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("VGT perturbation vs UNet noise; 'none' (Tune-A-Video) has delta = 0 and is not drawn", fontsize=10)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_frames(results: list[dict], clip_name: str, methods: tuple[str, ...], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    runs = {r["method"]: r for r in results if r["clip"] == clip_name}
+    rows = [("source clip", runs[methods[0]]["source_frames"])]
+    rows += [(f"{m}: reconstruction", runs[m]["videos"][0]["_frames"]) for m in methods]
+    if len(runs[methods[0]]["videos"]) > 1:
+        edit = runs[methods[0]]["videos"][1]["prompt"]
+        rows += [(f"{m}: edit", runs[m]["videos"][1]["_frames"]) for m in methods]
+    else:
+        edit = None
+    f, h, w, _ = rows[0][1].shape
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, f * w / 48), len(rows) * (h / 48 + 0.25)), squeeze=False)
+    for ax, (label, frames) in zip(axes[:, 0], rows):
+        ax.imshow(np.concatenate(list(frames), axis=1), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    title = f"{clip_name}: frames left to right"
+    fig.suptitle(title + (f"; edit = {edit!r}" if edit else ""), fontsize=9)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def _f(x, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+
+
+def markdown(meta: dict, summary: dict, source: dict, results: list[dict]) -> str:
+    s = meta["settings"]
+    has_clip = meta["embedder_is_clip"]
+    steps = s["steps"] or "config default"
+    lines = [
+        "# Ablation: Tune-A-Video vs APLA's VGT variants", "",
+        "Generated by `benchmarks/ablation.py`; every number is in "
+        "[`ablation/results.json`](ablation/results.json).", "",
+        "```", meta["command"], "```", "",
+        f"* date: {meta['date']}", f"* machine: {meta['machine']}",
+        f"* total runtime: {meta['runtime_s'] / 60:.1f} min",
+        f"* clips: {', '.join(s['clips'])} (`shared/data`), training prompts and edited prompts from spec section 6 "
+        f"({s['edits']} edited prompt(s) per clip)",
+        f"* models: {meta['model_note']}",
+        f"* settings, identical for every method: {s['frames'] or 'default'} frames (stride 2 from frame 0) at "
+        f"{s['size'] or 'default'} px, {steps} training steps, seed {s['seed']}, DDIM {s['sample_steps'] or 'default'} "
+        f"steps (inversion and sampling), guidance {meta['guidance']}, torch threads {s['threads']}",
+        f"* embedder for frame consistency: {meta['embedder']}", "",
+        "## What these numbers can and cannot say", "",
+    ]
+    if s["preset"] == "tiny":
+        lines += [
+            f"**These are tiny, randomly initialised models** (a ~1 M-parameter UNet, a random 2-layer text encoder "
+            f"over bytes, a PCA patch autoencoder fitted to the clip) **trained on a CPU for {steps} steps.** They "
+            "say nothing about Stable-Diffusion-scale quality and do not test the paper's claims; they show that "
+            "every variant trains, samples and is measured by one pipeline. One seed per method, no error bars: "
+            "differences in the third decimal are noise. In the tiny preset the perceptual term is off "
+            "(`loss.l_per=0`), so the Hyper-Loss is MSE + L1.", ""]
+    if not has_clip:
+        lines += [
+            "**Frame consistency uses the offline EfficientNet-Lite0 (ImageNet) embedder, NOT CLIP**: its values "
+            "are not comparable with the paper's CLIP ViT-L/14 numbers, and there is no CLIP score (no text tower). "
+            "Pass `--clip PATH` to a local CLIP folder for those.", ""]
+    lines += [
+        "**Text-to-video** here means Tune-A-Video's editing setting: the edited prompt sampled from the DDIM "
+        "inversion of the training clip. The tiny byte-level text encoder barely reacts to the prompt: the column "
+        "*edit PSNR vs rec.* is the PSNR of each edited video against the same method's reconstruction (high = the "
+        "edit changed little), so the text-to-video columns mostly re-measure the reconstruction.", "",
+        "*Static* counts videos whose p99 optical flow is below 1 px/frame (frozen videos score perfect "
+        "consistency); below ~128 px slow motion can read as static, so check it against the source row.", "",
+        "LPIPS is not reported (its backbone weights are not available offline).", "",
+        "## Results (mean over clips; text-to-video also over the edited prompts)", "",
+    ]
+    clip_cols = ["CLIP"] if has_clip else []
+    head = (["method", "rec FC all", "rec FC cons", "rec warp err ↓", "rec PSNR", "rec SSIM"]
+            + [f"rec {c}" for c in clip_cols]
+            + ["t2v FC all", "t2v FC cons", "t2v warp err ↓"] + [f"t2v {c}" for c in clip_cols]
+            + ["edit PSNR vs rec.", "static (rec / t2v)"])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    src = ["source clip", _f(source["fc_all"]), _f(source["fc_consecutive"]), _f(source["warp_error"]), "-", "-"]
+    src += ["-"] * len(clip_cols) + ["-"] * (3 + len(clip_cols)) + ["-", "-"]
+    lines.append("| " + " | ".join(src) + " |")
+    for name, e in summary.items():
+        r, t = e["reconstruction"], e["text_to_video"]
+        row = [f"`{name}`", _f(r["fc_all"]), _f(r["fc_consecutive"]), _f(r["warp_error"]),
+               _f(r["psnr"], 2), _f(r["ssim"])]
+        row += [_f(r["clip_score"], 2)] if has_clip else []
+        row += [_f(t["fc_all"]), _f(t["fc_consecutive"]), _f(t["warp_error"])]
+        row += [_f(t["clip_score"], 2)] if has_clip else []
+        row += [_f(t["psnr_vs_reconstruction"], 2), f"{r['static']} / {t['static']}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "FC = frame consistency (mean cosine of frame embeddings; all pairs i != j, or consecutive "
+              "frames); warp err = Farneback-flow warp error between consecutive frames in [0, 1]; PSNR (dB) "
+              "and SSIM against the source frames, reconstruction only.", "",
+              "![metrics per method](ablation/metrics.png)", "",
+              "## Training and the perturbation's size", "",
+              "| method | what | train MSE (last 10 steps) | ratio train (last 10) | ratio sampling (mean) "
+              "| train s / run |",
+              "|---|---|---|---|---|---|"]
+    for m in meta["methods"]:
+        e = summary[m["name"]]
+        lines.append(f"| `{m['name']}` | {m['description']} | {_f(e['mse_train_last10'])} | "
+                     f"{_f(e['ratio_train_last10'], 5)} | {_f(e['ratio_sampling_mean'], 5)} | "
+                     f"{_f(e['train_seconds'], 0)} |")
+    lines += ["", "ratio = ||delta|| / ||eps_theta|| (VGT output over the UNet's guided noise). The paper reports it "
+              "staying tiny throughout denoising (its Fig. 5b).", "",
+              "![ratio over denoising steps](ablation/ratio.png)", "",
+              "## Per clip", ""]
+    lines += ["| clip | method | rec FC all | rec warp err | rec PSNR | t2v FC all | t2v warp err "
+              "| edit PSNR vs rec. |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rec = r["videos"][0]["metrics"]
+        eds = [v["metrics"] for v in r["videos"][1:]]
+        edit_psnr = _mean([e["psnr_vs_reconstruction"] for e in eds])
+        lines.append(f"| {r['clip']} | `{r['method']}` | {_f(rec['fc_all'])} | {_f(rec['warp_error'])} | "
+                     f"{_f(rec['psnr'], 2)} | {_f(_mean([e['fc_all'] for e in eds]))} | "
+                     f"{_f(_mean([e['warp_error'] for e in eds]))} | {_f(edit_psnr, 2)} |")
+    lines += [""] + [f"![{c} frames](ablation/frames-{c}.png)" for c in s["clips"]] + [""]
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    text = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def _quiet_hub_progress_bars() -> None:
+    """The per-run save/load progress bars of diffusers/transformers drown the benchmark's log."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items() if not k.startswith("_") and k != "source_frames"}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else x
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Command
+
+
+def run_benchmark(s: Settings, clips_dir: Path, out: Path, runs: Path, pretrained: str | None,
+                  clip_model: Path | None, command: str) -> dict:
+    import torch
+
+    from apla_eval.embedders import ClipEmbedder, OfflineEmbedder
+    from apla_rt.atomic import write_text
+
+    torch.set_num_threads(s.threads)
+    _quiet_hub_progress_bars()
+    started = time.time()
+    embedder = ClipEmbedder(clip_model) if clip_model is not None else OfflineEmbedder()
+    methods = [m for m in METHODS if m.name in s.methods]
+    results, sources = [], {}
+    total = len(s.clips) * len(methods)
+    for ci, clip_name in enumerate(s.clips):
+        for mi, method in enumerate(methods):
+            n = ci * len(methods) + mi + 1
+            log(f"[{n}/{total} {(time.time() - started) / 60:5.1f} min] {clip_name} / {method.name}")
+            r = run_one(clips_dir / f"{clip_name}.mp4", clip_name, method, s, runs, embedder, pretrained)
+            sources[clip_name] = r["source_frames"]
+            log(f"    trained in {r['train']['seconds']:.0f} s, sampled + measured in {r['sample_seconds']:.0f} s; "
+                f"rec FC {_f(r['videos'][0]['metrics']['fc_all'])}, PSNR {_f(r['videos'][0]['metrics']['psnr'], 2)}")
+            results.append(r)
+    names = tuple(m.name for m in methods)
+    summary = summarise(results, names)
+    source = source_row(sources, embedder)
+    cfg = results[0]["config"]
+    meta = {
+        "command": command, "date": datetime.now(timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y"),
+        "machine": _machine(), "settings": asdict(s), "embedder": embedder.name,
+        "embedder_is_clip": bool(embedder.is_clip), "guidance": cfg["sample"]["guidance"],
+        "model_note": (f"Stable Diffusion from {pretrained}" if pretrained else
+                       "tiny preset (`apla_train.config.tiny_preset`), randomly initialised"),
+        "methods": [asdict(m) for m in methods],
+        "clips": {c: {"prompt": CLIPS[c][0], "edits": CLIPS[c][1][:s.edits]} for c in s.clips},
+    }
+    figures = out / "ablation"
+    plot_metrics(summary, figures / "metrics.png", meta["embedder_is_clip"])
+    plot_ratio(results, names, figures / "ratio.png")
+    for c in s.clips:
+        plot_frames(results, c, names, figures / f"frames-{c}.png")
+    meta["runtime_s"] = round(time.time() - started, 1)
+    payload = _jsonable({**meta, "summary": summary, "source": source, "runs": results})
+    write_text(figures / "results.json", json.dumps(payload, indent=1, allow_nan=False) + "\n", force=True)
+    write_text(out / "ablation.md", markdown(meta, summary, source, results), force=True)
+    log(f"done in {meta['runtime_s'] / 60:.1f} min: {out / 'ablation.md'}")
+    return payload
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--clips", "clips_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CLIPS,
+              show_default=True, help="Folder with man-skiing.mp4 and car-turn.mp4.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=REPO / "docs", show_default=True,
+              help="Writes OUT/ablation.md and OUT/ablation/ (results.json, PNGs).")
+@click.option("--runs", "runs_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=REPO / "runs" / "ablation", show_default=True,
+              help="Scratch folder for the training runs (replaced run by run).")
+@click.option("--pretrained", type=click.Path(path_type=str), help="SD 1.x diffusers folder (else the tiny preset).")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps [tiny: 100; SD: config default].")
+@click.option("--frames", type=click.IntRange(min=2), help="Frames per clip [tiny: 8; SD: config default].")
+@click.option("--size", type=click.IntRange(min=8), help="Resolution in px [tiny: 64; SD: config default].")
+@click.option("--sample-steps", type=click.IntRange(min=1), help="DDIM steps for inversion and sampling [tiny: 15].")
+@click.option("--seed", type=int, default=33, show_default=True)
+@click.option("--edits", type=click.IntRange(min=0, max=4), help="Edited prompts per clip [4; quick: 1].")
+@click.option("--methods", help=f"Comma-separated subset of {', '.join(m.name for m in METHODS)}.")
+@click.option("--clip", "clip_model", type=click.Path(path_type=Path),
+              help="Local CLIP folder (else the offline embedder, NOT CLIP).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads (1 is fastest on a shared 2-core machine).")
+@click.option("--quick", is_flag=True, help="Smoke test: 1 clip, 2 methods, 3 steps, 2 sample steps, 1 edit.")
+def main(clips_dir, out, runs_dir, pretrained, steps, frames, size, sample_steps, seed, edits, methods, clip_model,
+         threads, quick):
+    """Train and measure Tune-A-Video and the APLA variants on the clips in shared/data."""
+    from apla_rt.errors import AplaError
+
+    base = QUICK if quick else (TINY_DEFAULTS if pretrained is None else dict.fromkeys(TINY_DEFAULTS))
+    chosen = tuple(x.strip() for x in methods.split(",")) if methods else \
+        (QUICK_METHODS if quick else tuple(m.name for m in METHODS))
+    unknown = sorted(set(chosen) - {m.name for m in METHODS})
+    if unknown or not chosen:
+        raise click.UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; "
+                               f"choose from {', '.join(m.name for m in METHODS)}")
+    available = tuple(c for c in CLIPS if (clips_dir / f"{c}.mp4").is_file())
+    if not available:
+        raise click.UsageError(f"no clip of {', '.join(f'{c}.mp4' for c in CLIPS)} in {clips_dir}")
+    s = Settings(preset="tiny" if pretrained is None else "sd",
+                 frames=frames or base["frames"], size=size or base["size"], steps=steps or base["steps"],
+                 sample_steps=sample_steps or base["sample_steps"], seed=seed, threads=threads,
+                 edits=edits if edits is not None else (1 if quick else 4), methods=chosen,
+                 clips=available[:1] if quick else available)
+    command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run_benchmark(s, clips_dir, out, runs_dir, pretrained, clip_model, command.strip())
+    except AplaError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
