@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _load_file, save_file
 
-from apla_rt.errors import InputError
+from apla_rt.errors import AplaError, InputError, IntegrityError
 
 FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -88,10 +89,42 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.Tensor],
-                    vgt: torch.nn.Module | None, disc: torch.nn.Module | None,
-                    optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                    config: dict[str, Any], keep: int) -> Path:
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    """safetensors' ``load_file``; a missing, truncated or foreign file is an ``IntegrityError``."""
+    try:
+        return _load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise IntegrityError(f"checkpoint file {path} is missing or damaged ({err}); resume from or "
+                             f"export an earlier checkpoint, or retrain") from err
+
+
+def remove_partials(run: Path) -> None:
+    """Remove ``.step-*.partial`` folders left by a run killed while saving."""
+    root = run / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".step-*.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(run: Path, step: int, **kwargs: Any) -> Path:
+    """Write ``checkpoints/step-N`` (see ``_write_checkpoint``); a failed write (full disk)
+    is an ``AplaError`` and leaves the earlier checkpoints as they were."""
+    remove_partials(run)
+    tmp = checkpoint_dir(run, step).with_name(f".{checkpoint_dir(run, step).name}.partial")
+    try:
+        return _write_checkpoint(run, step, **kwargs)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or str(err)
+        last = latest_checkpoint(run)
+        kept = f"the last complete checkpoint {last.name} is kept" if last else "no checkpoint was kept"
+        raise AplaError(f"could not write checkpoint step-{step:08d}: {reason}; {kept}") from err
+
+
+def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.Tensor],
+                      vgt: torch.nn.Module | None, disc: torch.nn.Module | None,
+                      optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
+                      config: dict[str, Any], keep: int) -> Path:
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +171,11 @@ def load_model_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 def load_training_state(ckpt: Path, optimizers: dict[str, torch.optim.Optimizer],
                         disc: torch.nn.Module | None, generator: torch.Generator) -> int:
-    meta = json.loads((ckpt / "optim.json").read_text())
+    try:
+        meta = json.loads((ckpt / "optim.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"checkpoint file {ckpt / 'optim.json'} is missing or damaged ({err}); "
+                             f"resume from an earlier checkpoint, or retrain") from err
     tensors = load_file(str(ckpt / "optim.safetensors"))
     for name, opt in optimizers.items():
         opt.load_state_dict(_unflatten_optimizer(meta[name], tensors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
     except AplaError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+            raise  # a write failure of the machine is not a bug; anything else is
+        click.echo(f"error: could not write {err.filename or out}: {err.strerror}; the last complete "
+                   f"checkpoint is kept (continue with --resume once there is room)", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted: the last complete checkpoint is kept; continue with --resume", err=True)
         sys.exit(130)

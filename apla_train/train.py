@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from apla_rt import atomic
-from apla_rt.errors import InputError, NonFiniteError, OutputExistsError
+from apla_rt.errors import AplaError, ConfigError, InputError, NonFiniteError, OutputExistsError
 from apla_rt.schedule import alphas_cumprod
 from apla_rt.video import read_video, write_video
 
 from . import checkpoint as ckpt
-from .components import Components, build_tiny, encode_prompts, load_pretrained, save_components
+from .components import (Components, build_tiny, byte_level_clip_tokenizer, encode_prompts,
+                         load_pretrained, save_components, tokenize)
 from .config import AplaConfig, from_dict
 from .discriminator import Discriminator
 from .losses import (discriminator_loss, generator_adv_loss, hyper_terms, load_lpips,
@@ -63,7 +64,12 @@ def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Com
         tmp = run / ".base.partial"
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
-        save_components(build_tiny(frames, cfg.model.tiny_patch, cfg.train.seed, tmp), tmp)
+        from safetensors import SafetensorError
+        try:
+            save_components(build_tiny(frames, cfg.model.tiny_patch, cfg.train.seed, tmp), tmp)
+        except (OSError, SafetensorError) as err:  # a full disk, a read-only folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AplaError(f"could not write {base}: {getattr(err, 'strerror', None) or err}") from err
         tmp.rename(base)
     return load_pretrained(base, temporal=cfg.model.temporal)
 
@@ -122,16 +128,46 @@ def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool) -> AplaCo
     if resume:
         if not saved.is_file():
             raise InputError(f"--resume: {run} is not a run folder (no config.json)")
-        return from_dict(json.loads(saved.read_text())).validate()
+        try:
+            data = json.loads(saved.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"--resume: {saved} is unreadable ({err}); start over with --force") from err
+        return from_dict(data).validate()
+    if run.exists() and not run.is_dir():
+        raise InputError(f"--out {run} is a file, not a run folder; choose another --out")
     if run.exists() and any(run.iterdir()):
         if not force:
             raise OutputExistsError(f"{run} already exists and is not empty; pass --resume to continue "
                                     f"it or --force to start over")
         import shutil
         shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the run folder {run}: {err.strerror or err}") from err
     _write_json(saved, cfg.to_dict())
     return cfg
+
+
+def check_inputs(cfg: AplaConfig) -> np.ndarray:
+    """What a new run can check before its folder is touched (numbers, clip, prompt), so that
+    bad input neither leaves a half-made run nor removes an old one under --force."""
+    def walk(data: dict, prefix: str) -> None:
+        for key, value in data.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{prefix}{key} must be a finite number (got {value})")
+    walk(cfg.to_dict(), "")
+    if not -2**62 <= cfg.train.seed <= 2**62:
+        raise ConfigError(f"train.seed must be between -2**62 and 2**62 (got {cfg.train.seed})")
+    frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
+                        n_frames=cfg.data.n_frames, size=cfg.data.size)
+    if cfg.model.preset == "tiny":
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenize(byte_level_clip_tokenizer(Path(tmp)), [cfg.prompt])
+    return frames
 
 
 def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = False,
@@ -139,12 +175,23 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    cfg = prepare_run(cfg, Path(run), resume, force)
     run = Path(run)
+    frames = None if resume else check_inputs(cfg)
+    existed = run.is_dir()
+    cfg = prepare_run(cfg, run, resume, force)
     started = time.time()
-    frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
-                        n_frames=cfg.data.n_frames, size=cfg.data.size)
-    components, vgt = build_models(cfg, run, frames)
+    if frames is None:
+        frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
+                            n_frames=cfg.data.n_frames, size=cfg.data.size)
+    try:
+        components, vgt = build_models(cfg, run, frames)
+    except AplaError:
+        if not resume:  # a config the models refuse (e.g. a size the patch does not divide)
+            import shutil
+            shutil.rmtree(run, ignore_errors=True)
+            if existed:
+                run.mkdir()
+        raise
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
     device = accelerator.device
     is_main = accelerator.is_main_process
@@ -155,6 +202,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     components.text_encoder.to(device)
     components.codec.to(device)
     generator = torch.Generator().manual_seed(cfg.train.seed + accelerator.process_index)
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)  # global RNG too (restored on resume)
     with torch.no_grad():
         latents = encode_video(components.codec, frames, generator=generator).to(device)
         cond = encode_prompts(components, [cfg.prompt])
@@ -203,9 +251,25 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                                     optimizers=optimizers, generator=generator,
                                     config=cfg.to_dict(), keep=cfg.train.keep_checkpoints)
 
+    def record_step(record: dict) -> None:
+        """One metrics line, then a checkpoint when one is due (skipped steps included)."""
+        if metrics_file is not None:
+            try:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            except OSError as err:
+                raise AplaError(f"could not write {run / 'metrics.jsonl'}: {err.strerror or err}") from err
+        done = record["step"]
+        if is_main and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
+            save(done)
+
+    def skip_step(step: int, t: torch.Tensor, what: str) -> None:
+        """--skip-nonfinite: no update; the step is logged as skipped (counted in summary.json)."""
+        opt.zero_grad(set_to_none=True)
+        record_step({"step": step + 1, "t": int(t), "skipped": what})
+
     # -- the loop --------------------------------------------------------------------
     losses = []
-    skipped = 0
     bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                disable=not (progress and is_main), desc="train", dynamic_ncols=True)
     metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
@@ -237,8 +301,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                     loss = loss + cfg.loss.l_adv * terms["adv"]
             if not torch.isfinite(loss):
                 if cfg.train.skip_nonfinite:
-                    skipped += 1
-                    opt.zero_grad(set_to_none=True)
+                    skip_step(step, t, "loss")
                     continue
                 _nonfinite(run, step, "loss")
             accelerator.backward(loss)
@@ -248,7 +311,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
             if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
                 opt.zero_grad(set_to_none=True)
                 if cfg.train.skip_nonfinite:
-                    skipped += 1
+                    skip_step(step, t, "gradient")
                     continue
                 _nonfinite(run, step, "gradient")
             opt.step()
@@ -264,14 +327,9 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
             record.update({k: float(v.detach()) for k, v in terms.items()})
             record["ratio"] = float(perturbation_ratio(delta.float(), eps_theta.float()))
             losses.append(record["loss"])
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
             bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "mse", "l1", "per", "adv", "ratio")
                              if k in record})
-            done = step + 1
-            if is_main and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
-                save(done)
+            record_step(record)
     finally:
         bar.close()
         if metrics_file is not None:
@@ -286,6 +344,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     vgt_eval = accelerator.unwrap_model(vgt).eval() if vgt is not None else None
     summary = finish_run(cfg, run, components, unet_eval, vgt_eval, latents, frames, cond, uncond, log)
     history = _read_losses(run / "metrics.jsonl")
+    skipped = sum(1 for r in _read_metrics(run / "metrics.jsonl") if "skipped" in r)  # resumes included
     summary.update(steps=cfg.train.steps, skipped_nonfinite=skipped, train_seconds=round(train_s, 1),
                    loss_first10=_mean(history[:10]), loss_last10=_mean(history[-10:]))
     _write_json(run / "summary.json", summary)
@@ -321,19 +380,31 @@ def _nonfinite(run: Path, step: int, what: str) -> None:
                          f"resume with --resume, or pass --skip-nonfinite to skip such steps")
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """The metric records; a line torn by a killed run (or a full disk) is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metric lines up to ``step`` (a resumed run rewrites the rest)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    keep = [json.dumps(r) for r in _read_metrics(path) if r["step"] <= step]
     atomic.write_text(path, "".join(line + "\n" for line in keep), force=True)
 
 
 def _read_losses(path: Path) -> list[float]:
-    if not path.exists():
-        return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in _read_metrics(path) if "loss" in r]
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
 import click
 
 from apla_rt.errors import AplaError
+
+# Write failures of the machine, not bugs: one error line, never a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +45,12 @@ def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, th
     except AplaError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        click.echo(f"error: could not write the engine folder: {err.strerror} "
+                   f"({err.filename or out}); no engine folder was changed", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted: no engine folder was changed", err=True)
         sys.exit(130)
