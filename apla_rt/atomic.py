@@ -23,11 +23,20 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; pass --force to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:  # the folders to create: check the first that exists
+        parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise AplaError(f"cannot write {path}: {parent} is not a folder")
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise AplaError(f"cannot write {path}: folder {parent} is not writable")
     return path
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AplaError(f"cannot write {path}: {err.strerror or err} ({err.filename or path.parent})") from err
 
 
 def _umask() -> int:
@@ -48,7 +57,7 @@ def _fsync_dir(path: Path) -> None:
 def write_file(path: str | os.PathLike, write: Callable[[Path], object], force: bool = False) -> Path:
     """Call ``write(tmp_path)`` then move the finished file to ``path`` atomically."""
     path = check_writable(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -84,7 +93,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     exactly as it was.
     """
     path = check_writable(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
