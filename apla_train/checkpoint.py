@@ -94,8 +94,8 @@ def load_file(path: str) -> dict[str, torch.Tensor]:
     try:
         return _load_file(path)
     except (OSError, SafetensorError) as err:
-        raise IntegrityError(f"checkpoint file {path} is missing or damaged ({err}); resume from or "
-                             f"export an earlier checkpoint, or retrain") from err
+        raise IntegrityError(f"checkpoint file {path} is missing or damaged ({err}); delete "
+                             f"{Path(path).parent} to fall back to an earlier checkpoint, or retrain") from err
 
 
 def remove_partials(run: Path) -> None:

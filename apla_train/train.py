@@ -94,11 +94,16 @@ def apply_checkpoint(components: Components, vgt, path: Path, mode: str) -> None
     if set(unet_w) != expected:
         raise InputError(f"checkpoint {path} does not match the model: {len(set(unet_w) ^ expected)} "
                          f"UNet tensors differ (was it trained with another config?)")
-    result = components.unet.load_state_dict(unet_w, strict=False)
+    try:
+        result = components.unet.load_state_dict(unet_w, strict=False)
+        if vgt is not None:
+            vgt.load_state_dict(vgt_w, strict=True)
+    except RuntimeError as err:  # shapes or VGT names differ: another config's checkpoint
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise InputError(f"checkpoint {path} does not match the model ({detail}); was it trained "
+                         f"with another config?") from err
     assert not result.unexpected_keys
-    if vgt is not None:
-        vgt.load_state_dict(vgt_w, strict=True)
-    elif vgt_w:
+    if vgt is None and vgt_w:
         raise InputError(f"checkpoint {path} has VGT weights but the config has vgt.kind=none")
 
 
