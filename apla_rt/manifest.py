@@ -414,8 +414,9 @@ class Manifest:
             config = self.data.get("config")
             sample = config.get("sample") if isinstance(config, dict) else None
             value = sample.get("fps") if isinstance(sample, dict) else None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 240
-        return float(value) if ok else 8.0
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 240:
+            return float(value)
+        return 8.0
 
     def frame_range(self) -> tuple[int, int, int]:
         """[min, opt, max] frames that every network seeing the whole video accepts."""

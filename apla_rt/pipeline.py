@@ -120,6 +120,7 @@ class Engine:
     timings: Timings = field(default_factory=Timings)
     runners: dict[str, Runner] = field(default_factory=dict)
     _tokenizer: ClipTokenizer | None = None
+    _pinned_text: np.ndarray | None = None
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike | Manifest, backend: str = "auto",
@@ -192,53 +193,82 @@ class Engine:
             return self._run("text_encoder", {"input_ids": ids}).astype(np.float32, copy=False)
 
     def predict_noise(self, z: np.ndarray, t: int, text: np.ndarray, guidance: float | None,
-                      use_vgt: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      use_vgt: bool = True, source: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(eps_hat, eps_theta, delta) for z (1, c, f, h, w); ``text`` is (2, ...) = [uncond,
-        cond] with guidance, or (1, ...) without (then ``guidance`` is None)."""
+        cond] with guidance, or (1, ...) without (then ``guidance`` is None). ``source`` is the
+        clean latent for a VGT trained with ``vgt.source``."""
         b = text.shape[0]
+        feeds = {"sample": np.ascontiguousarray(np.broadcast_to(z, (b,) + z.shape[1:])),
+                 "timestep": np.full((b,), t, dtype=np.int64)}
+        if self._pinned_text is not text:
+            feeds["encoder_hidden_states"] = text
         with self.timings("unet"):
-            eps = self._run("unet", {
-                "sample": np.ascontiguousarray(np.broadcast_to(z, (b,) + z.shape[1:])),
-                "timestep": np.full((b,), t, dtype=np.int64),
-                "encoder_hidden_states": text,
-            })
+            eps = self._run("unet", feeds)
         if b == 2:
             assert guidance is not None
             eps_theta = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
         else:
             eps_theta = eps
         if use_vgt and self.has_vgt:
+            vgt_feeds = {"sample": z, "timestep": np.full((1,), t, dtype=np.int64)}
+            if "source" in self.runner("vgt").spec.input_names:
+                if source is None:
+                    raise InputError("this model's VGT reads the clean source latent (vgt.source), "
+                                     "which only inversion has; pass --no-vgt to generate")
+                vgt_feeds["source"] = np.ascontiguousarray(source, dtype=np.float32)
             with self.timings("vgt"):
-                delta = self._run("vgt", {"sample": z, "timestep": np.full((1,), t, dtype=np.int64)})
+                delta = self._run("vgt", vgt_feeds)
         else:
             delta = np.zeros_like(eps_theta)
         return eps_theta + delta, eps_theta, delta
+
+    @contextlib.contextmanager
+    def _text_pinned(self, text: np.ndarray) -> Iterator[None]:
+        """Give the UNet ``text`` once for the whole loop (on a GPU it stays there)."""
+        runner = self.runner("unet")
+        limit = _dim0_limit(runner.spec.profile, ["batch"])
+        if limit is not None and limit < text.shape[0]:
+            yield  # the guidance batch is split: feed the text per call
+            return
+        runner.set_constant("encoder_hidden_states", text)
+        self._pinned_text = text
+        try:
+            yield
+        finally:
+            self._pinned_text = None
+            runner.set_constant("encoder_hidden_states", None)
 
     def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float,
                use_vgt: bool = True, callback: StepCallback | None = None) -> np.ndarray:
         """DDIM (eta = 0) with classifier-free guidance from ``start`` (1, c, f, h, w)."""
         schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
         z = np.ascontiguousarray(start, dtype=np.float32)
-        for i, t in enumerate(schedule.timesteps):
-            eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt)
-            with self.timings("ddim"):
-                z = ddim_step(eps_hat, int(t), z, schedule)
-            if callback is not None:
-                callback(i, int(t))
+        with self._text_pinned(text):
+            for i, t in enumerate(schedule.timesteps):
+                eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt)
+                with self.timings("ddim"):
+                    z = ddim_step(eps_hat, int(t), z, schedule)
+                if callback is not None:
+                    callback(i, int(t))
         return z
 
     def invert_latents(self, latents: np.ndarray, steps: int, use_vgt: bool = True,
                        callback: StepCallback | None = None) -> np.ndarray:
-        """DDIM inversion of clean latents: empty prompt, no guidance, ascending timesteps."""
+        """DDIM inversion of clean latents: empty prompt, no guidance, ascending timesteps.
+
+        A VGT trained with ``vgt.source`` gets ``latents`` as its source, as in training."""
         schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
         uncond = self.encode_text([""])
-        z = np.ascontiguousarray(latents, dtype=np.float32)
-        for i, t in enumerate(schedule.timesteps[::-1]):
-            eps_hat, _, _ = self.predict_noise(z, int(t), uncond, None, use_vgt)
-            with self.timings("ddim"):
-                z = ddim_inversion_step(eps_hat, int(t), z, schedule)
-            if callback is not None:
-                callback(i, int(t))
+        source = np.ascontiguousarray(latents, dtype=np.float32)
+        z = source
+        with self._text_pinned(uncond):
+            for i, t in enumerate(schedule.timesteps[::-1]):
+                eps_hat, _, _ = self.predict_noise(z, int(t), uncond, None, use_vgt, source)
+                with self.timings("ddim"):
+                    z = ddim_inversion_step(eps_hat, int(t), z, schedule)
+                if callback is not None:
+                    callback(i, int(t))
         return z
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

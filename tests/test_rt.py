@@ -471,20 +471,24 @@ def test_tokenizer_folder_errors(tmp_path):
 
 
 class NumpyRunner:
-    """A runner over a NumPy function, with the manifest's checks."""
+    """A runner over a NumPy function, with the manifest's checks and ``set_constant``."""
 
     backend = "numpy"
 
     def __init__(self, spec: NetworkSpec, fn):
-        self.spec, self.fn, self.calls = spec, fn, []
+        self.spec, self.fn, self.calls, self.constants = spec, fn, [], {}
 
     def set_constant(self, name, value):
-        raise NotImplementedError
+        if value is None:
+            self.constants.pop(name, None)
+        else:
+            self.constants[name] = value
 
     def run(self, feeds):
-        self.spec.check_feeds(feeds)
-        self.calls.append({k: v.shape for k, v in feeds.items()})
-        return {self.spec.output_names[0]: self.fn(**feeds)}
+        merged = {**self.constants, **feeds}
+        self.spec.check_feeds(merged)
+        self.calls.append({k: v.shape for k, v in merged.items()} | {"fed": sorted(feeds)})
+        return {self.spec.output_names[0]: self.fn(**merged)}
 
     def close(self):
         pass
@@ -527,7 +531,22 @@ def test_loop_matches_direct_computation(fake_engine):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     unet, vgt = engine.runners["unet"], engine.runners["vgt"]
     assert unet.calls[0]["sample"] == (2, C, 4, LAT, LAT) and len(unet.calls) == 10
+    assert unet.calls[0]["fed"] == ["sample", "timestep"]  # text given once per loop
+    assert not unet.constants  # and taken back after it
     assert vgt.calls[0]["sample"] == (1, C, 4, LAT, LAT) and len(vgt.calls) == 5  # once per step
+
+
+def test_loop_splits_the_guidance_batch_when_the_profile_says_so(engine_copy):
+    edit_manifest(engine_copy, lambda d: d["networks"]["unet"]["profile"].update(batch=[1, 1, 1]))
+    nets = FakeNets(0, vocab=600)
+    engine = numpy_engine(engine_copy, nets)
+    text = engine.encode_text(["", "a man is skiing"])
+    start = engine.manifest.load_start_latent()
+    np.testing.assert_allclose(engine.sample(start, text, 3, 4.0), direct_ddim(start, text, 3, 4.0, nets),
+                               rtol=0, atol=1e-5)
+    calls = engine.runners["unet"].calls
+    assert len(calls) == 6 and all(c["sample"][0] == 1 and "encoder_hidden_states" in c["fed"]
+                                   for c in calls)
 
 
 def test_loop_matches_torch_reference_sampler(fake_engine):
@@ -552,6 +571,74 @@ def test_loop_matches_torch_reference_sampler(fake_engine):
     want_inv = ddim_invert(unet, vgt, torch.from_numpy(start), uncond, engine.manifest.scheduler, 6).numpy()
     np.testing.assert_allclose(engine.invert_latents(start, 6), want_inv, rtol=0, atol=1e-5)
     assert engine.runners["unet"].calls[-1]["sample"][0] == 1  # inversion: batch 1, no guidance
+
+
+def test_vgt_with_source_input(engine_copy):
+    """A VGT trained with vgt.source gets the clean latent when inverting; generate refuses."""
+    def add_source(d):
+        vgt = d["networks"]["vgt"]
+        vgt["inputs"].append(_tensor("source", "float32", ["batch", C, "frames", LAT, LAT]))
+    edit_manifest(engine_copy, add_source)
+    nets = FakeNets(0, vocab=600)
+    engine = numpy_engine(engine_copy, nets)
+    seen = []
+    engine.runners["vgt"].fn = lambda sample, timestep, source: seen.append(source) or nets.vgt(sample, timestep)
+    start = engine.manifest.load_start_latent()
+    engine.invert_latents(start, 2)
+    assert len(seen) == 2 and all(np.array_equal(s, start) for s in seen)
+    text = engine.encode_text(["", "x"])
+    with pytest.raises(InputError, match="reads the clean source latent"):
+        engine.sample(start, text, 2, 3.0)
+    engine.sample(start, text, 2, 3.0, use_vgt=False)
+
+
+def test_ort_cuda_path_keeps_constants_on_device(fake_engine, monkeypatch):
+    """The CUDA branch (I/O binding) with a stand-in binding: constants are uploaded once."""
+    import onnxruntime as ort
+
+    from apla_rt.runners import OrtRunner
+
+    m = Manifest.open(fake_engine)
+    runner = OrtRunner(m.network("unet"), m.network("unet").onnx)
+    uploads, session = [], runner.session
+
+    class Binding:
+        def __init__(self):
+            self.inputs, self.outputs = {}, []
+
+        def bind_ortvalue_input(self, name, value):
+            self.inputs[name] = value
+
+        def bind_cpu_input(self, name, value):
+            self.inputs[name] = value
+
+        def bind_output(self, name, device, device_id):
+            assert device == "cuda"
+            self.outputs.append(name)
+
+        def copy_outputs_to_cpu(self):
+            return session.run(self.outputs, self.inputs)
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding):
+            pass
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy",
+                        staticmethod(lambda value, device, index: uploads.append(device) or value))
+    runner.session, runner.device = Session(), "cuda"
+    text = np.random.default_rng(0).standard_normal((2, SEQ, HIDDEN)).astype(np.float32)
+    runner.set_constant("encoder_hidden_states", text)
+    feeds = {"sample": np.ones((2, C, 3, LAT, LAT), np.float32), "timestep": np.array([5, 5])}
+    for _ in range(3):
+        out = runner.run(feeds)["noise_pred"]
+    assert uploads == ["cuda"]
+    np.testing.assert_allclose(out, FakeNets.unet(feeds["sample"], feeds["timestep"], text), atol=1e-6)
+    runner.set_constant("encoder_hidden_states", text * 2)
+    runner.run(feeds)
+    assert uploads == ["cuda", "cuda"]
 
 
 def test_onnx_runtime_engine_matches_numpy(fake_engine):
@@ -728,13 +815,30 @@ def test_timings_table():
 # --------------------------------------------------------------------------- a real exported run
 
 
+TINY_ARGS = ["--prompt", "a man is skiing", "--model", "tiny", "--steps", "6", "--frames", "4",
+             "--size", "32", "--set", "loss.adv_start=2", "--set", "sample.steps=2",
+             "--set", "sample.inversion_steps=2", "--quiet"]
+
+
 @pytest.fixture(scope="session")
-def exported(tiny_run, tmp_path_factory):
-    """The session's tiny trained run (conftest), exported to ONNX once: (run, engine folder)."""
+def exported(request, tmp_path_factory):
+    """A tiny trained run (the session's ``tiny_run`` where conftest has it), exported to ONNX
+    once: (run, engine folder)."""
     pytest.importorskip("torch")
     from export.pipeline import export_run
 
-    run, _ = tiny_run
+    try:
+        run, _ = request.getfixturevalue("tiny_run")
+    except pytest.FixtureLookupError:
+        from click.testing import CliRunner
+        from conftest import clip_path
+
+        from apla_train.cli import main as train_main
+
+        run = tmp_path_factory.mktemp("rt-run") / "run"
+        result = CliRunner().invoke(train_main, [str(clip_path("man-skiing.mp4")), "--out", str(run),
+                                                 *TINY_ARGS])
+        assert result.exit_code == 0, result.output
     out = tmp_path_factory.mktemp("exported") / "engine"
     export_run(run, out, backend="onnx", log=lambda m: None)
     return run, out
@@ -800,11 +904,11 @@ def test_exported_vgt_contribution_is_small_but_nonzero(exported):
 
 
 @pytest.mark.slow
-def test_exported_invert_round_trip(exported, skiing):
+def test_exported_invert_round_trip(exported):
     """Inverting the training clip gives the run's start latent (same predictor, same steps)."""
     run, folder = exported
     cfg = json.loads((run / "config.json").read_text())
-    result = invert(skiing, folder, steps=cfg["sample"]["inversion_steps"], threads=2)
+    result = invert(cfg["video"], folder, steps=cfg["sample"]["inversion_steps"], threads=2)
     want = np.load(run / "start_latent.npy")
     assert result.latent.shape == want.shape
     diff = float(np.abs(result.latent - want).max())

@@ -1,0 +1,198 @@
+"""PyTorch reference sampler vs the NumPy/ONNX Runtime runtime on the same run.
+
+    python benchmarks/rt_vs_torch.py --run runs/ski --engine-dir engines/ski [--frames F]
+        [--steps N] [--guidance G] [--seed S] [--threads 2] [--json]
+
+Both samplers start from the same latent (the engine folder's inverted start latent, or
+seeded Gaussian noise when ``--frames`` differs from its frame count), with the same prompt,
+steps and guidance, and each runs in its own subprocess so that each one's peak RSS is its
+own (``getrusage(RUSAGE_SELF)`` in the child). torch threads = ONNX Runtime intra-op threads
+= ``--threads``. Timed: text encoding + the DDIM loop + decoding (``*_s``); model loading
+is reported separately (``*_load_s``). The runtime child never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def worker_torch(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from apla_train import checkpoint as ckpt
+    from apla_train.components import encode_prompts
+    from apla_train.config import from_dict
+    from apla_train.sampling import ddim_sample, decode_video
+    from apla_train.train import apply_checkpoint, build_models
+
+    started = time.perf_counter()
+    run = Path(args.run)
+    cfg = from_dict(json.loads((run / "config.json").read_text())).validate()
+    components, vgt = build_models(cfg, run)
+    last = ckpt.latest_checkpoint(run)
+    if last is None:
+        raise SystemExit(f"{run} has no checkpoint")
+    apply_checkpoint(components, vgt, last, cfg.model.trainable)
+    components.unet.eval()
+    if vgt is not None:
+        vgt.eval()
+    load_s = time.perf_counter() - started
+
+    start = torch.from_numpy(np.load(args.start))
+    started = time.perf_counter()
+    with torch.no_grad():
+        text = torch.cat([encode_prompts(components, [args.negative_prompt]),
+                          encode_prompts(components, [args.prompt])])
+        z = ddim_sample(components.unet, vgt, start, text, components.scheduler, args.steps,
+                        args.guidance)
+        frames = decode_video(components.codec, z)
+    sample_s = time.perf_counter() - started
+    np.save(args.latents, z.numpy())
+    np.save(args.frames_out, frames)
+    return {"load_s": load_s, "sample_s": sample_s, "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_rt(args: argparse.Namespace) -> dict:
+    for name in ("torch", "apla_train", "export"):
+        sys.modules[name] = None  # type: ignore[assignment]  # prove the runtime needs none
+    from apla_rt.pipeline import generate
+
+    result = generate(args.engine_dir, args.prompt, latent=args.start, steps=args.steps,
+                      guidance=args.guidance, negative_prompt=args.negative_prompt,
+                      backend="ort", threads=args.threads)
+    np.save(args.latents, result.latents)
+    np.save(args.frames_out, result.frames)
+    load_s = result.timings.seconds["load"]
+    return {"load_s": load_s, "sample_s": result.timings.total - load_s,
+            "peak_rss_mib": _peak_rss_mib(), "stages": result.timings.as_dict(),
+            "backend": result.backend}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _child(kind: str, args: argparse.Namespace, tmp: Path, start: Path) -> dict:
+    out = tmp / f"{kind}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--run", str(args.run),
+           "--engine-dir", str(args.engine_dir), "--steps", str(args.steps),
+           "--guidance", repr(args.guidance), "--threads", str(args.threads),
+           "--prompt", args.prompt, "--negative-prompt", args.negative_prompt,
+           "--start", str(start), "--latents", str(tmp / f"{kind}.npy"),
+           "--frames-out", str(tmp / f"{kind}-frames.npy"), "--result", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"the {kind} worker failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    result["process_wall_s"] = wall
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="training run folder")
+    p.add_argument("--engine-dir", required=True, type=Path, help="its exported engine folder")
+    p.add_argument("--frames", type=int, help="frames (default: the start latent's)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed when --frames differs")
+    p.add_argument("--prompt", default=None, help="prompt (default: the training prompt)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--threads", type=int, default=2, help="torch threads = ORT intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=["torch", "rt"], help=argparse.SUPPRESS)
+    for hidden in ("--start", "--latents", "--frames-out", "--result"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = (worker_torch if args.worker == "torch" else worker_rt)(args)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    from apla_rt.manifest import Manifest
+
+    manifest = Manifest.open(args.engine_dir)
+    defaults = manifest.data.get("sample_defaults") or {}
+    args.steps = args.steps or int(defaults.get("steps", 50))
+    args.guidance = args.guidance if args.guidance is not None else float(defaults.get("guidance", 12.5))
+    args.prompt = args.prompt if args.prompt is not None else manifest.prompt
+    with tempfile.TemporaryDirectory(prefix="rt-vs-torch-") as name:
+        tmp = Path(name)
+        start_path = tmp / "start.npy"
+        shape = manifest.start_latent_shape()
+        if shape is not None and args.frames in (None, shape[2]):
+            start, origin = manifest.load_start_latent(), "the engine folder's start latent"
+        else:
+            frames = args.frames or manifest.frame_range()[1]
+            h, w = manifest.latent_size()
+            start = np.random.default_rng(args.seed).standard_normal(
+                (1, manifest.latent_channels, frames, h, w)).astype(np.float32)
+            origin = f"Gaussian noise (seed {args.seed})"
+        np.save(start_path, start)
+        torch_r = _child("torch", args, tmp, start_path)
+        rt_r = _child("rt", args, tmp, start_path)
+        diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())
+        psnr = _psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
+
+    report = {
+        "torch_s": round(torch_r["sample_s"], 3), "rt_s": round(rt_r["sample_s"], 3),
+        "speedup": round(torch_r["sample_s"] / rt_r["sample_s"], 2),
+        "max_abs_latent_diff": diff, "frames_psnr_db": round(psnr, 2) if math.isfinite(psnr) else None,
+        "torch_load_s": round(torch_r["load_s"], 3), "rt_load_s": round(rt_r["load_s"], 3),
+        "torch_peak_rss_mib": round(torch_r["peak_rss_mib"], 1),
+        "rt_peak_rss_mib": round(rt_r["peak_rss_mib"], 1),
+        "torch_process_s": round(torch_r["process_wall_s"], 2),
+        "rt_process_s": round(rt_r["process_wall_s"], 2),
+        "rt_stages_s": rt_r["stages"], "rt_backend": rt_r["backend"],
+        "frames": int(start.shape[2]), "latent": list(start.shape), "start": origin,
+        "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
+        "prompt": args.prompt,
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{args.steps} DDIM steps, guidance {args.guidance:g}, latent {list(start.shape)} from "
+          f"{origin}, {args.threads} threads each")
+    print(f"{'':24} {'torch':>10} {'apla-rt':>10}")
+    print(f"{'sample (text+loop+VAE) s':24} {report['torch_s']:>10.3f} {report['rt_s']:>10.3f}")
+    print(f"{'load s':24} {report['torch_load_s']:>10.3f} {report['rt_load_s']:>10.3f}")
+    print(f"{'process wall s':24} {report['torch_process_s']:>10.2f} {report['rt_process_s']:>10.2f}")
+    print(f"{'peak RSS MiB':24} {report['torch_peak_rss_mib']:>10.1f} {report['rt_peak_rss_mib']:>10.1f}")
+    print(f"speedup (sample): {report['speedup']:.2f}x; max |latent diff| {diff:.3g}; "
+          f"frames PSNR {psnr:.2f} dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
