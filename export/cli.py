@@ -34,9 +34,11 @@ def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, th
             if value is not None and not 1 <= value <= 1024:
                 raise AplaError(f"{name} must be between 1 and 1024 (got {value})")
         import torch
+        from transformers.utils import logging as hf_logging
 
         from .pipeline import export_run
 
+        hf_logging.disable_progress_bar()  # its per-file load bars are noise on stderr
         if threads:
             torch.set_num_threads(threads)
         out = out or Path("engines") / run.resolve().name

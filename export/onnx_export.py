@@ -12,7 +12,13 @@ import torch
 from .networks import NetworkSpec
 
 OPSET = 17
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
 TWO_GB = 2 * 1024**3
+
+
+def onnx_opset(dynamo: bool, opset: int = OPSET) -> int:
+    """The opset the exporter writes: ``opset``, raised to the dynamo exporter's minimum."""
+    return max(opset, DYNAMO_MIN_OPSET) if dynamo else opset
 
 
 def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bool = False,
@@ -36,7 +42,7 @@ def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bo
             for t, a in zip(spec.inputs, args):
                 dims[t.name] = {i: torch.export.Dim(d, min=1) for i, d in enumerate(t.dims) if isinstance(d, str)}
             torch.onnx.export(module, args, str(tmp), input_names=names_in, output_names=names_out,
-                              opset_version=max(opset, 18), dynamo=True, dynamic_shapes=dims,
+                              opset_version=onnx_opset(True, opset), dynamo=True, dynamic_shapes=dims,
                               external_data=True)
         else:
             torch.onnx.export(module, args, str(tmp), input_names=names_in, output_names=names_out,

@@ -25,7 +25,7 @@ from apla_rt.atomic import atomic_dir, check_writable
 from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
 
 from .networks import network_specs
-from .onnx_export import OPSET, export_onnx, graph_io
+from .onnx_export import export_onnx, graph_io, onnx_opset
 from .validate import validate_network
 
 FORMAT = "apla-engines"
@@ -63,7 +63,13 @@ def load_run(run: Path):
 
     if not (run / "config.json").is_file():
         raise InputError(f"--run {run} is not a training run folder (no config.json)")
-    cfg = from_dict(json.loads((run / "config.json").read_text())).validate()
+    try:
+        data = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"--run {run}: cannot read config.json ({err})") from err
+    if not isinstance(data, dict):
+        raise InputError(f"--run {run}: config.json is not a config (expected a JSON object)")
+    cfg = from_dict(data).validate()
     last = ckpt.latest_checkpoint(run)
     if last is None:
         raise InputError(f"--run {run} has no complete checkpoint yet; train it first")
@@ -86,14 +92,14 @@ def frame_profile(cfg, frames_min: int | None, frames_opt: int | None, frames_ma
     return fmin, fopt, fmax
 
 
-def _versions() -> dict[str, str]:
+def _versions(opset: int) -> dict[str, str]:
     import onnx
     import onnxruntime
 
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-           "onnxruntime": onnxruntime.__version__, "opset": str(OPSET)}
+           "onnxruntime": onnxruntime.__version__, "opset": str(opset)}
     for pkg in ("apla", "diffusers", "transformers", "polygraphy"):
         try:
             out[pkg] = version(pkg)
@@ -109,6 +115,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
     run, out = Path(run), Path(out)
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"unknown backend {backend!r} (auto, onnx or trt)")
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        raise InputError(f"--out {out} would replace the run folder {run}; choose another --out")
     check_writable(out, force)
     trt_reason = None
     if backend in ("auto", "trt"):
@@ -179,7 +187,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             "checkpoint": last.name,
             "checkpoint_sha256": sha256_file(last / "model.safetensors"),
             "config": cfg.to_dict(),
-            "versions": _versions(),
+            "versions": _versions(onnx_opset(dynamo)),
         }
         if trt_reason is None and backend in ("auto", "trt"):
             from .trt import build_all
