@@ -197,7 +197,7 @@ def _gif_frames(path: Path) -> _Frames:
                 frame.load()
             except StopIteration:
                 return
-            except (OSError, ValueError, EOFError):
+            except (OSError, ValueError, EOFError, IndexError):  # Pillow: IndexError on a cut-off file
                 yield _Damaged()
                 return
             yield partial(_rgb, frame)  # called before the next frame is decoded

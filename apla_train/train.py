@@ -34,7 +34,7 @@ from apla_rt.schedule import alphas_cumprod
 from apla_rt.video import read_video, write_video
 
 from . import checkpoint as ckpt
-from .components import (Components, build_tiny, byte_level_clip_tokenizer, encode_prompts,
+from .components import (SUBFOLDERS, Components, build_tiny, byte_level_clip_tokenizer, encode_prompts,
                          load_pretrained, save_components, tokenize)
 from .config import AplaConfig, from_dict
 from .discriminator import Discriminator
@@ -172,6 +172,17 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             tokenize(byte_level_clip_tokenizer(Path(tmp)), [cfg.prompt])
+    else:
+        from transformers import CLIPTokenizer
+
+        root = Path(cfg.model.pretrained)
+        if not root.is_dir() or not all((root / s).is_dir() for s in SUBFOLDERS):
+            load_pretrained(root)  # raises its error naming what is missing
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load --pretrained {root}/tokenizer: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
+        tokenize(tokenizer, [cfg.prompt])
     return frames
 
 
@@ -229,6 +240,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     start_step = 0
     optimizers = {"generator": opt} | ({"discriminator": dopt} if dopt is not None else {})
     last = ckpt.latest_checkpoint(run) if resume else None
+    ckpt.remove_partials(run)  # a checkpoint half-written by a killed run is never used
     if last is not None:
         apply_checkpoint(components, vgt, last, cfg.model.trainable)
         start_step = ckpt.load_training_state(last, optimizers, disc, generator)
@@ -322,6 +334,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
             opt.step()
             opt.zero_grad(set_to_none=True)
             if adv_on:
+                dopt.zero_grad(set_to_none=True)  # L_adv's backward also reached D: drop it
                 with accelerator.autocast():
                     d_loss = discriminator_loss(disc, noise, eps_hat.detach().float())
                 accelerator.backward(d_loss)
