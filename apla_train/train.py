@@ -180,9 +180,12 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
             load_pretrained(root)  # raises its error naming what is missing
         try:
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot load --pretrained {root}/tokenizer: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
-        tokenize(tokenizer, [cfg.prompt])
+            n_tokens = len(tokenizer(cfg.prompt, verbose=False).input_ids)
+        except Exception as err:  # noqa: BLE001 - any failure here is the user's folder
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"cannot load --pretrained {root}/tokenizer: {reason}") from err
+        if n_tokens > tokenizer.model_max_length:
+            tokenize(tokenizer, [cfg.prompt])  # raises its "prompt is too long" error
     return frames
 
 
