@@ -60,8 +60,11 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
     try:
         import torch
 
+        from transformers.utils import logging as hf_logging
+
         from .train import train
 
+        hf_logging.disable_progress_bar()  # its per-file save/load bars are noise on stderr
         if threads is not None:
             if threads < 1:
                 raise AplaError("--threads must be at least 1")

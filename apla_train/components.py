@@ -155,7 +155,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Token ids (n, model_max_length); an over-long prompt is an error, not a silent cut."""
     max_len = tokenizer.model_max_length
     for p in prompts:
-        n = len(tokenizer(p).input_ids)
+        n = len(tokenizer(p, verbose=False).input_ids)  # verbose: no transformers warning
         if n > max_len:
             raise InputError(f"prompt is too long: {n} tokens, the text encoder takes {max_len} "
                              f"(including start and end): {p[:40]!r}...")
