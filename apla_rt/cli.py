@@ -64,7 +64,8 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps (1..1000).")
 @click.option("--guidance", type=float, default=12.5, show_default=True,
               help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (--from-noise).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Noise seed (--from-noise), 0 or more.")
 @click.option("--negative-prompt", default="", help="The unconditional prompt (default: empty).")
 @click.option("--no-vgt", is_flag=True, help="Leave out the VGT perturbation (Tune-A-Video).")
 @click.option("--from-noise", is_flag=True,

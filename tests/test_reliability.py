@@ -835,7 +835,7 @@ CASES = [
     rt_case("rt-guidance-nan", "--guidance must be a finite number", "--guidance", "nan"),
     rt_case("rt-fps-zero", "--fps must be in (0, 240]", "--fps", "0"),
     rt_case("rt-threads-zero", "--threads must be at least 1", "--threads", "0"),
-    rt_case("rt-seed-negative", "--seed", "--seed", "-1", "--from-noise"),
+    rt_case("rt-seed-negative", "--seed", "--seed", "-1", "--from-noise", usage=True),
     # apla-rt: prompt and options
     rt_case("rt-prompt-empty", "--prompt must not be empty", prompt=""),
     rt_case("rt-prompt-blank", "--prompt must not be empty", prompt="   "),
@@ -861,9 +861,7 @@ CASES = [
 ]
 
 # Known product bugs found by this table, owned by another module: expected to fail until fixed.
-KNOWN_BUGS = {
-    "rt-seed-negative": "apla-rt generate --seed -1 --from-noise raises numpy's ValueError (traceback)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _tensorrt_present() -> bool:
