@@ -39,7 +39,7 @@ def build_config(video: str, prompt: str, model: str | None, pretrained: str | N
 @click.option("--pretrained", type=click.Path(path_type=str), help="Stable Diffusion 1.x diffusers folder.")
 @click.option("--model", type=click.Choice(["tiny"]), help="Build the tiny CPU preset instead of --pretrained.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Run folder.")
-@click.option("--steps", type=int, help="Training steps.")
+@click.option("--steps", type=int, help="Training steps (with --resume: extend the run to this many).")
 @click.option("--frames", type=int, help="Frames sampled from the clip.")
 @click.option("--stride", type=int, help="Take every N-th frame.")
 @click.option("--start", type=int, help="First frame.")
@@ -85,7 +85,8 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
                      "train.seed": seed, "train.skip_nonfinite": skip_nonfinite}
             cfg = build_config(video, prompt.strip(), model, pretrained, config_file, overrides, flags)
         summary = train(cfg or AplaConfig(), out, resume=resume, force=force,
-                        log=lambda m: click.echo(m, err=True), progress=not quiet)
+                        log=lambda m: click.echo(m, err=True), progress=not quiet,
+                        steps=steps if resume else None)
     except AplaError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -99,9 +100,12 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
         click.echo("interrupted: the last complete checkpoint is kept; continue with --resume", err=True)
         sys.exit(130)
     if summary:
-        click.echo(f"run written to {out}: loss {summary['loss_first10']:.4f} (first 10 steps) -> "
-                   f"{summary['loss_last10']:.4f} (last 10); reconstruction PSNR "
-                   f"{summary['reconstruction_psnr_db']:.2f} dB; sample in {out / 'sample.mp4'}")
+        line = (f"run written to {out}: loss {summary['loss_first10']:.4f} (first 10 steps) -> "
+                f"{summary['loss_last10']:.4f} (last 10)")
+        if "reconstruction_psnr_db" in summary:
+            line += (f"; reconstruction PSNR {summary['reconstruction_psnr_db']:.2f} dB; "
+                     f"sample in {out / 'sample.mp4'}")
+        click.echo(line)
 
 
 if __name__ == "__main__":

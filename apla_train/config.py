@@ -159,7 +159,7 @@ def tiny_preset() -> dict[str, Any]:
         "vgt": {"dim": 64, "heads": 4, "patch": 2, "spatial_layers": 1, "temporal_layers": 1},
         "disc": {"hidden": [32, 64]},
         "loss": {"l_per": 0.0, "adv_start": 20},
-        "train": {"steps": 150, "lr": 1e-3, "vgt_lr": 1e-3, "checkpoint_every": 50},
+        "train": {"steps": 150, "lr": 1e-3, "vgt_lr": 1e-4, "checkpoint_every": 50},
         "sample": {"steps": 25, "inversion_steps": 25, "guidance": 3.0},
     }
 

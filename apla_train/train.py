@@ -38,7 +38,7 @@ from .components import (SUBFOLDERS, Components, build_tiny, byte_level_clip_tok
                          load_pretrained, save_components, tokenize)
 from .config import AplaConfig, from_dict
 from .discriminator import Discriminator
-from .losses import (discriminator_loss, generator_adv_loss, hyper_terms, load_lpips,
+from .losses import (default_lpips_weights, discriminator_loss, generator_adv_loss, hyper_terms, load_lpips,
                      perceptual_loss, perturbation_ratio)
 from .sampling import ddim_invert, ddim_sample, decode_video, encode_video, frames_to_tensor, psnr
 from .unet3d import is_trainable_name
@@ -127,8 +127,10 @@ def _write_json(path: Path, data: dict) -> None:
     atomic.write_text(path, json.dumps(data, indent=2) + "\n", force=True)
 
 
-def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool) -> AplaConfig:
-    """Create or reopen the run folder; with --resume the saved config is authoritative."""
+def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool,
+                steps: int | None = None) -> AplaConfig:
+    """Create or reopen the run folder; with --resume the saved config is authoritative,
+    except ``steps``, which may extend (never shorten below the last checkpoint) the run."""
     saved = run / "config.json"
     if resume:
         if not saved.is_file():
@@ -137,7 +139,15 @@ def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool) -> AplaCo
             data = json.loads(saved.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"--resume: {saved} is unreadable ({err}); start over with --force") from err
-        return from_dict(data).validate()
+        resumed = from_dict(data).validate()
+        if steps is not None and steps != resumed.train.steps:
+            last = ckpt.latest_checkpoint(run)
+            done = int(ckpt.read_state(last)["step"]) if last is not None else 0
+            if steps < done:
+                raise InputError(f"--steps {steps} is below the {done} steps this run has already done")
+            resumed.train.steps = steps
+            _write_json(saved, resumed.to_dict())
+        return resumed
     if run.exists() and not run.is_dir():
         raise InputError(f"--out {run} is a file, not a run folder; choose another --out")
     if run.exists() and any(run.iterdir()):
@@ -166,6 +176,14 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
     walk(cfg.to_dict(), "")
     if not -2**62 <= cfg.train.seed <= 2**62:
         raise ConfigError(f"train.seed must be between -2**62 and 2**62 (got {cfg.train.seed})")
+    if cfg.loss.l_per > 0:
+        weights = cfg.loss.lpips_weights or default_lpips_weights(cfg.loss.lpips_net)
+        if not Path(weights).is_file():
+            load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights)  # raises its one-line explanation
+    down = cfg.model.tiny_patch if cfg.model.preset == "tiny" else 8
+    if cfg.data.size % down or (cfg.vgt.kind != "none" and (cfg.data.size // down) % cfg.vgt.patch):
+        raise ConfigError(f"data.size {cfg.data.size} must be a multiple of {down} (the autoencoder's "
+                          f"downsampling) times vgt.patch {cfg.vgt.patch}")
     frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
                         n_frames=cfg.data.n_frames, size=cfg.data.size)
     if cfg.model.preset == "tiny":
@@ -190,14 +208,15 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
 
 
 def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = False,
-          log: Callable[[str], None] = print, progress: bool = True) -> dict:
+          log: Callable[[str], None] = print, progress: bool = True, steps: int | None = None) -> dict:
+    """Train (or with ``resume`` continue, optionally to ``steps``) the run in ``run``."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     run = Path(run)
     frames = None if resume else check_inputs(cfg)
     existed = run.is_dir()
-    cfg = prepare_run(cfg, run, resume, force)
+    cfg = prepare_run(cfg, run, resume, force, steps)
     started = time.time()
     if frames is None:
         frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
@@ -378,6 +397,9 @@ def finish_run(cfg, run, components, unet, vgt, latents, frames, cond, uncond, l
     start = ddim_invert(unet, vgt, latents, uncond, components.scheduler, cfg.sample.inversion_steps, source)
     np_start = start.float().cpu().numpy()
     atomic.write_file(run / "start_latent.npy", lambda p: np.save(p, np_start, allow_pickle=False), force=True)
+    if not cfg.sample.enabled:
+        log("sample.enabled is false: no sample video written")
+        return {"prompt": cfg.prompt, "frames": int(latents.shape[2])}
     text = torch.cat([uncond, cond])
     sample = ddim_sample(unet, vgt, start, text, components.scheduler, cfg.sample.steps,
                          cfg.sample.guidance, source)
