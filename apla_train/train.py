@@ -176,10 +176,6 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
     walk(cfg.to_dict(), "")
     if not -2**62 <= cfg.train.seed <= 2**62:
         raise ConfigError(f"train.seed must be between -2**62 and 2**62 (got {cfg.train.seed})")
-    if cfg.loss.l_per > 0:
-        weights = cfg.loss.lpips_weights or default_lpips_weights(cfg.loss.lpips_net)
-        if not Path(weights).is_file():
-            load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights)  # raises its one-line explanation
     down = cfg.model.tiny_patch if cfg.model.preset == "tiny" else 8
     if cfg.data.size % down or (cfg.vgt.kind != "none" and (cfg.data.size // down) % cfg.vgt.patch):
         raise ConfigError(f"data.size {cfg.data.size} must be a multiple of {down} (the autoencoder's "
@@ -204,6 +200,10 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
             raise InputError(f"cannot load --pretrained {root}/tokenizer: {reason}") from err
         if n_tokens > tokenizer.model_max_length:
             tokenize(tokenizer, [cfg.prompt])  # raises its "prompt is too long" error
+    if cfg.loss.l_per > 0:
+        weights = cfg.loss.lpips_weights or default_lpips_weights(cfg.loss.lpips_net)
+        if not Path(weights).is_file():
+            load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights)  # raises its one-line explanation
     return frames
 
 

@@ -748,7 +748,7 @@ CASES = [
     train_case("train-frames-absurd", "exceeds vgt.max_frames", "{clip}", "--frames", "5000"),
     train_case("train-size-zero", "data.size must be at least 1", "{clip}", "--size", "0"),
     train_case("train-size-absurd", "absurdly large", "{clip}", "--size", "100000"),
-    train_case("train-size-not-a-patch-multiple", "not a multiple of the patch size", "{clip}",
+    train_case("train-size-not-a-patch-multiple", "must be a multiple of 4 (the autoencoder's downsampling)", "{clip}",
                "--size", "30", out=("--out", "{w}/new-run")),
     train_case("train-stride-zero", "data.stride must be at least 1", "{clip}", "--stride", "0"),
     train_case("train-start-negative", "data.start must not be negative", "{clip}", "--start", "-1"),
@@ -860,10 +860,6 @@ CASES = [
                                              "--quiet"), "already exists; pass --force"),
 ]
 
-# Known product bugs found by this table, owned by another module: expected to fail until fixed.
-KNOWN_BUGS: dict[str, str] = {}
-
-
 def _tensorrt_present() -> bool:
     import importlib.util
 
@@ -871,11 +867,9 @@ def _tensorrt_present() -> bool:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, world: World, request):
+def test_bad_input(case: Case, world: World):
     if case.needs == "no-tensorrt" and _tensorrt_present():
         pytest.skip("TensorRT is installed here: the backend is available")
-    if case.id in KNOWN_BUGS:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_BUGS[case.id], strict=False))
     before = snapshot(world.root)
     result = CliRunner().invoke(cli_main(case.cli), [world.fmt(a) for a in case.args])
     after = snapshot(world.root)

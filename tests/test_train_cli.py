@@ -140,7 +140,7 @@ def test_bad_config_file(tiny, tmp_path):
     ("--frames", "0", "data.n_frames must be at least 1"),
     ("--size", "0", "data.size must be at least 1"),
     ("--size", "-32", "data.size must be at least 1"),
-    ("--size", "30", "not a multiple of the patch size 4"),
+    ("--size", "30", "must be a multiple of 4"),
     ("--stride", "0", "data.stride must be at least 1"),
     ("--start", "-1", "data.start must not be negative"),
     ("--threads", "0", "--threads must be at least 1"),
