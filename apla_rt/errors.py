@@ -5,6 +5,12 @@ Every error a user can cause (bad input, missing files, tampered artifacts) is a
 ``error: <message>`` and exit non-zero; anything else is a bug and keeps its traceback.
 """
 
+import errno
+
+# OSError numbers that mean "the machine could not store this" (full disk, quota, read-only,
+# permissions, file too large): the CLIs report them in one line; any other OSError is a bug.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
 
 class AplaError(Exception):
     """Base of every user-facing error; ``str(err)`` is a single line."""

@@ -16,17 +16,16 @@ else ONNX Runtime.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Mapping, Protocol
 
 import numpy as np
 
 from .errors import AplaError, BackendUnavailable, IntegrityError
+from .gpu import cuda_device_count, trt_available
 from .manifest import Manifest, NetworkSpec
 
 BACKENDS = ("auto", "ort", "trt")
-_TRT_HINT = "pip install tensorrt (or the wheel for your CUDA, e.g. tensorrt-cu12)"
 
 
 class Runner(Protocol):
@@ -67,48 +66,6 @@ class _ConstantsMixin:
 
 
 # --------------------------------------------------------------------------- availability
-
-
-def cuda_device_count() -> tuple[int, str]:
-    """CUDA devices visible through the driver API (libcuda), without torch or cudart."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return 0, "the NVIDIA driver library (libcuda) is not found"
-    try:
-        if lib.cuInit(0) != 0:
-            return 0, "cuInit failed"
-        count = ctypes.c_int(0)
-        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0, "cuDeviceGetCount failed"
-    except (AttributeError, OSError) as err:
-        return 0, f"the NVIDIA driver library cannot be used ({err})"
-    return int(count.value), ""
-
-
-def trt_available() -> tuple[bool, str]:
-    """Whether TensorRT imports, a CUDA GPU is visible and Polygraphy can load cudart."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, f"TensorRT is not installed ({_TRT_HINT})"
-    except Exception as err:  # a broken install: missing shared libraries, wrong CUDA
-        return False, f"TensorRT is installed but does not load ({type(err).__name__}: {err})"
-    count, why = cuda_device_count()
-    if count < 1:
-        return False, "no CUDA GPU is visible" + (f" ({why})" if why else "")
-    try:
-        from polygraphy import cuda
-
-        cuda.wrapper()
-    except Exception as err:  # Polygraphy's own exception type, or OSError from ctypes
-        return False, (f"the CUDA runtime library cannot be loaded ({type(err).__name__}); "
-                       "pip install nvidia-cuda-runtime-cu12")
-    return True, ""
 
 
 def ort_cuda_available() -> bool:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
 import click
 
-from apla_rt.errors import AplaError
+from apla_rt.errors import DISK_ERRORS, AplaError
 
 from .config import AplaConfig, from_dict, load_file, merge, parse_override, tiny_preset
 
@@ -91,7 +90,7 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+        if err.errno not in DISK_ERRORS:
             raise  # a write failure of the machine is not a bug; anything else is
         click.echo(f"error: could not write {err.filename or out}: {err.strerror}; the last complete "
                    f"checkpoint is kept (continue with --resume once there is room)", err=True)

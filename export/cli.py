@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
 import click
 
-from apla_rt.errors import AplaError
+from apla_rt.errors import DISK_ERRORS, AplaError
 
 # Write failures of the machine, not bugs: one error line, never a traceback.
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

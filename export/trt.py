@@ -19,7 +19,6 @@ which layers stay FP32, the comparison inputs, the summary) is a pure function.
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import os
 import re
@@ -30,6 +29,7 @@ import numpy as np
 
 from apla_rt.atomic import write_file
 from apla_rt.errors import BackendUnavailable, ConfigError, IntegrityError
+from apla_rt.gpu import trt_available
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -58,65 +58,11 @@ FP32_TOLERANCE = (1e-3, 1e-3)
 MAX_TIMESTEP = 999  # integer `timestep` inputs are drawn from [0, MAX_TIMESTEP]
 CLIP_VOCAB_SIZE = 49408  # `input_ids` range when the ONNX does not reveal its vocabulary
 
-_INSTALL_HINT = "pip install tensorrt, or the wheel for your CUDA such as tensorrt-cu12"
 
 Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- availability
-
-
-def _cuda_device_count() -> tuple[int, str]:
-    """Count CUDA devices through the driver API (libcuda), without torch or cudart."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return 0, "the NVIDIA driver library (libcuda) is not found"
-    try:
-        status = lib.cuInit(0)
-        if status != 0:
-            return 0, f"cuInit failed with CUDA driver error {status}"
-        count = ctypes.c_int(0)
-        status = lib.cuDeviceGetCount(ctypes.byref(count))
-        if status != 0:
-            return 0, f"cuDeviceGetCount failed with CUDA driver error {status}"
-    except (AttributeError, OSError) as err:
-        return 0, f"the NVIDIA driver library cannot be used: {err}"
-    return int(count.value), ""
-
-
-def _cudart_loadable() -> str:
-    """Empty when Polygraphy can load the CUDA runtime its TrtRunner uses, else why not."""
-    try:
-        from polygraphy import cuda
-
-        cuda.wrapper()
-    except Exception as err:  # Polygraphy raises its own exception type; OSError from ctypes
-        return (f"the CUDA runtime library (libcudart) cannot be loaded ({type(err).__name__}); "
-                "pip install nvidia-cuda-runtime-cu12")
-    return ""
-
-
-def trt_available() -> tuple[bool, str]:
-    """Whether TensorRT imports and a CUDA GPU is visible; else False and a one-line reason."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, f"TensorRT is not installed ({_INSTALL_HINT})"
-    except Exception as err:  # a broken install: missing shared libraries, wrong CUDA
-        message = " ".join(str(err).split())
-        return False, f"TensorRT is installed but does not load ({type(err).__name__}: {message})"
-    count, why = _cuda_device_count()
-    if count < 1:
-        return False, "no CUDA GPU is visible" + (f" ({why})" if why else "")
-    why = _cudart_loadable()
-    if why:
-        return False, why
-    return True, ""
 
 
 def require_trt() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import BackendUnavailable, ConfigError
+from apla_rt import gpu as G
 from export import trt as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,23 +322,23 @@ def test_trt_available_here():
 
 def test_trt_available_reasons(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
-    assert T.trt_available() == (False, f"TensorRT is not installed ({T._INSTALL_HINT})")
+    assert G.trt_available() == (False, f"TensorRT is not installed ({G.INSTALL_HINT})")
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
-    monkeypatch.setattr(T, "_cuda_device_count", lambda: (0, "libcuda is not found"))
-    assert T.trt_available() == (False, "no CUDA GPU is visible (libcuda is not found)")
-    monkeypatch.setattr(T, "_cuda_device_count", lambda: (0, ""))
-    assert T.trt_available() == (False, "no CUDA GPU is visible")
+    monkeypatch.setattr(G, "cuda_device_count", lambda: (0, "libcuda is not found"))
+    assert G.trt_available() == (False, "no CUDA GPU is visible (libcuda is not found)")
+    monkeypatch.setattr(G, "cuda_device_count", lambda: (0, ""))
+    assert G.trt_available() == (False, "no CUDA GPU is visible")
 
-    monkeypatch.setattr(T, "_cuda_device_count", lambda: (1, ""))
-    monkeypatch.setattr(T, "_cudart_loadable", lambda: "libcudart cannot be loaded")
-    assert T.trt_available() == (False, "libcudart cannot be loaded")
-    monkeypatch.setattr(T, "_cudart_loadable", lambda: "")
-    assert T.trt_available() == (True, "")
+    monkeypatch.setattr(G, "cuda_device_count", lambda: (1, ""))
+    monkeypatch.setattr(G, "cudart_loadable", lambda: "libcudart cannot be loaded")
+    assert G.trt_available() == (False, "libcudart cannot be loaded")
+    monkeypatch.setattr(G, "cudart_loadable", lambda: "")
+    assert G.trt_available() == (True, "")
 
 
 def test_cuda_device_count_never_raises():
-    count, why = T._cuda_device_count()
+    count, why = G.cuda_device_count()
     assert count >= 0 and (count > 0 or why)
 
 
