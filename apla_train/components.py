@@ -15,6 +15,7 @@ Two sources, one loading path:
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,8 @@ def tiny_unet2d_config() -> dict[str, Any]:
                 attention_head_dim=8, norm_num_groups=8)
 
 
-def build_tiny(frames: np.ndarray, patch: int, seed: int, folder: Path, temporal: bool = True) -> Components:
+def build_tiny(frames: np.ndarray, patch: int, seed: int, temporal: bool = True,
+               widths: tuple[int, ...] = (32, 64)) -> Components:
     """Random tiny UNet + text encoder (seeded), byte-level tokenizer, PCA autoencoder."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -199,8 +201,9 @@ def build_tiny(frames: np.ndarray, patch: int, seed: int, folder: Path, temporal
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        unet2d = UNet2DConditionModel(**tiny_unet2d_config())
-        tokenizer = byte_level_clip_tokenizer(folder / "tokenizer-src")
+        unet2d = UNet2DConditionModel(**{**tiny_unet2d_config(), "block_out_channels": tuple(widths)})
+        with tempfile.TemporaryDirectory() as src:  # vocab files only feed the constructor
+            tokenizer = byte_level_clip_tokenizer(Path(src))
         text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -37,6 +37,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trainable: Literal["tav", "all"] = "tav"  # tav: attn1.to_q, attn2.to_q, attn_temp
     tiny_patch: int = 4  # tiny preset: pixels per latent cell of the patch-PCA autoencoder
+    tiny_widths: tuple[int, ...] = (32, 64)  # tiny preset: UNet block widths (multiples of 8)
 
 
 @dataclass
@@ -140,6 +141,8 @@ class AplaConfig:
                 raise ConfigError(f"train.{key} must be positive")
         if self.sample.fps <= 0 or self.sample.fps > 240:
             raise ConfigError(f"sample.fps must be in (0, 240] (got {self.sample.fps})")
+        if len(self.model.tiny_widths) != 2 or any(w < 8 or w % 8 for w in self.model.tiny_widths):
+            raise ConfigError(f"model.tiny_widths must be two multiples of 8 (got {list(self.model.tiny_widths)})")
         if self.vgt.dim % self.vgt.heads:
             raise ConfigError(f"vgt.dim ({self.vgt.dim}) must be divisible by vgt.heads ({self.vgt.heads})")
         if self.data.n_frames > self.vgt.max_frames:

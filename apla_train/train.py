@@ -66,7 +66,8 @@ def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Com
         shutil.rmtree(tmp, ignore_errors=True)
         from safetensors import SafetensorError
         try:
-            save_components(build_tiny(frames, cfg.model.tiny_patch, cfg.train.seed, tmp), tmp)
+            save_components(build_tiny(frames, cfg.model.tiny_patch, cfg.train.seed,
+                                       widths=cfg.model.tiny_widths), tmp)
         except (OSError, SafetensorError) as err:  # a full disk, a read-only folder
             shutil.rmtree(tmp, ignore_errors=True)
             raise AplaError(f"could not write {base}: {getattr(err, 'strerror', None) or err}") from err

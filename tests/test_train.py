@@ -331,7 +331,7 @@ def test_loss_falls_when_overfitting_four_frames(skiing, tmp_path):
 
 def test_save_components_folder_trains_through_pretrained(skiing, tmp_path):
     frames = read_video(skiing, stride=2, n_frames=FRAMES, size=SIZE)
-    built = build_tiny(frames, patch=4, seed=7, folder=tmp_path / "scratch")
+    built = build_tiny(frames, patch=4, seed=7)
     folder = tmp_path / "tiny-sd"
     save_components(built, folder)
     loaded = load_pretrained(folder)
