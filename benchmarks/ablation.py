@@ -494,8 +494,9 @@ def reading(summary: dict, source: dict, results: list[dict]) -> list[str]:
     ratios = [e["ratio_sampling_mean"] for e in summary.values() if e["ratio_sampling_mean"]]
     lo, hi = (min(ratios), max(ratios)) if ratios else (0.0, 0.0)
     if ratios:
-        size = ("small (< 0.1), as the paper reports" if hi < 0.1 else
-                "NOT small: unlike the paper's report, the VGT's output here is comparable to the UNet's")
+        size = ("a few percent of the UNet's noise at most: small, as the paper reports" if hi < 0.05 else
+                f"up to {hi * 100:.0f} % of the UNet's noise: a perturbation, but larger than the 'tiny' the "
+                "paper reports" if hi < 0.5 else "comparable to the UNet's own output, unlike the paper's report")
         out.append(f"* The perturbation ratio ||delta|| / ||eps_theta|| during sampling is {_f(lo, 3)}..{_f(hi, 3)} "
                    f"(mean per VGT method): {size}.")
     edits = [(r["clip"], r["method"], _mean([v["metrics"]["psnr_vs_reconstruction"] for v in r["videos"][1:]]))
