@@ -94,6 +94,8 @@ class NetworkSpec:
     outputs: tuple[TensorSpec, ...]
     profile: Mapping[str, tuple[int, int, int]]
     tolerance: Mapping[str, Any] = field(default_factory=dict)
+    # the same network with ONNX Runtime's fused attention ops (preferred by the ORT runner)
+    onnx_ort: Path | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -178,7 +180,8 @@ class NetworkSpec:
         tolerance = entry.get("tolerance") or {}
         if not isinstance(tolerance, Mapping):
             raise _fail(f"networks.{name}.tolerance must be an object")
-        return cls(name, onnx, engine, external_data, inputs, outputs, profile, dict(tolerance))
+        onnx_ort = _optional_path(root, entry.get("onnx_ort"), f"networks.{name}.onnx_ort")
+        return cls(name, onnx, engine, external_data, inputs, outputs, profile, dict(tolerance), onnx_ort)
 
 
 def _profile(profile: Any, name: str) -> dict[str, tuple[int, int, int]]:
@@ -335,7 +338,7 @@ class Manifest:
         manifest = cls(root, data, networks, scheduler, float(factor), int(channels), int(down),
                        tokenizer_dir, int(max_len), start, prompt, dict(files))
         for spec in networks.values():
-            for path in (spec.onnx, spec.engine, *spec.external_data):
+            for path in (spec.onnx, spec.onnx_ort, spec.engine, *spec.external_data):
                 if path is not None:
                     manifest._listed(path)
         if start is not None:

@@ -107,19 +107,20 @@ def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None
         assert spec.engine is not None
         manifest.verify([spec.engine])
         return TrtRunner(spec, spec.engine)
-    if spec.onnx is None:
+    onnx = spec.onnx_ort or spec.onnx  # the fused-attention flavour where the export wrote one
+    if onnx is None:
         raise BackendUnavailable(f"the engine folder has no ONNX file for {name}; use --backend trt")
-    manifest.verify(_onnx_files(manifest, spec.onnx))
-    return OrtRunner(spec, spec.onnx, device="cuda" if ort_cuda_available() else "cpu",
-                     threads=threads)
+    manifest.verify(_onnx_files(manifest, spec))
+    return OrtRunner(spec, onnx, device="cuda" if ort_cuda_available() else "cpu", threads=threads)
 
 
-def _onnx_files(manifest: Manifest, onnx: Path) -> list[str]:
-    """The ONNX file and its external data (listed, or named after it: ``unet.onnx.data``)."""
-    rel = manifest.rel(onnx)
-    spec = next(s for s in manifest.networks.values() if s.onnx == onnx)
+def _onnx_files(manifest: Manifest, spec: NetworkSpec) -> list[str]:
+    """Every ONNX file of the network (both flavours) and their external data (listed, or
+    named after them: ``unet.onnx.data``): a tampered file in the folder is refused even if
+    this backend would not load it."""
+    rels = [manifest.rel(p) for p in (spec.onnx, spec.onnx_ort) if p is not None]
     listed = {manifest.rel(p) for p in spec.external_data}
-    return [f for f in manifest.files if f.startswith(rel) or f in listed]
+    return [f for f in manifest.files if f in listed or any(f.startswith(r) for r in rels)]
 
 
 # --------------------------------------------------------------------------- ONNX Runtime

@@ -53,26 +53,50 @@ def group_norm_over_frames(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> 
     return _fold(y)
 
 
-def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    b, n, d = x.shape
-    return x.reshape(b, n, attn.heads, d // attn.heads).transpose(1, 2)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention on (b, n, heads*d) projections -> (b, n, heads*d)."""
+    def split(t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        return t.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+class FusedAttention(torch.autograd.Function):
+    """SDPA in PyTorch; exported as ONNX Runtime's fused ``com.microsoft.MultiHeadAttention``.
+
+    Only used for the ONNX Runtime flavour of the export (``fused_attention=True``): the
+    decomposed graph materialises every (queries x keys) score matrix, which at 32x32
+    latents costs gigabytes and most of the time on CPU; the fused kernel does not.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int, scale: float):  # noqa: D401 - autograd API
+        return _sdpa(q, k, v, heads, scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int, scale: float):
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
 
 
 def attention(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
-              keys: torch.Tensor | None = None) -> torch.Tensor:
+              keys: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Multi-head attention with a diffusers ``Attention``'s projections.
 
     ``keys`` (already projected input for k/v, by token) overrides ``context``; it is how
-    sparse-causal attention supplies frames 0 and i-1.
+    sparse-causal attention supplies frames 0 and i-1. ``fused`` only changes how the
+    attention is exported to ONNX (see ``FusedAttention``), never the result.
     """
     q = attn.to_q(x)
     src = x if context is None else context
     k = attn.to_k(src) if keys is None else attn.to_k(keys)
     v = attn.to_v(src) if keys is None else attn.to_v(keys)
-    out = F.scaled_dot_product_attention(_heads(attn, q), _heads(attn, k), _heads(attn, v),
-                                         scale=attn.scale)
-    b, h, n, d = out.shape
-    out = out.transpose(1, 2).reshape(b, n, h * d)
+    if fused and torch.onnx.is_in_onnx_export():
+        out = FusedAttention.apply(q, k, v, int(attn.heads), float(attn.scale))
+    else:
+        out = _sdpa(q, k, v, int(attn.heads), float(attn.scale))
     return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -137,19 +161,21 @@ class UNet3DConditionModel(nn.Module):
             x = resnet.conv_shortcut(x)
         return (x + h) / resnet.output_scale_factor
 
-    def _block(self, block: nn.Module, x: torch.Tensor, text: torch.Tensor, frames: int) -> torch.Tensor:
+    def _block(self, block: nn.Module, x: torch.Tensor, text: torch.Tensor, frames: int,
+               fused: bool = False) -> torch.Tensor:
         h = block.norm1(x)
-        x = attention(block.attn1, h, keys=sparse_causal_keys(h, frames)) + x
-        x = attention(block.attn2, block.norm2(x), context=text) + x
+        x = attention(block.attn1, h, keys=sparse_causal_keys(h, frames), fused=fused) + x
+        x = attention(block.attn2, block.norm2(x), context=text, fused=fused) + x
         x = block.ff(block.norm3(x)) + x
         if self.temporal:
             bf, n, d = x.shape
             t = x.reshape(bf // frames, frames, n, d).transpose(1, 2).reshape(-1, frames, d)
-            t = attention(block.attn_temp, block.norm_temp(t)) + t
+            t = attention(block.attn_temp, block.norm_temp(t), fused=fused) + t
             x = t.reshape(bf // frames, n, frames, d).transpose(1, 2).reshape(bf, n, d)
         return x
 
-    def _transformer(self, tr: nn.Module, x: torch.Tensor, text: torch.Tensor, frames: int) -> torch.Tensor:
+    def _transformer(self, tr: nn.Module, x: torch.Tensor, text: torch.Tensor, frames: int,
+                     fused: bool = False) -> torch.Tensor:
         bf, _, h, w = x.shape
         residual = x
         x = tr.norm(x)
@@ -163,7 +189,7 @@ class UNet3DConditionModel(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(self._block, block, x, text, frames, use_reentrant=False)
             else:
-                x = self._block(block, x, text, frames)
+                x = self._block(block, x, text, frames, fused)
         if tr.use_linear_projection:
             x = tr.proj_out(x)
         x = x.reshape(bf, h, w, -1).permute(0, 3, 1, 2)
@@ -179,7 +205,8 @@ class UNet3DConditionModel(nn.Module):
     # -- forward ---------------------------------------------------------------------
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor, fused_attention: bool = False) -> torch.Tensor:
+        """``fused_attention`` exports attention as ONNX Runtime's fused op (same result)."""
         frames = sample.shape[2]
         up_factor = 2 ** sum(1 for block in self.up_blocks if block.upsamplers)
         forward_upsample_size = any(s % up_factor for s in sample.shape[-2:])
@@ -196,7 +223,7 @@ class UNet3DConditionModel(nn.Module):
             for resnet, attn in zip(block.resnets, attns):
                 x = self._res(resnet, x, temb, frames)
                 if attn is not None:
-                    x = self._transformer(attn, x, text, frames)
+                    x = self._transformer(attn, x, text, frames, fused_attention)
                 skips.append(x)
             for down in block.downsamplers or []:
                 x = down(x)
@@ -205,7 +232,7 @@ class UNet3DConditionModel(nn.Module):
         mid = self.mid_block
         x = self._res(mid.resnets[0], x, temb, frames)
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            x = self._transformer(attn, x, text, frames)
+            x = self._transformer(attn, x, text, frames, fused_attention)
             x = self._res(resnet, x, temb, frames)
 
         for i, block in enumerate(self.up_blocks):
@@ -217,7 +244,7 @@ class UNet3DConditionModel(nn.Module):
                 x = torch.cat([x, res.pop()], dim=1)
                 x = self._res(resnet, x, temb, frames)
                 if attn is not None:
-                    x = self._transformer(attn, x, text, frames)
+                    x = self._transformer(attn, x, text, frames, fused_attention)
             for up in block.upsamplers or []:
                 x = up(x, upsample_size)
 

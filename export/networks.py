@@ -23,12 +23,15 @@ class TextEncoder(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, unet: nn.Module):
+    """``fused_attention``: export attention as ONNX Runtime's fused op (the ORT flavour)."""
+
+    def __init__(self, unet: nn.Module, fused_attention: bool = False):
         super().__init__()
         self.unet = unet
+        self.fused_attention = fused_attention
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states)
+        return self.unet(sample, timestep, encoder_hidden_states, fused_attention=self.fused_attention)
 
 
 class VGT(nn.Module):
@@ -85,6 +88,9 @@ class NetworkSpec:
     tolerance: dict[str, float]  # ORT fp32 vs PyTorch: max_abs (and mean_abs)
     validate_at: list[dict[str, int]] = field(default_factory=list)  # dim sizes; first = traced
     make_input: Callable[[TensorSpec, tuple[int, ...], torch.Generator], torch.Tensor] | None = None
+    # an ONNX Runtime flavour of the same network (fused com.microsoft attention), exported
+    # next to the portable ONNX that TensorRT builds from
+    ort_module: nn.Module | None = None
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {}
@@ -142,7 +148,8 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
                     {"max_abs": 1e-4 if not big else 2e-3},
                     [{"batch": 2, "frames": fopt, "height": h, "width": h},
                      {"batch": 1, "frames": other, "height": h, "width": h},
-                     {"batch": 2, "frames": other2, "height": h, "width": h}], make),
+                     {"batch": 2, "frames": other2, "height": h, "width": h}], make,
+                    ort_module=UNet(components.unet, fused_attention=True)),
     ]
     if vgt is not None:
         vgt_inputs = [TensorSpec("sample", "float32", ["batch", c, "frames", h, h]),

@@ -22,12 +22,13 @@ def onnx_opset(dynamo: bool, opset: int = OPSET) -> int:
 
 
 def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bool = False,
-                opset: int = OPSET) -> list[Path]:
-    """Trace ``spec.module`` at ``sizes`` and write ``path`` (+ external data over 2 GB).
+                opset: int = OPSET, ort_flavour: bool = False) -> list[Path]:
+    """Trace ``spec.module`` (``spec.ort_module`` with ``ort_flavour``) at ``sizes`` and
+    write ``path`` (+ external data over 2 GB).
 
     Returns the files written (the .onnx and, for large models, its .data file).
     """
-    module = spec.module.eval()
+    module = (spec.ort_module if ort_flavour else spec.module).eval()
     args = spec.example(sizes)
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
@@ -37,7 +38,7 @@ def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bo
     tmp = tmp_dir / "model.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo:
+        if dynamo and not ort_flavour:  # the fused-attention symbolic is TorchScript's
             dims = {}
             for t, a in zip(spec.inputs, args):
                 dims[t.name] = {i: torch.export.Dim(d, min=1) for i, d in enumerate(t.dims) if isinstance(d, str)}
@@ -47,7 +48,8 @@ def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bo
         else:
             torch.onnx.export(module, args, str(tmp), input_names=names_in, output_names=names_out,
                               opset_version=opset, dynamo=False, dynamic_axes=spec.dynamic_axes(),
-                              do_constant_folding=True)
+                              do_constant_folding=True,
+                              custom_opsets={"com.microsoft": 1} if ort_flavour else None)
     model = onnx.load(str(tmp), load_external_data=True)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     model = clean_graph(model)

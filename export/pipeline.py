@@ -108,6 +108,15 @@ def _versions(opset: int) -> dict[str, str]:
     return out
 
 
+def _check_graph_io(spec, path: Path) -> None:
+    """The graph's inputs/outputs carry exactly the contract's names and dims."""
+    io = graph_io(path)
+    for t in spec.inputs + spec.outputs:
+        got = io["inputs" if t in spec.inputs else "outputs"].get(t.name)
+        if got is None or [d if isinstance(d, str) else int(d) for d in t.dims] != got:
+            raise IntegrityError(f"{spec.name}: ONNX tensor {t.name} has dims {got}, expected {t.dims}")
+
+
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, backend: str = "auto",
                frames_min: int | None = None, frames_opt: int | None = None, frames_max: int | None = None,
                force: bool = False, dynamo: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -135,28 +144,34 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
     with export_lock(out), atomic_dir(out, force=force) as tmp:
         networks, report = {}, {"networks": {}, "frames_profile": list(frames)}
         for spec in specs:
-            started = time.time()
-            files = export_onnx(spec, spec.validate_at[0], tmp / f"{spec.name}.onnx", dynamo=dynamo)
-            export_s = time.time() - started
-            io = graph_io(files[0])
-            for t in spec.inputs + spec.outputs:
-                got = io["inputs" if t in spec.inputs else "outputs"].get(t.name)
-                if got is None or [d if isinstance(d, str) else int(d) for d in t.dims] != got:
-                    raise IntegrityError(f"{spec.name}: ONNX tensor {t.name} has dims {got}, "
-                                         f"expected {t.dims}")
-            result = validate_network(spec, files[0], threads)
-            result["export_seconds"] = round(export_s, 2)
-            report["networks"][spec.name] = result
-            worst = max(c["max_abs"] for c in result["checks"])
-            shapes = sorted({tuple(sorted(c["shape"].items())) for c in result["checks"]})
-            log(f"{spec.name:13s} exported in {export_s:5.1f} s; ORT vs PyTorch max abs {worst:.2e} "
-                f"(tolerance {spec.tolerance['max_abs']:.0e}) at {len(shapes)} shapes: "
-                f"{'ok' if result['passed'] else 'FAILED'}")
-            networks[spec.name] = {
-                "onnx": files[0].name, "external_data": [f.name for f in files[1:]], "engine": None,
-                "inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs],
-                "profile": spec.profile, "tolerance": spec.tolerance,
-            }
+            flavours = [("", False)] + ([(".ort", True)] if spec.ort_module is not None else [])
+            entry: dict = {}
+            for suffix, ort_flavour in flavours:
+                label = spec.name + suffix
+                started = time.time()
+                files = export_onnx(spec, spec.validate_at[0], tmp / f"{label}.onnx", dynamo=dynamo,
+                                    ort_flavour=ort_flavour)
+                export_s = time.time() - started
+                _check_graph_io(spec, files[0])
+                result = validate_network(spec, files[0], threads)
+                result["export_seconds"] = round(export_s, 2)
+                report["networks"][label] = result
+                worst = max(c["max_abs"] for c in result["checks"])
+                shapes = sorted({tuple(sorted(c["shape"].items())) for c in result["checks"]})
+                log(f"{label:13s} exported in {export_s:5.1f} s; ORT vs PyTorch max abs {worst:.2e} "
+                    f"(tolerance {spec.tolerance['max_abs']:.0e}) at {len(shapes)} shapes: "
+                    f"{'ok' if result['passed'] else 'FAILED'}")
+                if ort_flavour:
+                    entry["onnx_ort"] = files[0].name
+                    entry["external_data"] += [f.name for f in files[1:]]
+                else:
+                    entry.update({
+                        "onnx": files[0].name, "external_data": [f.name for f in files[1:]], "engine": None,
+                        "inputs": [t.to_dict() for t in spec.inputs],
+                        "outputs": [t.to_dict() for t in spec.outputs],
+                        "profile": spec.profile, "tolerance": spec.tolerance,
+                    })
+            networks[spec.name] = entry
         (tmp / "validation.json").write_text(json.dumps(report, indent=2))
         failed = [n for n, r in report["networks"].items() if not r["passed"]]
         if failed:
