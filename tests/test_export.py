@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -725,3 +726,25 @@ def test_backend_trt_fp16_builds_checked_engines(ski_run, tmp_path):
         assert entry["engine"] == f"{name}.plan" and (out / entry["engine"]).is_file()
         assert manifest["files"][entry["engine"]] == sha256(out / entry["engine"])
         assert entry["trt_check"]["passed"] is True
+
+
+def test_unet_has_a_portable_onnx_and_a_fused_attention_onnx_runtime_flavour(ski_engines, torch_side):
+    """unet.onnx uses only standard ops (what TensorRT parses); unet.ort.onnx replaces every
+    attention by ONNX Runtime's fused MultiHeadAttention and computes the same thing."""
+    out, manifest, _ = ski_engines
+    entry = manifest["networks"]["unet"]
+    assert entry["onnx"] == "unet.onnx" and entry["onnx_ort"] == "unet.ort.onnx"
+    portable = onnx.load(str(out / "unet.onnx"))
+    fused = onnx.load(str(out / "unet.ort.onnx"))
+    assert {o.domain for o in portable.opset_import} <= {"", "ai.onnx"}
+    assert all(n.domain in ("", "ai.onnx") for n in portable.graph.node)
+    n_blocks = sum(1 for _ in torch_side[1].unet.transformer_blocks())
+    mha = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == 3 * n_blocks and all(n.domain == "com.microsoft" for n in mha)
+    assert not any(n.op_type == "Softmax" for n in fused.graph.node)
+    feeds = {"sample": np.random.default_rng(0).standard_normal((2, 4, 3, 8, 8), dtype=np.float32),
+             "timestep": np.array([10, 900], dtype=np.int64),
+             "encoder_hidden_states": np.random.default_rng(1).standard_normal((2, 77, 32), dtype=np.float32)}
+    a = ort.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    b = ort.InferenceSession(str(out / "unet.ort.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.abs(a).max() > 1e-3 and np.abs(a - b).max() < 1e-4
