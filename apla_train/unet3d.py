@@ -78,7 +78,9 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, heads: int, scale: float):
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+        out.setType(q.type())  # (b, n, heads*d) like the queries: tells the exporter its shape
+        return out
 
 
 def attention(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
