@@ -123,7 +123,7 @@ class Codec(nn.Module):
 # Tokenizer and text
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -139,7 +139,7 @@ def byte_level_clip_tokenizer(folder: Path):
     """A CLIP tokenizer with no merges (one token per character), written offline."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_alphabet()
+    chars = byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

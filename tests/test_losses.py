@@ -102,13 +102,8 @@ def test_adversarial_losses_hand_checked():
 
 
 @pytest.fixture
-def hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(old)
+def hub_dir(empty_torch_hub):
+    return empty_torch_hub
 
 
 def test_load_lpips_missing_weights_is_a_clear_error(hub_dir):

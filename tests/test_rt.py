@@ -29,6 +29,7 @@ from apla_rt.runners import select_backend
 from apla_rt.schedule import DDIMSchedule, SchedulerConfig, alphas_cumprod, ddim_step
 from apla_rt.tokenizer import ClipTokenizer, build_clip_bpe
 from apla_rt.video import read_video
+from apla_train.components import byte_alphabet  # the same byte-level alphabet CLIP uses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,23 +41,13 @@ FRAMES = (1, 4, 6)
 # --------------------------------------------------------------------------- a tokenizer
 
 
-def _byte_alphabet() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out, extra = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            out.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in out]
-
-
 MERGES = [("s", "k"), ("sk", "i"), ("n", "g</w>"), ("i", "ng</w>"), ("m", "a"), ("ma", "n</w>"),
           ("t", "h"), ("th", "e</w>"), ("ski", "ing</w>")]
 
 
 def write_vocab_merges(folder: Path, merges=MERGES) -> dict[str, int]:
     """A CLIP-style vocab.json + merges.txt: the byte alphabet, with '</w>', and merges."""
-    chars = _byte_alphabet()
+    chars = byte_alphabet()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     vocab["<|startoftext|>"] = len(vocab)
