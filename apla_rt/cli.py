@@ -61,9 +61,9 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--prompt", required=True, help="What the video shows, e.g. 'a man is skiing'.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Video file: .mp4 or .gif.")
 @click.option("--frames", type=int, help="Frames to generate (default: the start latent's).")
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps (1..1000).")
-@click.option("--guidance", type=float, default=12.5, show_default=True,
-              help="Classifier-free guidance scale.")
+@click.option("--steps", type=int, help="DDIM steps, 1..1000 (default: the run's, 50 for SD runs).")
+@click.option("--guidance", type=float,
+              help="Classifier-free guidance scale (default: the run's, 12.5 for SD runs).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Noise seed (--from-noise), 0 or more.")
 @click.option("--negative-prompt", default="", help="The unconditional prompt (default: empty).")
@@ -78,8 +78,8 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @_user_errors
-def generate(engine_dir: Path, prompt: str, out: Path, frames: int | None, steps: int,
-             guidance: float, seed: int, negative_prompt: str, no_vgt: bool, from_noise: bool,
+def generate(engine_dir: Path, prompt: str, out: Path, frames: int | None, steps: int | None,
+             guidance: float | None, seed: int, negative_prompt: str, no_vgt: bool, from_noise: bool,
              latent: Path | None, backend: str, threads: int | None, fps: float | None,
              timings: bool, force: bool, quiet: bool) -> None:
     """Generate a video for --prompt with the model in --engine-dir."""
@@ -96,8 +96,8 @@ def generate(engine_dir: Path, prompt: str, out: Path, frames: int | None, steps
                           fps=fps, force=force, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {result.path}: {result.frames.shape[0]} frames of "
-                   f"{result.frames.shape[2]}x{result.frames.shape[1]}, {steps} steps, "
-                   f"guidance {guidance:g}, VGT {'on' if result.vgt else 'off'}, "
+                   f"{result.frames.shape[2]}x{result.frames.shape[1]}, {result.steps} steps, "
+                   f"guidance {result.guidance:g}, VGT {'on' if result.vgt else 'off'}, "
                    f"backend {result.backend}", err=True)
     if timings:
         click.echo(result.timings.table())

@@ -405,6 +405,14 @@ class Manifest:
         v = self.data.get("checkpoint_sha256")
         return v if isinstance(v, str) else None
 
+    def sample_default(self, key: str, fallback: float) -> float:
+        """The run's sampling setting ``key`` ("steps", "guidance"), else ``fallback``."""
+        defaults = self.data.get("sample_defaults")
+        value = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return type(fallback)(value)
+        return fallback
+
     @property
     def fps(self) -> float:
         """Frame rate for written videos: ``fps``, else ``sample_defaults.fps``, else the run

@@ -308,6 +308,8 @@ class GenerateResult:
     timings: Timings
     backend: str
     vgt: bool  # whether the VGT perturbation was added
+    steps: int = 0  # the DDIM steps and guidance actually used
+    guidance: float = 0.0
 
 
 def start_latent(manifest: Manifest, frames: int | None, seed: int, from_noise: bool,
@@ -350,14 +352,21 @@ def _progress(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None
 
 
 def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike | None = None, *,
-             frames: int | None = None, steps: int = 50, guidance: float = 12.5, seed: int = 0,
+             frames: int | None = None, steps: int | None = None, guidance: float | None = None,
+             seed: int = 0,
              negative_prompt: str = "", use_vgt: bool = True, from_noise: bool = False,
              latent: str | os.PathLike | None = None, backend: str = "auto",
              threads: int | None = None, fps: float | None = None, force: bool = False,
              progress: bool = False) -> GenerateResult:
-    """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif)."""
-    steps = check_steps(steps)
-    guidance = check_guidance(guidance)
+    """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif).
+
+    ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults`` in
+    the manifest: 50 steps and guidance 12.5 unless the run was configured otherwise).
+    """
+    if steps is not None:
+        steps = check_steps(steps)
+    if guidance is not None:
+        guidance = check_guidance(guidance)
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise InputError("--prompt and --negative-prompt must be text")
     if out is not None:
@@ -368,6 +377,9 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
     timings = Timings()
     with timings("load"):
         manifest = Manifest.open(engine_dir)
+        steps = check_steps(steps if steps is not None else manifest.sample_default("steps", 50))
+        guidance = check_guidance(guidance if guidance is not None
+                                  else manifest.sample_default("guidance", 12.5))
         start = start_latent(manifest, frames, seed, from_noise, latent)
     networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_decoder",)
     with Engine.open(manifest, backend, networks, threads, timings) as engine:
@@ -383,7 +395,7 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
             with timings("video write"):
                 path = write_video(out, video, fps=fps or manifest.fps, force=force)
         return GenerateResult(video, z, start, path, timings, engine.describe(),
-                              use_vgt and engine.has_vgt)
+                              use_vgt and engine.has_vgt, steps, guidance)
 
 
 # --------------------------------------------------------------------------- invert

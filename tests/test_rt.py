@@ -917,3 +917,15 @@ def test_exported_tampered_unet_is_refused(exported, tmp_path):
     (copy / "unet.ort.onnx").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match=r"unet\.ort\.onnx does not match its sha256"):
         generate(copy, "a man is skiing", steps=1)
+
+
+def test_generate_defaults_to_the_runs_sampling_settings(exported):
+    """Without --steps/--guidance the runtime samples as the run was configured to (the tiny
+    preset's guidance 3 rather than SD's 12.5, which burns a tiny model's video)."""
+    _, folder = exported
+    manifest = json.loads((folder / "manifest.json").read_text())
+    defaults = manifest["sample_defaults"]
+    result = generate(folder, "a man is skiing")
+    assert result.steps == defaults["steps"] and result.guidance == defaults["guidance"]
+    explicit = generate(folder, "a man is skiing", steps=1, guidance=7.5)
+    assert (explicit.steps, explicit.guidance) == (1, 7.5)
