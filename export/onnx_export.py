@@ -95,7 +95,7 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     del cleaned.opset_import[:]
     cleaned.opset_import.extend(model.opset_import)
     cleaned.ir_version = model.ir_version
-    if cleaned.ByteSize() < TWO_GB:
+    if _fits_proto(cleaned) and cleaned.ByteSize() < TWO_GB:  # protobuf refuses to size > 2 GB
         cleaned = onnx.shape_inference.infer_shapes(cleaned)
     return cleaned
 
