@@ -91,6 +91,9 @@ class NetworkSpec:
     # an ONNX Runtime flavour of the same network (fused com.microsoft attention), exported
     # next to the portable ONNX that TensorRT builds from
     ort_module: nn.Module | None = None
+    # shapes for validating the portable ONNX when it has an ort_module and the full shapes
+    # would not fit: its decomposed attention materialises (queries x keys) per head
+    portable_validate_at: list[dict[str, int]] | None = None
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {}
@@ -115,6 +118,21 @@ def default_input(vocab: int, max_t: int) -> Callable:
             return torch.rand(shape, generator=gen) * 2 - 1
         return torch.randn(shape, generator=gen)
     return make
+
+
+ATTENTION_BYTES_LIMIT = 2 * 1024**3
+
+
+def _small_unet_shapes(components, h: int, fmin: int, fmax: int) -> list[dict[str, int]] | None:
+    """Validation shapes for the portable UNet when the full ones would need more than
+    ``ATTENTION_BYTES_LIMIT`` for one sparse-causal score matrix (SD: 64x64 latents)."""
+    heads = max(int(b.attn1.heads) for b in components.unet.transformer_blocks())
+    per_frame = heads * (h * h) * (2 * h * h) * 4  # fp32 scores of one frame's attn1
+    if 2 * fmax * per_frame <= ATTENTION_BYTES_LIMIT:
+        return None
+    small = [max(fmin, min(fmax, n)) for n in (2, 3)]
+    return [{"batch": 1, "frames": small[0], "height": h, "width": h},
+            {"batch": 2, "frames": small[1], "height": h, "width": h}]
 
 
 def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[NetworkSpec]:
@@ -149,7 +167,8 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
                     [{"batch": 2, "frames": fopt, "height": h, "width": h},
                      {"batch": 1, "frames": other, "height": h, "width": h},
                      {"batch": 2, "frames": other2, "height": h, "width": h}], make,
-                    ort_module=UNet(components.unet, fused_attention=True)),
+                    ort_module=UNet(components.unet, fused_attention=True),
+                    portable_validate_at=_small_unet_shapes(components, h, fmin, fmax)),
     ]
     if vgt is not None:
         vgt_inputs = [TensorSpec("sample", "float32", ["batch", c, "frames", h, h]),

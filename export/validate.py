@@ -18,11 +18,13 @@ def ort_session(path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_network(spec: NetworkSpec, onnx_path, threads: int | None = None) -> dict:
-    """Compare at every ``spec.validate_at`` shape; NaN/Inf or an error over tolerance fails."""
+def validate_network(spec: NetworkSpec, onnx_path, threads: int | None = None,
+                     shapes: list[dict[str, int]] | None = None) -> dict:
+    """Compare at every shape of ``shapes`` (default ``spec.validate_at``, whose first is the
+    traced one); NaN/Inf or an error over tolerance fails."""
     session = ort_session(onnx_path, threads)
     checks = []
-    for i, sizes in enumerate(spec.validate_at):
+    for i, sizes in enumerate(shapes or spec.validate_at):
         args = spec.example(sizes, seed=100 + i)
         with torch.no_grad():
             ref = spec.module.eval()(*args)
@@ -37,7 +39,7 @@ def validate_network(spec: NetworkSpec, onnx_path, threads: int | None = None) -
             max_abs = float(err.max()) if finite else float("inf")
             mean_abs = float(err.mean()) if finite else float("inf")
             ok = finite and same_shape and max_abs <= spec.tolerance["max_abs"]
-            checks.append({"shape": dict(sizes), "traced": i == 0, "output": t.name,
+            checks.append({"shape": dict(sizes), "traced": sizes == spec.validate_at[0], "output": t.name,
                            "output_shape": list(o.shape), "max_abs": max_abs, "mean_abs": mean_abs,
                            "ref_abs_max": float(np.abs(r).max()), "finite": finite, "passed": ok})
     return {"network": spec.name, "tolerance": spec.tolerance, "checks": checks,
