@@ -383,7 +383,10 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     # -- after training: inversion, sample, summary ------------------------------------
     unet_eval = accelerator.unwrap_model(unet).eval()
     vgt_eval = accelerator.unwrap_model(vgt).eval() if vgt is not None else None
-    summary = finish_run(cfg, run, components, unet_eval, vgt_eval, latents, frames, cond, uncond, log)
+    # invert the posterior mean (what the exported VAE encoder and `apla-rt invert` compute);
+    # training above used posterior samples, as the spec says
+    mean_latents = encode_video(components.codec, frames).to(device)
+    summary = finish_run(cfg, run, components, unet_eval, vgt_eval, mean_latents, frames, cond, uncond, log)
     history = _read_losses(run / "metrics.jsonl")
     skipped = sum(1 for r in _read_metrics(run / "metrics.jsonl") if "skipped" in r)  # resumes included
     summary.update(steps=cfg.train.steps, skipped_nonfinite=skipped, train_seconds=round(train_s, 1),
