@@ -215,25 +215,35 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     from tqdm.auto import tqdm
 
     run = Path(run)
-    frames = None if resume else check_inputs(cfg)
-    existed = run.is_dir()
-    cfg = prepare_run(cfg, run, resume, force, steps)
+    # first, so that under `accelerate launch` only the main process sets the run folder up
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+    frames = None
+    if is_main:
+        frames = None if resume else check_inputs(cfg)
+        existed = run.is_dir()
+        cfg = prepare_run(cfg, run, resume, force, steps)
+    accelerator.wait_for_everyone()
+    if not is_main:  # the folder is the main process's now: reopen it as a resume does
+        cfg = prepare_run(cfg, run, True, False)
     started = time.time()
     if frames is None:
         frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
                             n_frames=cfg.data.n_frames, size=cfg.data.size)
-    try:
+    if is_main:
+        try:
+            components, vgt = build_models(cfg, run, frames)  # writes the tiny preset's base/
+        except AplaError:
+            if not resume:  # a config the models refuse (e.g. a size the patch does not divide)
+                import shutil
+                shutil.rmtree(run, ignore_errors=True)
+                if existed:
+                    run.mkdir()
+            raise
+    accelerator.wait_for_everyone()
+    if not is_main:
         components, vgt = build_models(cfg, run, frames)
-    except AplaError:
-        if not resume:  # a config the models refuse (e.g. a size the patch does not divide)
-            import shutil
-            shutil.rmtree(run, ignore_errors=True)
-            if existed:
-                run.mkdir()
-        raise
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    is_main = accelerator.is_main_process
 
     # -- models, data, optimisers ----------------------------------------------------
     unet = components.unet
@@ -263,14 +273,19 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     start_step = 0
     optimizers = {"generator": opt} | ({"discriminator": dopt} if dopt is not None else {})
     last = ckpt.latest_checkpoint(run) if resume else None
-    ckpt.remove_partials(run)  # a checkpoint half-written by a killed run is never used
+    if is_main:
+        ckpt.remove_partials(run)  # a checkpoint half-written by a killed run is never used
     if last is not None:
         apply_checkpoint(components, vgt, last, cfg.model.trainable)
         start_step = ckpt.load_training_state(last, optimizers, disc, generator)
+        if accelerator.process_index > 0:  # the saved RNG states are the main process's
+            generator.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
+            torch.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
         log(f"resumed from {last.relative_to(run)} (step {start_step})")
     elif resume:
         log("no checkpoint yet: starting from step 0")
-    _truncate_metrics(run / "metrics.jsonl", start_step)
+    if is_main:
+        _truncate_metrics(run / "metrics.jsonl", start_step)
 
     unet, opt = accelerator.prepare(unet, opt)
     if vgt is not None:
@@ -339,7 +354,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                 if adv_on:
                     terms["adv"] = generator_adv_loss(disc, eps_hat.float())
                     loss = loss + cfg.loss.l_adv * terms["adv"]
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(accelerator, loss):
                 if cfg.train.skip_nonfinite:
                     skip_step(step, t, "loss")
                     continue
@@ -418,6 +433,15 @@ def finish_run(cfg, run, components, unet, vgt, latents, frames, cond, uncond, l
             "autoencoder_psnr_db": round(autoencoder_psnr, 3),
             "frames": int(video.shape[0]), "size": int(video.shape[1]),
             "prompt": cfg.prompt, "guidance": cfg.sample.guidance, "sample_steps": cfg.sample.steps}
+
+
+def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process: all of them must skip or stop together
+    (a lone process leaving the step would hang the others in the gradient all-reduce)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.gather(bad)
+    return not bool(bad.max() > 0)
 
 
 def _nonfinite(run: Path, step: int, what: str) -> None:
