@@ -124,7 +124,7 @@ def save_checkpoint(run: Path, step: int, **kwargs: Any) -> Path:
 def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.Tensor],
                       vgt: torch.nn.Module | None, disc: torch.nn.Module | None,
                       optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                      config: dict[str, Any], keep: int) -> Path:
+                      config: dict[str, Any], keep: int, loss_scaler: dict | None = None) -> Path:
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +141,10 @@ def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.T
     save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optim.safetensors"))
     (tmp / "optim.json").write_text(json.dumps(opt_meta))
     save_file({"torch_cpu": torch.get_rng_state(), "data": generator.get_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, "config": config}, indent=2))
+    state = {"format": FORMAT, "step": step, "config": config}
+    if loss_scaler is not None:  # fp16 training: the GradScaler's scale and growth tracker
+        state["loss_scaler"] = loss_scaler
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)

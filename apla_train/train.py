@@ -91,7 +91,8 @@ def build_models(cfg: AplaConfig, run: Path, frames: np.ndarray | None = None) -
 def apply_checkpoint(components: Components, vgt, path: Path, mode: str) -> None:
     """Load a checkpoint's weights strictly: exactly the trainable UNet set and the VGT."""
     unet_w, vgt_w = ckpt.load_model_weights(path)
-    expected = {n for n, _ in components.unet.named_parameters() if is_trainable_name(n, mode)}
+    temporal = components.unet.temporal
+    expected = {n for n, _ in components.unet.named_parameters() if is_trainable_name(n, mode, temporal)}
     if set(unet_w) != expected:
         raise InputError(f"checkpoint {path} does not match the model: {len(set(unet_w) ^ expected)} "
                          f"UNet tensors differ (was it trained with another config?)")
@@ -111,7 +112,7 @@ def apply_checkpoint(components: Components, vgt, path: Path, mode: str) -> None
 def _trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     params = {}
     for name, p in unet.named_parameters():
-        train = is_trainable_name(name, mode)
+        train = is_trainable_name(name, mode, unet.temporal)
         p.requires_grad_(train)
         if train:
             params[name] = p
@@ -278,6 +279,9 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     if last is not None:
         apply_checkpoint(components, vgt, last, cfg.model.trainable)
         start_step = ckpt.load_training_state(last, optimizers, disc, generator)
+        scaler_state = ckpt.read_state(last).get("loss_scaler")
+        if accelerator.scaler is not None and scaler_state:
+            accelerator.scaler.load_state_dict(scaler_state)
         if accelerator.process_index > 0:  # the saved RNG states are the main process's
             generator.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
             torch.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
@@ -299,12 +303,14 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
 
     def save(step: int) -> Path:
         model = accelerator.unwrap_model(unet)
-        weights = {n: p for n, p in model.named_parameters() if is_trainable_name(n, cfg.model.trainable)}
+        weights = {n: p for n, p in model.named_parameters()
+                   if is_trainable_name(n, cfg.model.trainable, cfg.model.temporal)}
         return ckpt.save_checkpoint(run, step, unet_trainable=weights,
                                     vgt=accelerator.unwrap_model(vgt) if vgt is not None else None,
                                     disc=accelerator.unwrap_model(disc) if disc is not None else None,
                                     optimizers=optimizers, generator=generator,
-                                    config=cfg.to_dict(), keep=cfg.train.keep_checkpoints)
+                                    config=cfg.to_dict(), keep=cfg.train.keep_checkpoints,
+                                    loss_scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
 
     def record_step(record: dict) -> None:
         """One metrics line, then a checkpoint when one is due (skipped steps included)."""
@@ -370,6 +376,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                     continue
                 _nonfinite(run, step, "gradient")
             opt.step()
+            overflow = accelerator.scaler is not None and accelerator.optimizer_step_was_skipped
             opt.zero_grad(set_to_none=True)
             if adv_on:
                 dopt.zero_grad(set_to_none=True)  # L_adv's backward also reached D: drop it
@@ -380,6 +387,8 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                 dopt.zero_grad(set_to_none=True)
                 terms["disc"] = d_loss.detach()
             record = {"step": step + 1, "t": int(t), "loss": float(loss.detach())}
+            if overflow:  # fp16: the loss scaler found inf/NaN gradients and skipped the update
+                record["scaler_skipped"] = True
             record.update({k: float(v.detach()) for k, v in terms.items()})
             record["ratio"] = float(perturbation_ratio(delta.float(), eps_theta.float()))
             losses.append(record["loss"])

@@ -254,8 +254,13 @@ class UNet3DConditionModel(nn.Module):
         return _unfold(self.conv_out(x), frames)
 
 
-def is_trainable_name(name: str, mode: str = "tav") -> bool:
-    """Whether a parameter of the UNet is fine-tuned (spec section 2: the TAV subset)."""
+def is_trainable_name(name: str, mode: str = "tav", temporal: bool = True) -> bool:
+    """Whether a parameter of the UNet is fine-tuned (spec section 2: the TAV subset).
+
+    With the temporal branch off, its layers get no gradient and are not trained (DDP
+    would otherwise wait for their gradients forever)."""
+    if not temporal and any(f"{key}." in name for key in TEMPORAL_KEYS):
+        return False
     if mode == "all":
         return True
     module = name.rsplit(".", 1)[0]
