@@ -288,3 +288,14 @@ def test_unsupported_unet_is_a_config_error():
     with pytest.raises(ConfigError, match="AttnDownBlock2D"):
         UNet3DConditionModel(ref)
 
+
+
+def test_temporal_layers_are_not_trained_when_the_temporal_branch_is_off():
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn_temp.to_q.weight"
+    norm = "down_blocks.0.attentions.0.transformer_blocks.0.norm_temp.weight"
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert is_trainable_name(name) and is_trainable_name(norm, "all")
+    for mode in ("tav", "all"):
+        assert not is_trainable_name(name, mode, temporal=False)
+        assert not is_trainable_name(norm, mode, temporal=False)
+        assert is_trainable_name(q, mode, temporal=False)
