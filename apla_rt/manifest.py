@@ -252,6 +252,7 @@ class Manifest:
     prompt: str
     files: dict[str, str]
     _verified: set[str] = field(default_factory=set)
+    source_latent_path: Path | None = None  # the clean latent a vgt.source VGT reads
 
     # -- opening ------------------------------------------------------------------------
 
@@ -335,14 +336,17 @@ class Manifest:
         if not isinstance(prompt, str):
             raise _fail("'prompt' must be a string")
 
+        source = _optional_path(root, data.get("source_latent"), "source_latent")
         manifest = cls(root, data, networks, scheduler, float(factor), int(channels), int(down),
-                       tokenizer_dir, int(max_len), start, prompt, dict(files))
+                       tokenizer_dir, int(max_len), start, prompt, dict(files),
+                       source_latent_path=source)
         for spec in networks.values():
             for path in (spec.onnx, spec.onnx_ort, spec.engine, *spec.external_data):
                 if path is not None:
                     manifest._listed(path)
-        if start is not None:
-            manifest._listed(start)
+        for latent in (start, source):
+            if latent is not None:
+                manifest._listed(latent)
         return manifest
 
     # -- integrity ----------------------------------------------------------------------
@@ -475,6 +479,15 @@ class Manifest:
         self.verify([self.start_latent_path])
         return check_latent(load_npy(self.start_latent_path), self.latent_channels,
                             self.rel(self.start_latent_path))
+
+    def load_source_latent(self) -> np.ndarray:
+        """The clip's clean latent (1, c, f, h, w) for a VGT trained with ``vgt.source``."""
+        if self.source_latent_path is None:
+            raise InputError("this model's VGT reads the clean source latent (vgt.source) but the "
+                             "engine folder has none; re-export the run, or pass --no-vgt")
+        self.verify([self.source_latent_path])
+        return check_latent(load_npy(self.source_latent_path), self.latent_channels,
+                            self.rel(self.source_latent_path))
 
 
 def load_npy(path: Path) -> np.ndarray:

@@ -240,13 +240,15 @@ class Engine:
             runner.set_constant("encoder_hidden_states", None)
 
     def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float,
-               use_vgt: bool = True, callback: StepCallback | None = None) -> np.ndarray:
-        """DDIM (eta = 0) with classifier-free guidance from ``start`` (1, c, f, h, w)."""
+               use_vgt: bool = True, callback: StepCallback | None = None,
+               source: np.ndarray | None = None) -> np.ndarray:
+        """DDIM (eta = 0) with classifier-free guidance from ``start`` (1, c, f, h, w);
+        ``source`` is the clean latent a ``vgt.source`` VGT reads."""
         schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
         z = np.ascontiguousarray(start, dtype=np.float32)
         with self._text_pinned(text):
             for i, t in enumerate(schedule.timesteps):
-                eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt)
+                eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
                 with self.timings("ddim"):
                     z = ddim_step(eps_hat, int(t), z, schedule)
                 if callback is not None:
@@ -386,7 +388,14 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
         text = engine.encode_text([negative_prompt, prompt])
         callback, done = _progress(progress, steps, "sample")
         try:
-            z = engine.sample(start, text, steps, guidance, use_vgt, callback)
+            source = None
+            if use_vgt and engine.has_vgt and "source" in engine.runner("vgt").spec.input_names:
+                source = manifest.load_source_latent()
+                if source.shape != start.shape:
+                    raise InputError(f"this model's VGT reads the training clip's latent "
+                                     f"{list(source.shape)}; a start latent of {list(start.shape)} "
+                                     f"cannot use it: keep the clip's frame count or pass --no-vgt")
+            z = engine.sample(start, text, steps, guidance, use_vgt, callback, source)
         finally:
             done()
         video = engine.decode(z)

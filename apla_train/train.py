@@ -12,6 +12,7 @@ Run folder (``--out``)::
     checkpoints/       see checkpoint.py; resumed with --resume
     metrics.jsonl      one JSON line per step: every loss term, ratio ||delta||/||eps_theta||
     start_latent.npy   DDIM inversion of the training clip (empty prompt, the trained predictor)
+    source_latent.npy  vgt.source runs only: the clip's clean latent, which that VGT reads
     sample.mp4/.gif    the training prompt sampled from start_latent (reference sampler)
     summary.json       losses at start/end, PSNR of the reconstruction, timings
 """
@@ -425,6 +426,10 @@ def finish_run(cfg, run, components, unet, vgt, latents, frames, cond, uncond, l
     start = ddim_invert(unet, vgt, latents, uncond, components.scheduler, cfg.sample.inversion_steps, source)
     np_start = start.float().cpu().numpy()
     atomic.write_file(run / "start_latent.npy", lambda p: np.save(p, np_start, allow_pickle=False), force=True)
+    if source is not None:  # a VGT that reads the clean latent needs it at sampling time too
+        np_source = source.float().cpu().numpy()
+        atomic.write_file(run / "source_latent.npy", lambda p: np.save(p, np_source, allow_pickle=False),
+                          force=True)
     if not cfg.sample.enabled:
         log("sample.enabled is false: no sample video written")
         return {"prompt": cfg.prompt, "frames": int(latents.shape[2])}

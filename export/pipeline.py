@@ -188,6 +188,11 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             latent = np.load(run / "start_latent.npy", allow_pickle=False)
             np.save(tmp / "start_latent.npy", latent.astype(np.float32), allow_pickle=False)
             start_latent = "start_latent.npy"
+        source_latent = None
+        if cfg.vgt.source and (run / "source_latent.npy").is_file():
+            latent = np.load(run / "source_latent.npy", allow_pickle=False)
+            np.save(tmp / "source_latent.npy", latent.astype(np.float32), allow_pickle=False)
+            source_latent = "source_latent.npy"
         codec = components.codec
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -200,6 +205,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             "train_frames": cfg.data.n_frames,
             "tokenizer": {"dir": "tokenizer", "model_max_length": int(components.tokenizer.model_max_length)},
             "start_latent": start_latent,
+            "source_latent": source_latent,
             "prompt": cfg.prompt,
             "sample_defaults": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "fps": cfg.sample.fps},
             "vgt_source": bool(cfg.vgt.source),

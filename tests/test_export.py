@@ -478,6 +478,21 @@ def test_vgt_source_run_exports_a_vgt_with_a_source_input(auto_default_out_expor
     with torch.no_grad():
         ref = torch_vgt(*(torch.from_numpy(v) for v in feeds.values()))
     compare_with_torch(out, "vgt", feeds, ref, {"batch": 2, "frames": 6})
+    # the clean latent that VGT reads travels with the engine folder, and the runtime feeds it
+    from apla_rt.pipeline import generate
+    from apla_train.components import encode_prompts
+    from apla_train.sampling import ddim_sample
+
+    assert manifest["source_latent"] == "source_latent.npy"
+    source = np.load(out / "source_latent.npy")
+    start = np.load(out / "start_latent.npy")
+    assert source.shape == start.shape and not np.array_equal(source, start)
+    result = generate(out, "a man is skiing", steps=2, guidance=3.0)
+    _, components, _, _ = pipeline.load_run(source_run)
+    text = torch.cat([encode_prompts(components, [""]), encode_prompts(components, ["a man is skiing"])])
+    want = ddim_sample(components.unet, torch_vgt, torch.from_numpy(start), text, components.scheduler,
+                       2, 3.0, source=torch.from_numpy(source))
+    assert np.abs(result.latents - want.numpy()).max() < 1e-3
 
 
 # --------------------------------------------------------------------------- CLI: backends, --out
