@@ -167,6 +167,18 @@ def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool,
     return cfg
 
 
+def _vae_downsample(pretrained: str | None) -> int:
+    """Pixels per latent cell of a --pretrained folder's autoencoder (8 for SD 1.x's VAE)."""
+    try:
+        vae = json.loads((Path(pretrained) / "vae" / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return 8  # a missing or broken folder is reported by the checks that follow
+    if vae.get("_class_name") == "PatchPCAAutoencoder":
+        return int(vae.get("patch", 8))
+    blocks = vae.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+
+
 def check_inputs(cfg: AplaConfig) -> np.ndarray:
     """What a new run can check before its folder is touched (numbers, clip, prompt), so that
     bad input neither leaves a half-made run nor removes an old one under --force."""
@@ -179,7 +191,7 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
     walk(cfg.to_dict(), "")
     if not -2**62 <= cfg.train.seed <= 2**62:
         raise ConfigError(f"train.seed must be between -2**62 and 2**62 (got {cfg.train.seed})")
-    down = cfg.model.tiny_patch if cfg.model.preset == "tiny" else 8
+    down = cfg.model.tiny_patch if cfg.model.preset == "tiny" else _vae_downsample(cfg.model.pretrained)
     if cfg.data.size % down or (cfg.vgt.kind != "none" and (cfg.data.size // down) % cfg.vgt.patch):
         raise ConfigError(f"data.size {cfg.data.size} must be a multiple of {down} (the autoencoder's "
                           f"downsampling) times vgt.patch {cfg.vgt.patch}")
