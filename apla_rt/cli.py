@@ -170,7 +170,7 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
                f"offset {sched.steps_offset}")
     out.append("networks:")
     for name, spec in manifest.networks.items():
-        files = ", ".join(manifest.rel(p) for p in (spec.onnx, spec.engine) if p is not None)
+        files = ", ".join(manifest.rel(p) for p in (spec.onnx, spec.onnx_ort, spec.engine) if p is not None)
         out.append(f"  {name}  [{files}]")
         for t in spec.inputs:
             out.append(f"    in  {t.name:<22} {str(t.dtype):<8} {_dims(t.dims)}")
