@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,6 @@ def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Com
         if frames is None:
             raise InputError(f"run {run} has no base/ folder: it was not created by apla-train")
         tmp = run / ".base.partial"
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         from safetensors import SafetensorError
         try:
@@ -157,7 +157,6 @@ def prepare_run(cfg: AplaConfig, run: Path, resume: bool, force: bool,
         if not force:
             raise OutputExistsError(f"{run} already exists and is not empty; pass --resume to continue "
                                     f"it or --force to start over")
-        import shutil
         shutil.rmtree(run)
     try:
         run.mkdir(parents=True, exist_ok=True)
@@ -250,7 +249,6 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
             components, vgt = build_models(cfg, run, frames)  # writes the tiny preset's base/
         except AplaError:
             if not resume:  # a config the models refuse (e.g. a size the patch does not divide)
-                import shutil
                 shutil.rmtree(run, ignore_errors=True)
                 if existed:
                     run.mkdir()
@@ -343,7 +341,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
         record_step({"step": step + 1, "t": int(t), "skipped": what})
 
     # -- the loop --------------------------------------------------------------------
-    losses = []
+    params = list(trainable.values()) + (list(vgt.parameters()) if vgt is not None else [])
     bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                disable=not (progress and is_main), desc="train", dynamic_ncols=True)
     metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
@@ -379,7 +377,6 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                     continue
                 _nonfinite(run, step, "loss")
             accelerator.backward(loss)
-            params = list(trainable.values()) + (list(vgt.parameters()) if vgt is not None else [])
             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.grad_clip)
             # with fp16 loss scaling, overflowing gradients are expected: the scaler skips the step
             if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
@@ -404,7 +401,6 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                 record["scaler_skipped"] = True
             record.update({k: float(v.detach()) for k, v in terms.items()})
             record["ratio"] = float(perturbation_ratio(delta.float(), eps_theta.float()))
-            losses.append(record["loss"])
             bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "mse", "l1", "per", "adv", "ratio")
                              if k in record})
             record_step(record)
@@ -424,8 +420,9 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     # training above used posterior samples, as the spec says
     mean_latents = encode_video(components.codec, frames).to(device)
     summary = finish_run(cfg, run, components, unet_eval, vgt_eval, mean_latents, frames, cond, uncond, log)
-    history = _read_losses(run / "metrics.jsonl")
-    skipped = sum(1 for r in _read_metrics(run / "metrics.jsonl") if "skipped" in r)  # resumes included
+    records = _read_metrics(run / "metrics.jsonl")  # resumed runs included
+    history = [r["loss"] for r in records if "loss" in r]
+    skipped = sum(1 for r in records if "skipped" in r)
     summary.update(steps=cfg.train.steps, skipped_nonfinite=skipped, train_seconds=round(train_s, 1),
                    loss_first10=_mean(history[:10]), loss_last10=_mean(history[-10:]))
     _write_json(run / "summary.json", summary)
@@ -500,8 +497,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic.write_text(path, "".join(line + "\n" for line in keep), force=True)
 
 
-def _read_losses(path: Path) -> list[float]:
-    return [r["loss"] for r in _read_metrics(path) if "loss" in r]
 
 
 def _mean(xs: list[float]) -> float | None:

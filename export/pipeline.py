@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -226,9 +225,3 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             f"for ONNX Runtime")
     log(f"engine folder written to {out}")
     return manifest
-
-
-def remove_partial(out: Path) -> None:
-    """Remove leftovers of a killed export (hidden .partial siblings)."""
-    for p in out.parent.glob(f".{out.name}.*.partial"):
-        shutil.rmtree(p, ignore_errors=True)
