@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -645,6 +646,40 @@ def test_onnx_runtime_engine_matches_numpy(fake_engine):
     assert result.frames.shape == (4, LAT * PATCH, LAT * PATCH, 3)
     assert result.timings.calls["unet"] == 4 and result.timings.calls["vgt"] == 4
     assert result.timings.calls["text encoder"] == 1 and result.timings.seconds["unet"] > 0
+
+
+def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
+    """With 2+ CPU threads the UNet runs each guidance half as its own batch-1 call, both at
+    once on the one session (single-threaded pool); the result is the batch-2 call's."""
+    from apla_rt import runners
+
+    seen: list[tuple[int, int, int]] = []
+    meet = threading.Barrier(2, timeout=20)  # breaks (and fails the run) unless both halves overlap
+    real = runners.OrtRunner.run
+
+    def spy(self, feeds):
+        if self.spec.name == "unet":
+            seen.append((threading.get_ident(), feeds["sample"].shape[0],
+                         feeds.get("encoder_hidden_states", self._constants.get(
+                             "encoder_hidden_states")).shape[0]))
+            if feeds["sample"].shape[0] == 1:
+                meet.wait()
+        return real(self, feeds)
+
+    monkeypatch.setattr(runners.OrtRunner, "run", spy)
+    one = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=1)
+    assert [(b, t) for _, b, t in seen] == [(2, 2)] * 3  # one thread: one batch-2 call per step
+    seen.clear()
+    with Engine.open(fake_engine, "ort", ("unet",), threads=2) as engine:
+        assert engine.split_guidance
+        options = engine.runners["unet"].session.get_session_options()
+        assert options.intra_op_num_threads == 1  # + the second caller: 2 threads in all
+    two = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=2)
+    assert [(b, t) for _, b, t in seen] == [(1, 1)] * 6
+    assert len({tid for tid, _, _ in seen}) == 2
+    np.testing.assert_allclose(two.latents, one.latents, rtol=0, atol=1e-5)
+    assert np.abs(two.frames.astype(int) - one.frames).max() <= 1
+    assert two.timings.calls["unet"] == 3
 
 
 def test_decode_in_chunks_of_the_vae_profile(fake_engine, monkeypatch):
