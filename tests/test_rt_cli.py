@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_rt import make_engine_folder
+from rt_fakes import make_engine_folder
 
 from apla_rt.cli import main
 from apla_rt.video import read_video
