@@ -7,7 +7,7 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` in the run folder:
 | `model.safetensors` | `unet.<name>` for every *trainable* UNet parameter, `vgt.<name>` for the whole VGT |
 | `disc.safetensors` | the discriminator (absent when the adversarial term is off) |
 | `optim.safetensors` + `optim.json` | optimiser tensors / the rest of each optimiser's state_dict |
-| `rng.safetensors` | torch's global CPU RNG and the training data generator's state |
+| `rng.safetensors` | torch's global CPU RNG and the training data generator's state (`torch_cpu`, `data`); under `accelerate launch` also every other process's (`torch_cpu.rank1`, `data.rank1`, ...) |
 | `state.json` | `{"step": N, "format": 1, "config": {...}}` |
 
 It is written into a hidden ``.partial`` sibling, every file fsynced, then renamed into
@@ -124,7 +124,8 @@ def save_checkpoint(run: Path, step: int, **kwargs: Any) -> Path:
 def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.Tensor],
                       vgt: torch.nn.Module | None, disc: torch.nn.Module | None,
                       optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                      config: dict[str, Any], keep: int, loss_scaler: dict | None = None) -> Path:
+                      config: dict[str, Any], keep: int, loss_scaler: dict | None = None,
+                      other_ranks_rng: dict[str, torch.Tensor] | None = None) -> Path:
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,8 +141,10 @@ def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.T
     opt_meta = {name: _flatten_optimizer(opt.state_dict(), name, opt_tensors) for name, opt in optimizers.items()}
     save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optim.safetensors"))
     (tmp / "optim.json").write_text(json.dumps(opt_meta))
-    save_file({"torch_cpu": torch.get_rng_state(), "data": generator.get_state()}, str(tmp / "rng.safetensors"))
-    state = {"format": FORMAT, "step": step, "config": config}
+    rng = {"torch_cpu": torch.get_rng_state(), "data": generator.get_state(), **(other_ranks_rng or {})}
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+    state = {"format": FORMAT, "step": step, "config": config,
+             "processes": 1 + len(other_ranks_rng or {}) // 2}
     if loss_scaler is not None:  # fp16 training: the GradScaler's scale and growth tracker
         state["loss_scaler"] = loss_scaler
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -172,8 +175,17 @@ def load_model_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, t
     return unet, vgt
 
 
+def rank_rng_keys(rank: int) -> tuple[str, str]:
+    """The ``rng.safetensors`` keys of a process's (global torch RNG, data generator) states."""
+    return ("torch_cpu", "data") if rank == 0 else (f"torch_cpu.rank{rank}", f"data.rank{rank}")
+
+
 def load_training_state(ckpt: Path, optimizers: dict[str, torch.optim.Optimizer],
-                        disc: torch.nn.Module | None, generator: torch.Generator) -> int:
+                        disc: torch.nn.Module | None, generator: torch.Generator,
+                        rank: int = 0) -> tuple[int, bool]:
+    """Restore optimisers, discriminator and process ``rank``'s RNG states: (step, whether
+    the checkpoint held this rank's RNG states; a checkpoint written by fewer processes
+    does not)."""
     try:
         meta = json.loads((ckpt / "optim.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -185,6 +197,9 @@ def load_training_state(ckpt: Path, optimizers: dict[str, torch.optim.Optimizer]
     if disc is not None:
         disc.load_state_dict(load_file(str(ckpt / "disc.safetensors")), strict=True)
     rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    generator.set_state(rng["data"])
-    return int(read_state(ckpt)["step"])
+    global_key, data_key = rank_rng_keys(rank)
+    found = global_key in rng and data_key in rng
+    if found:
+        torch.set_rng_state(rng[global_key])
+        generator.set_state(rng[data_key])
+    return int(read_state(ckpt)["step"]), found

@@ -232,6 +232,8 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
     device = accelerator.device
     is_main = accelerator.is_main_process
+    if not is_main:  # one voice: the other processes' messages would repeat the main one's
+        log = _silent
     frames = None
     if is_main:
         frames = None if resume else check_inputs(cfg)
@@ -289,14 +291,17 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
         ckpt.remove_partials(run)  # a checkpoint half-written by a killed run is never used
     if last is not None:
         apply_checkpoint(components, vgt, last, cfg.model.trainable)
-        start_step = ckpt.load_training_state(last, optimizers, disc, generator)
+        start_step, restored = ckpt.load_training_state(last, optimizers, disc, generator,
+                                                        accelerator.process_index)
         scaler_state = ckpt.read_state(last).get("loss_scaler")
         if accelerator.scaler is not None and scaler_state:
             accelerator.scaler.load_state_dict(scaler_state)
-        if accelerator.process_index > 0:  # the saved RNG states are the main process's
+        if not restored:  # written by fewer processes: a fresh, step-dependent stream
             generator.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
             torch.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
-        log(f"resumed from {last.relative_to(run)} (step {start_step})")
+        log(f"resumed from {last.relative_to(run)} (step {start_step})"
+            + ("" if restored or not is_main else
+               "; it was written by fewer processes, so the others' random streams restart"))
     elif resume:
         log("no checkpoint yet: starting from step 0")
     if is_main:
@@ -312,7 +317,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     n_train = components.scheduler.num_train_timesteps
     source_frames = frames_to_tensor(frames).to(device)
 
-    def save(step: int) -> Path:
+    def save(step: int, other_ranks_rng: dict[str, torch.Tensor]) -> Path:
         model = accelerator.unwrap_model(unet)
         weights = {n: p for n, p in model.named_parameters()
                    if is_trainable_name(n, cfg.model.trainable, cfg.model.temporal)}
@@ -321,7 +326,8 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                                     disc=accelerator.unwrap_model(disc) if disc is not None else None,
                                     optimizers=optimizers, generator=generator,
                                     config=cfg.to_dict(), keep=cfg.train.keep_checkpoints,
-                                    loss_scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
+                                    loss_scaler=accelerator.scaler.state_dict() if accelerator.scaler else None,
+                                    other_ranks_rng=other_ranks_rng)
 
     def record_step(record: dict) -> None:
         """One metrics line, then a checkpoint when one is due (skipped steps included)."""
@@ -332,8 +338,10 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
             except OSError as err:
                 raise AplaError(f"could not write {run / 'metrics.jsonl'}: {err.strerror or err}") from err
         done = record["step"]
-        if is_main and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
-            save(done)
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            other_ranks_rng = _other_ranks_rng(accelerator, generator)  # every process calls it
+            if is_main:
+                save(done, other_ranks_rng)
 
     def skip_step(step: int, t: torch.Tensor, what: str) -> None:
         """--skip-nonfinite: no update; the step is logged as skipped (counted in summary.json)."""
@@ -456,6 +464,27 @@ def finish_run(cfg, run, components, unet, vgt, latents, frames, cond, uncond, l
             "autoencoder_psnr_db": round(autoencoder_psnr, 3),
             "frames": int(video.shape[0]), "size": int(video.shape[1]),
             "prompt": cfg.prompt, "guidance": cfg.sample.guidance, "sample_steps": cfg.sample.steps}
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _other_ranks_rng(accelerator, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The RNG states of the processes other than the main one, for its checkpoint, so that
+    each process resumes its own random stream. A collective: every process must call it;
+    the main process gets ``{"torch_cpu.rank1": ..., "data.rank1": ..., ...}``."""
+    if accelerator.num_processes == 1:
+        return {}
+    global_state, data_state = torch.get_rng_state(), generator.get_state()
+    mine = torch.cat([global_state, data_state]).to(accelerator.device)
+    everyone = accelerator.gather(mine).cpu().view(accelerator.num_processes, -1)
+    n = global_state.numel()
+    states: dict[str, torch.Tensor] = {}
+    for rank in range(1, accelerator.num_processes):
+        global_key, data_key = ckpt.rank_rng_keys(rank)
+        states[global_key], states[data_key] = everyone[rank, :n].clone(), everyone[rank, n:].clone()
+    return states
 
 
 def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:

@@ -253,7 +253,7 @@ def test_checkpoint_round_trip_is_exact(tiny_run, tmp_path):
 
     components, vgt, trainable, opts, disc, gen = fresh()
     apply_checkpoint(components, vgt, source, cfg.model.trainable)
-    assert ckpt.load_training_state(source, opts, disc, gen) == 6
+    assert ckpt.load_training_state(source, opts, disc, gen) == (6, True)
     rng_saved = torch.get_rng_state()
     out = ckpt.save_checkpoint(tmp_path, 6, unet_trainable=trainable, vgt=vgt, disc=disc, optimizers=opts,
                                generator=gen, config=cfg.to_dict(), keep=2)
