@@ -1,7 +1,7 @@
 """PyTorch reference sampler vs the NumPy/ONNX Runtime runtime on the same run.
 
     python benchmarks/rt_vs_torch.py --run runs/ski --engine-dir engines/ski [--frames F]
-        [--steps N] [--guidance G] [--seed S] [--threads 2] [--json]
+        [--steps N] [--guidance G] [--seed S] [--threads 2] [--repeat R] [--json]
 
 Both samplers start from the same latent (the engine folder's inverted start latent, or
 seeded Gaussian noise when ``--frames`` differs from its frame count), with the same prompt,
@@ -9,6 +9,10 @@ steps and guidance, and each runs in its own subprocess so that each one's peak 
 own (``getrusage(RUSAGE_SELF)`` in the child). torch threads = ONNX Runtime intra-op threads
 = ``--threads``. Timed: text encoding + the DDIM loop + decoding (``*_s``); model loading
 is reported separately (``*_load_s``). The runtime child never imports torch.
+
+``--repeat R`` runs the pair R times, alternating torch and runtime children, and reports
+the median of each figure (and every run's sample times under ``runs``): on a shared
+machine one pair can be 20-30 % off.
 """
 
 from __future__ import annotations
@@ -97,6 +101,16 @@ def worker_rt(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
+def _median(results) -> dict:
+    """Per-key median of the children's numeric figures; other keys from the first."""
+    results = list(results)
+    merged = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)):
+            merged[key] = float(np.median([r[key] for r in results]))
+    return merged
+
+
 def _child(kind: str, args: argparse.Namespace, tmp: Path, start: Path) -> dict:
     out = tmp / f"{kind}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--run", str(args.run),
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default=None, help="prompt (default: the training prompt)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--threads", type=int, default=2, help="torch threads = ORT intra-op threads")
+    p.add_argument("--repeat", type=int, default=1, help="run the pair R times; report medians")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     # worker mode (internal)
     p.add_argument("--worker", choices=["torch", "rt"], help=argparse.SUPPRESS)
@@ -160,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 (1, manifest.latent_channels, frames, h, w)).astype(np.float32)
             origin = f"Gaussian noise (seed {args.seed})"
         np.save(start_path, start)
-        torch_r = _child("torch", args, tmp, start_path)
-        rt_r = _child("rt", args, tmp, start_path)
+        if args.repeat < 1:
+            raise SystemExit("--repeat must be at least 1")
+        pairs = [(_child("torch", args, tmp, start_path), _child("rt", args, tmp, start_path))
+                 for _ in range(args.repeat)]
+        torch_r, rt_r = _median(p[0] for p in pairs), _median(p[1] for p in pairs)
         diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())
         psnr = _psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
 
@@ -174,23 +192,31 @@ def main(argv: list[str] | None = None) -> int:
         "rt_peak_rss_mib": round(rt_r["peak_rss_mib"], 1),
         "torch_process_s": round(torch_r["process_wall_s"], 2),
         "rt_process_s": round(rt_r["process_wall_s"], 2),
+        "process_speedup": round(torch_r["process_wall_s"] / rt_r["process_wall_s"], 2),
         "rt_stages_s": rt_r["stages"], "rt_backend": rt_r["backend"],
         "frames": int(start.shape[2]), "latent": list(start.shape), "start": origin,
         "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
-        "prompt": args.prompt,
+        "prompt": args.prompt, "repeat": args.repeat,
+        "runs": [{"torch_s": round(t["sample_s"], 3), "rt_s": round(r["sample_s"], 3)}
+                 for t, r in pairs],
     }
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"{args.steps} DDIM steps, guidance {args.guidance:g}, latent {list(start.shape)} from "
-          f"{origin}, {args.threads} threads each")
+          f"{origin}, {args.threads} threads each"
+          + (f", median of {args.repeat} runs" if args.repeat > 1 else ""))
     print(f"{'':24} {'torch':>10} {'apla-rt':>10}")
     print(f"{'sample (text+loop+VAE) s':24} {report['torch_s']:>10.3f} {report['rt_s']:>10.3f}")
     print(f"{'load s':24} {report['torch_load_s']:>10.3f} {report['rt_load_s']:>10.3f}")
-    print(f"{'process wall s':24} {report['torch_process_s']:>10.2f} {report['rt_process_s']:>10.2f}")
+    print(f"{'process wall s':24} {report['torch_process_s']:>10.2f} {report['rt_process_s']:>10.2f}"
+          f"   ({report['process_speedup']:.2f}x)")
     print(f"{'peak RSS MiB':24} {report['torch_peak_rss_mib']:>10.1f} {report['rt_peak_rss_mib']:>10.1f}")
     print(f"speedup (sample): {report['speedup']:.2f}x; max |latent diff| {diff:.3g}; "
           f"frames PSNR {psnr:.2f} dB")
+    if args.repeat > 1:
+        print("each run's sample s (torch / apla-rt): "
+              + ", ".join(f"{r['torch_s']:.2f} / {r['rt_s']:.2f}" for r in report["runs"]))
     return 0
 
 
