@@ -48,7 +48,8 @@ _backend = click.option("--backend", type=click.Choice(BACKENDS), default="auto"
                         help="auto: TensorRT when the folder has engines and a GPU is usable, "
                              "else ONNX Runtime.")
 _threads = click.option("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads (default: onnxruntime's).")
+                        help="CPU threads for ONNX Runtime (default: its own choice); with 2 "
+                             "or more, generate runs the UNet's two guidance halves side by side.")
 
 
 def _check_threads(threads: int | None) -> None:

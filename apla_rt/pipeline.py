@@ -3,7 +3,9 @@
     text   = TextEncoder(tokenize([negative prompt, prompt]))      once, batch 2 = [uncond, cond]
     z      = start latent (the manifest's inversion, a .npy, or seeded Gaussian noise)
     for t in DDIM timesteps (descending):
-        eps_u, eps_c = UNet([z, z], [t, t], text)                  one call on batch 2
+        eps_u, eps_c = UNet([z, z], [t, t], text)                  batch 2 (two batch-1 calls
+                                                                   side by side with --threads >= 2
+                                                                   on a CPU: Engine.split_guidance)
         delta        = VGT(z, t)                                   one call (0 with --no-vgt)
         eps          = eps_u + s (eps_c - eps_u) + delta
         z            = ddim_step(eps, t, z)                        float64 NumPy, apla_rt.schedule
@@ -123,51 +125,48 @@ class Engine:
     runners: dict[str, Runner] = field(default_factory=dict)
     _tokenizer: ClipTokenizer | None = None
     _pinned_text: np.ndarray | None = None
+    guidance_batch: bool = True  # the UNet will run on guidance batches of 2 (generate)
     _halves: ThreadPoolExecutor | None = None  # see ``split_guidance``
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike | Manifest, backend: str = "auto",
              networks: tuple[str, ...] = ("text_encoder", "unet", "vgt", "vae_decoder"),
-             threads: int | None = None, timings: Timings | None = None) -> "Engine":
-        """Open ``networks`` (those the folder has; vgt is optional) with ``backend``."""
+             threads: int | None = None, timings: Timings | None = None,
+             guidance_batch: bool = True) -> "Engine":
+        """Open ``networks`` (those the folder has; vgt is optional) with ``backend``;
+        ``guidance_batch=False`` where the UNet only ever runs on batch 1 (inversion)."""
         timings = timings or Timings()
         with timings("load"):
             manifest = engine_dir if isinstance(engine_dir, Manifest) else Manifest.open(engine_dir)
             present = tuple(n for n in networks if manifest.has(n) or n != "vgt")
             chosen, why = select_backend(backend, manifest, present)
-            engine = cls(manifest, chosen, why, threads, timings)
-            for name in present:
-                engine.runner(name)
+            engine = cls(manifest, chosen, why, threads, timings, guidance_batch=guidance_batch)
+        for name in present:
+            engine.runner(name)  # times its own loading
         return engine
 
     def runner(self, name: str) -> Runner:
         if name not in self.runners:
             threads = self.threads
             if name == "unet" and self.split_guidance:
-                threads = max(1, self.cpu_threads - 1)  # + the second caller = cpu_threads
+                assert threads is not None
+                threads = threads - 1  # + the second caller = ``threads`` in all
             with self.timings("load"):
                 self.runners[name] = open_runner(self.manifest, name, self.backend, threads)
         return self.runners[name]
 
-    @property
-    def cpu_threads(self) -> int:
-        """The CPU threads the networks may use: ``threads``, else the cores this process may
-        run on."""
-        if self.threads is not None:
-            return self.threads
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
-
     @functools.cached_property
     def split_guidance(self) -> bool:
         """Run the guidance batch's two halves as two concurrent batch-1 UNet calls on the
-        one session instead of one batch-2 call: ONNX Runtime on a CPU with 2 or more threads.
-        Small ops parallelise poorly inside one call; two calls side by side keep the cores
-        busy (measured 13-15 % less UNet time at 2 threads, docs/benchmarks.md). The weights
-        are not duplicated: ONNX Runtime sessions may be run from several threads at once."""
-        return self.backend == "ort" and self.cpu_threads >= 2 and not ort_cuda_available()
+        one session instead of one batch-2 call: ONNX Runtime on a CPU with ``threads`` given
+        and at least 2 (the session's pool then has ``threads - 1``, the second caller makes
+        ``threads``). Small ops parallelise poorly inside one call; two calls side by side
+        keep the cores busy (13-15 % less UNet time at 2 threads, docs/benchmarks.md; not
+        measured on more cores). The weights are not duplicated: an ONNX Runtime session may
+        be run from several threads at once. Without ``threads`` ONNX Runtime picks its own
+        thread count and the batch stays whole."""
+        return (self.guidance_batch and self.backend == "ort" and self.threads is not None
+                and self.threads >= 2 and not ort_cuda_available())
 
     @property
     def has_vgt(self) -> bool:
@@ -182,12 +181,12 @@ class Engine:
         return self._tokenizer
 
     def close(self) -> None:
+        if self._halves is not None:  # no half may still be running on a closed runner
+            self._halves.shutdown()
+            self._halves = None
         for runner in self.runners.values():
             runner.close()
         self.runners.clear()
-        if self._halves is not None:
-            self._halves.shutdown()
-            self._halves = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -259,6 +258,7 @@ class Engine:
         """The UNet on each half of a batch of 2, the first on a helper thread."""
         halves = [{**{k: v[i:i + 1] for k, v in feeds.items()},
                    "encoder_hidden_states": text[i:i + 1]} for i in range(2)]
+        self.runner("unet")  # opened here, never by both threads at once
         if self._halves is None:
             self._halves = ThreadPoolExecutor(1, thread_name_prefix="apla-unet-half")
         first = self._halves.submit(self._run, "unet", halves[0])
@@ -497,7 +497,7 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
         pixels = read_video(video, start=start, stride=stride, n_frames=frames,
                             size=h * manifest.vae_downsample)
     networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_encoder",)
-    with Engine.open(manifest, backend, networks, threads, timings) as engine:
+    with Engine.open(manifest, backend, networks, threads, timings, guidance_batch=False) as engine:
         clean = engine.encode_frames(pixels)
         callback, done = _progress(progress, steps, "invert")
         try:

@@ -127,3 +127,24 @@ def test_timings_table():
     table = t.table()
     assert "unet" in table and "total" in table and t.calls["unet"] == 2
     assert set(t.as_dict()) >= {"text encoder", "unet", "vgt", "ddim", "vae", "video write", "total"}
+
+
+def test_timings_count_each_second_once(fake_engine, monkeypatch):
+    """Stages never nest: their sum (``total``) stays within the call's wall time, with loading
+    made slow enough that counting it twice would show."""
+    import time
+
+    from apla_rt import pipeline
+
+    real = pipeline.open_runner
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open_runner", slow_open)
+    started = time.perf_counter()
+    result = generate(fake_engine, "a man is skiing", steps=2, guidance=5.0, threads=1)
+    wall = time.perf_counter() - started
+    assert result.timings.seconds["load"] >= 0.8  # four networks, 0.2 s each
+    assert result.timings.total <= wall

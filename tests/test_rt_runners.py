@@ -86,8 +86,9 @@ def test_onnx_runtime_engine_matches_numpy(fake_engine):
 def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
     """With 2+ CPU threads the UNet runs each guidance half as its own batch-1 call, both at
     once on the one session (single-threaded pool); the result is the batch-2 call's."""
-    from apla_rt import runners
+    from apla_rt import pipeline, runners
 
+    monkeypatch.setattr(pipeline, "ort_cuda_available", lambda: False)  # the CPU path, even on a GPU
     seen: list[tuple[int, int, int]] = []
     meet = threading.Barrier(2, timeout=20)  # breaks (and fails the run) unless both halves overlap
     real = runners.OrtRunner.run
@@ -115,6 +116,31 @@ def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
     np.testing.assert_allclose(two.latents, one.latents, rtol=0, atol=1e-5)
     assert np.abs(two.frames.astype(int) - one.frames).max() <= 1
     assert two.timings.calls["unet"] == 3
+    for kwargs in ({"threads": None}, {"threads": 2, "guidance_batch": False}):
+        with Engine.open(fake_engine, "ort", ("unet",), **kwargs) as engine:
+            assert not engine.split_guidance, kwargs  # ORT's own threads / inversion (batch 1)
+    with Engine.open(fake_engine, "ort", ("unet",), threads=2, guidance_batch=False) as engine:
+        assert engine.runners["unet"].session.get_session_options().intra_op_num_threads == 2
+
+
+def test_a_failing_guidance_half_reaches_the_caller(fake_engine, monkeypatch):
+    from apla_rt import pipeline, runners
+
+    monkeypatch.setattr(pipeline, "ort_cuda_available", lambda: False)
+    real = runners.OrtRunner.run
+
+    def failing(self, feeds):
+        if self.spec.name == "unet" and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("the helper's half failed")
+        return real(self, feeds)
+
+    monkeypatch.setattr(runners.OrtRunner, "run", failing)
+    with Engine.open(fake_engine, "ort", threads=2) as engine:
+        text = engine.encode_text(["", "a man is skiing"])
+        with pytest.raises(RuntimeError, match="helper's half"):
+            engine.sample(engine.manifest.load_start_latent(), text, 2, 5.0)
+        helper = engine._halves
+    assert helper is not None and helper._shutdown  # closed with the engine: no thread left behind
 
 
 # --------------------------------------------------------------------------- backends
