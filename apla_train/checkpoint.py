@@ -7,8 +7,8 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` in the run folder:
 | `model.safetensors` | `unet.<name>` for every *trainable* UNet parameter, `vgt.<name>` for the whole VGT |
 | `disc.safetensors` | the discriminator (absent when the adversarial term is off) |
 | `optim.safetensors` + `optim.json` | optimiser tensors / the rest of each optimiser's state_dict |
-| `rng.safetensors` | torch's global CPU RNG and the training data generator's state (`torch_cpu`, `data`); under `accelerate launch` also every other process's (`torch_cpu.rank1`, `data.rank1`, ...) |
-| `state.json` | `{"step": N, "format": 1, "config": {...}}` |
+| `rng.safetensors` | torch's global CPU RNG and the training data generator's state (`torch_cpu`, `data`); with several processes (`accelerate launch`, `torchrun`) also every other process's (`torch_cpu.rank1`, `data.rank1`, ...) |
+| `state.json` | `{"step": N, "format": 1, "processes": P, "config": {...}}` (+ `loss_scaler` with fp16) |
 
 It is written into a hidden ``.partial`` sibling, every file fsynced, then renamed into
 place, so a killed run never leaves a half checkpoint where ``latest`` would find it. The
@@ -125,7 +125,8 @@ def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.T
                       vgt: torch.nn.Module | None, disc: torch.nn.Module | None,
                       optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
                       config: dict[str, Any], keep: int, loss_scaler: dict | None = None,
-                      other_ranks_rng: dict[str, torch.Tensor] | None = None) -> Path:
+                      other_ranks_rng: dict[str, torch.Tensor] | None = None,
+                      processes: int = 1) -> Path:
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,8 +144,7 @@ def _write_checkpoint(run: Path, step: int, *, unet_trainable: dict[str, torch.T
     (tmp / "optim.json").write_text(json.dumps(opt_meta))
     rng = {"torch_cpu": torch.get_rng_state(), "data": generator.get_state(), **(other_ranks_rng or {})}
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    state = {"format": FORMAT, "step": step, "config": config,
-             "processes": 1 + len(other_ranks_rng or {}) // 2}
+    state = {"format": FORMAT, "step": step, "config": config, "processes": processes}
     if loss_scaler is not None:  # fp16 training: the GradScaler's scale and growth tracker
         state["loss_scaler"] = loss_scaler
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -199,6 +199,10 @@ def load_training_state(ckpt: Path, optimizers: dict[str, torch.optim.Optimizer]
     rng = load_file(str(ckpt / "rng.safetensors"))
     global_key, data_key = rank_rng_keys(rank)
     found = global_key in rng and data_key in rng
+    if rank == 0 and not found:
+        raise IntegrityError(f"checkpoint file {ckpt / 'rng.safetensors'} lacks the random states "
+                             f"({global_key!r}, {data_key!r}); resume from an earlier checkpoint, "
+                             "or retrain")
     if found:
         torch.set_rng_state(rng[global_key])
         generator.set_state(rng[data_key])

@@ -299,9 +299,11 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
         if not restored:  # written by fewer processes: a fresh, step-dependent stream
             generator.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
             torch.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
+        saved_by = int(ckpt.read_state(last).get("processes", 1))
         log(f"resumed from {last.relative_to(run)} (step {start_step})"
-            + ("" if restored or not is_main else
-               "; it was written by fewer processes, so the others' random streams restart"))
+            + ("" if saved_by >= accelerator.num_processes else
+               f"; it was written by {saved_by} process(es), so the random streams of the other "
+               f"{accelerator.num_processes - saved_by} start afresh"))
     elif resume:
         log("no checkpoint yet: starting from step 0")
     if is_main:
@@ -327,21 +329,24 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
                                     optimizers=optimizers, generator=generator,
                                     config=cfg.to_dict(), keep=cfg.train.keep_checkpoints,
                                     loss_scaler=accelerator.scaler.state_dict() if accelerator.scaler else None,
-                                    other_ranks_rng=other_ranks_rng)
+                                    other_ranks_rng=other_ranks_rng,
+                                    processes=accelerator.num_processes)
 
     def record_step(record: dict) -> None:
         """One metrics line, then a checkpoint when one is due (skipped steps included)."""
+        done = record["step"]
+        due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+        # the collective first: a failing write on the main process must not leave the others
+        # waiting in it
+        other_ranks_rng = _other_ranks_rng(accelerator, generator) if due else {}
         if metrics_file is not None:
             try:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             except OSError as err:
                 raise AplaError(f"could not write {run / 'metrics.jsonl'}: {err.strerror or err}") from err
-        done = record["step"]
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            other_ranks_rng = _other_ranks_rng(accelerator, generator)  # every process calls it
-            if is_main:
-                save(done, other_ranks_rng)
+        if due and is_main:
+            save(done, other_ranks_rng)
 
     def skip_step(step: int, t: torch.Tensor, what: str) -> None:
         """--skip-nonfinite: no update; the step is logged as skipped (counted in summary.json)."""

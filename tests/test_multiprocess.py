@@ -7,6 +7,7 @@ The same code runs under ``accelerate launch`` on GPUs (NCCL); that could not be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -35,6 +36,11 @@ def torchrun(*args: str) -> list[str]:
         pytest.skip("this torch has no gloo backend for multi-process CPU training")
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--standalone", "-m", "apla_train.cli", *args]
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
 
 
 def run_to_end(cmd: list[str], log: Path) -> None:
@@ -66,28 +72,35 @@ def test_sigkill_then_resume_is_bit_identical(reference, skiing, tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(torchrun(str(skiing), "--out", str(run), *ARGS), stdout=out,
                                 stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    gone: list[psutil.Process] = []
-    while proc.poll() is None and time.time() < deadline:
-        if ckpt.checkpoint_dir(run, 4).is_dir():  # mid-run: a checkpoint, steps still to go
-            # the workers run in sessions of their own: kill them and the launcher at once
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            for member in family:
+    family: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if ckpt.checkpoint_dir(run, 4).is_dir():  # mid-run: a checkpoint, steps still to go
+                family = process_tree(proc.pid)
+                break
+            time.sleep(0.005)
+    finally:  # the workers run in sessions of their own: kill them and the launcher at once
+        if not family and proc.poll() is None:  # past the deadline or failed: clean up all the same
+            family = process_tree(proc.pid)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
-            gone = psutil.wait_procs(family, timeout=60)[0]  # reaps the launcher too
-            break
-        time.sleep(0.005)
+        gone = psutil.wait_procs(family, timeout=60)[0]  # reaps the launcher too
     launcher = [p.returncode for p in gone if p.pid == proc.pid]  # the workers' status is its
-    assert len(gone) == 3 and launcher == [-signal.SIGKILL], log.read_text()[-3000:]
+    assert len(family) >= 3 and len(gone) == len(family) and launcher == [-signal.SIGKILL], \
+        log.read_text()[-3000:]
     last = ckpt.latest_checkpoint(run)
     assert last is not None and ckpt.read_state(last)["step"] < STEPS
 
     run_to_end(torchrun("--out", str(run), "--resume"), tmp_path / "resumed.txt")
     assert f"resumed from checkpoints/{last.name}" in (tmp_path / "resumed.txt").read_text()
-    for name in ("model.safetensors", "disc.safetensors", "rng.safetensors"):
+    for name in ("model.safetensors", "disc.safetensors", "optim.safetensors", "rng.safetensors"):
         want = load_file(str(ckpt.checkpoint_dir(reference, STEPS) / name))
         got = load_file(str(ckpt.checkpoint_dir(run, STEPS) / name))
         assert set(got) == set(want), name
         for key in want:
             assert torch.equal(got[key], want[key]), f"{name}: {key}"
+    optim = [json.loads((ckpt.checkpoint_dir(r, STEPS) / "optim.json").read_text()) for r in (reference, run)]
+    assert optim[0] == optim[1]
     assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()

@@ -281,6 +281,31 @@ def test_checkpoint_round_trip_is_exact(tiny_run, tmp_path):
     assert any(not torch.equal(p, init.unet.state_dict()[n]) for n, p in trainable.items())
 
 
+def test_checkpoint_rng_states_per_process(tmp_path):
+    """Each process restores its own RNG states; one the checkpoint lacks (written by fewer
+    processes) is reported, and the main process's states are required."""
+    from safetensors.torch import save_file
+
+    from apla_rt.errors import IntegrityError
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    rank1 = torch.Generator().manual_seed(11)
+    other = {"torch_cpu.rank1": torch.Generator().manual_seed(12).get_state(), "data.rank1": rank1.get_state()}
+    path = ckpt.save_checkpoint(tmp_path / "two", 4, unet_trainable={"w": torch.ones(3)}, vgt=None, disc=None,
+                                optimizers={"generator": opt}, generator=torch.Generator().manual_seed(10),
+                                config={}, keep=2, other_ranks_rng=other, processes=2)
+    assert ckpt.read_state(path)["processes"] == 2
+    gen = torch.Generator()
+    with torch.random.fork_rng():  # loading sets the global RNG: keep the session's as it was
+        assert ckpt.load_training_state(path, {"generator": opt}, None, gen, rank=1) == (4, True)
+        assert torch.equal(gen.get_state(), rank1.get_state())
+        assert torch.equal(torch.get_rng_state(), other["torch_cpu.rank1"])
+    assert ckpt.load_training_state(path, {"generator": opt}, None, gen, rank=2) == (4, False)
+    save_file({"data": gen.get_state()}, str(path / "rng.safetensors"))  # the main process's half lost
+    with pytest.raises(IntegrityError, match="lacks the random states"):
+        ckpt.load_training_state(path, {"generator": opt}, None, gen)
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_run, tiny_run_args, skiing, tmp_path, monkeypatch):
     """Interrupt a copy of the shared run right after its step-3 checkpoint, resume it with
     --resume: every step-6 tensor, the metrics and the sample equal the uninterrupted run's."""
