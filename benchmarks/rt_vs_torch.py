@@ -6,12 +6,14 @@
 Both samplers start from the same latent (the engine folder's inverted start latent, or
 seeded Gaussian noise when ``--frames`` differs from its frame count), with the same prompt,
 steps and guidance, and each runs in its own subprocess so that each one's peak RSS is its
-own (``getrusage(RUSAGE_SELF)`` in the child). torch threads = ONNX Runtime intra-op threads
-= ``--threads``. Timed: text encoding + the DDIM loop + decoding (``*_s``); model loading
-is reported separately (``*_load_s``). The runtime child never imports torch.
+own (``getrusage(RUSAGE_SELF)`` in the child). torch threads = the runtime's ``--threads``
+(with 2 or more its UNet runs the two guidance halves side by side, ``--threads`` threads in
+all). Timed: text encoding + the DDIM loop + decoding (``*_s``); model loading is reported
+separately (``*_load_s``). The runtime child never imports torch.
 
-``--repeat R`` runs the pair R times, alternating torch and runtime children, and reports
-the median of each figure (and every run's sample times under ``runs``): on a shared
+``--repeat R`` runs the pair R times (torch first in odd pairs, the runtime first in even
+ones) and reports the median of each figure, per-stage times included, ``speedup`` as the
+median of the pairs' ratios, and every pair's sample times under ``runs``: on a shared
 machine one pair can be 20-30 % off.
 """
 
@@ -101,14 +103,24 @@ def worker_rt(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def _median(results) -> dict:
-    """Per-key median of the children's numeric figures; other keys from the first."""
-    results = list(results)
+def _median(results: list[dict]) -> dict:
+    """Per-key median of the children's numeric figures (one level of nested dicts too, the
+    runtime's stages); other values from the first."""
     merged = dict(results[0])
     for key, value in results[0].items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             merged[key] = float(np.median([r[key] for r in results]))
+        elif isinstance(value, dict):
+            merged[key] = _median([r[key] for r in results])
     return merged
+
+
+def _pair(args: argparse.Namespace, tmp: Path, start: Path, torch_first: bool) -> tuple[dict, dict]:
+    if torch_first:
+        torch_r = _child("torch", args, tmp, start)
+        return torch_r, _child("rt", args, tmp, start)
+    rt_r = _child("rt", args, tmp, start)
+    return _child("torch", args, tmp, start), rt_r
 
 
 def _child(kind: str, args: argparse.Namespace, tmp: Path, start: Path) -> dict:
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed when --frames differs")
     p.add_argument("--prompt", default=None, help="prompt (default: the training prompt)")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--threads", type=int, default=2, help="torch threads = ORT intra-op threads")
+    p.add_argument("--threads", type=int, default=2, help="torch threads = the runtime's --threads")
     p.add_argument("--repeat", type=int, default=1, help="run the pair R times; report medians")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     # worker mode (internal)
@@ -149,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     for hidden in ("--start", "--latents", "--frames-out", "--result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
 
     if args.worker:
         result = (worker_torch if args.worker == "torch" else worker_rt)(args)
@@ -175,24 +189,22 @@ def main(argv: list[str] | None = None) -> int:
                 (1, manifest.latent_channels, frames, h, w)).astype(np.float32)
             origin = f"Gaussian noise (seed {args.seed})"
         np.save(start_path, start)
-        if args.repeat < 1:
-            raise SystemExit("--repeat must be at least 1")
-        pairs = [(_child("torch", args, tmp, start_path), _child("rt", args, tmp, start_path))
-                 for _ in range(args.repeat)]
-        torch_r, rt_r = _median(p[0] for p in pairs), _median(p[1] for p in pairs)
+        pairs = [_pair(args, tmp, start_path, torch_first=i % 2 == 0) for i in range(args.repeat)]
+        torch_r, rt_r = _median([p[0] for p in pairs]), _median([p[1] for p in pairs])
         diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())
         psnr = _psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
 
     report = {
         "torch_s": round(torch_r["sample_s"], 3), "rt_s": round(rt_r["sample_s"], 3),
-        "speedup": round(torch_r["sample_s"] / rt_r["sample_s"], 2),
+        "speedup": round(float(np.median([t["sample_s"] / r["sample_s"] for t, r in pairs])), 2),
         "max_abs_latent_diff": diff, "frames_psnr_db": round(psnr, 2) if math.isfinite(psnr) else None,
         "torch_load_s": round(torch_r["load_s"], 3), "rt_load_s": round(rt_r["load_s"], 3),
         "torch_peak_rss_mib": round(torch_r["peak_rss_mib"], 1),
         "rt_peak_rss_mib": round(rt_r["peak_rss_mib"], 1),
         "torch_process_s": round(torch_r["process_wall_s"], 2),
         "rt_process_s": round(rt_r["process_wall_s"], 2),
-        "process_speedup": round(torch_r["process_wall_s"] / rt_r["process_wall_s"], 2),
+        "process_speedup": round(float(np.median([t["process_wall_s"] / r["process_wall_s"]
+                                                  for t, r in pairs])), 2),
         "rt_stages_s": rt_r["stages"], "rt_backend": rt_r["backend"],
         "frames": int(start.shape[2]), "latent": list(start.shape), "start": origin,
         "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
