@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .errors import AplaError
+from .errors import AplaError, reported_to_user
 from .runners import BACKENDS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -25,14 +24,8 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with reported_to_user(interrupted="nothing was written"):
             return func(*args, **kwargs)
-        except AplaError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
 
     return wrapper
 

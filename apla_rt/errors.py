@@ -5,7 +5,10 @@ Every error a user can cause (bad input, missing files, tampered artifacts) is a
 ``error: <message>`` and exit non-zero; anything else is a bug and keeps its traceback.
 """
 
+import contextlib
 import errno
+import sys
+from typing import Callable, Iterator
 
 # OSError numbers that mean "the machine could not store this" (full disk, quota, read-only,
 # permissions, file too large): the CLIs report them in one line; any other OSError is a bug.
@@ -47,3 +50,27 @@ class BackendUnavailable(AplaError):
 
 class NonFiniteError(AplaError):
     """Training produced a non-finite loss or gradient."""
+
+
+@contextlib.contextmanager
+def reported_to_user(interrupted: str, disk_error: Callable[[OSError], str] | None = None
+                     ) -> Iterator[None]:
+    """How the CLIs end on an error, in one line on stderr and never with a traceback:
+    ``AplaError`` -> ``error: <message>``, its exit code; with ``disk_error``, an OSError of
+    the machine (``DISK_ERRORS``) -> ``error: <disk_error(err)>``, exit 2; Ctrl-C ->
+    ``interrupted: <interrupted>``, exit 130. Anything else keeps its traceback: a bug."""
+    try:
+        yield
+    except AplaError as err:
+        _exit_with(f"error: {err}", err.exit_code)
+    except OSError as err:
+        if disk_error is None or err.errno not in DISK_ERRORS:
+            raise
+        _exit_with(f"error: {disk_error(err)}", 2)
+    except KeyboardInterrupt:
+        _exit_with(f"interrupted: {interrupted}", 130)
+
+
+def _exit_with(line: str, code: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)

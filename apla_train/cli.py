@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from apla_rt.errors import DISK_ERRORS, AplaError
+from apla_rt.errors import AplaError, reported_to_user
 
 from .config import AplaConfig, from_dict, load_file, merge, parse_override, tiny_preset
 
@@ -56,7 +55,11 @@ def build_config(video: str, prompt: str, model: str | None, pretrained: str | N
 def main(video, prompt, pretrained, model, out, steps, frames, stride, start, size, vgt, vgt_mask, seed,
          config_file, overrides, skip_nonfinite, resume, force, threads, quiet):
     """Fine-tune a text-to-video model on one VIDEO and its --prompt (APLA)."""
-    try:
+    def disk(err: OSError) -> str:
+        return (f"could not write {err.filename or out}: {err.strerror}; the last complete "
+                "checkpoint is kept (continue with --resume once there is room)")
+
+    with reported_to_user("the last complete checkpoint is kept; continue with --resume", disk):
         import torch
 
         from transformers.utils import logging as hf_logging
@@ -86,18 +89,6 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
         summary = train(cfg or AplaConfig(), out, resume=resume, force=force,
                         log=lambda m: click.echo(m, err=True), progress=not quiet,
                         steps=steps if resume else None)
-    except AplaError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
-            raise  # a write failure of the machine is not a bug; anything else is
-        click.echo(f"error: could not write {err.filename or out}: {err.strerror}; the last complete "
-                   f"checkpoint is kept (continue with --resume once there is room)", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: the last complete checkpoint is kept; continue with --resume", err=True)
-        sys.exit(130)
     if summary:
         line = (f"run written to {out}: loss {summary['loss_first10']:.4f} (first 10 steps) -> "
                 f"{summary['loss_last10']:.4f} (last 10)")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from apla_rt.errors import DISK_ERRORS, AplaError
-
-# Write failures of the machine, not bugs: one error line, never a traceback.
+from apla_rt.errors import AplaError, reported_to_user
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +23,11 @@ from apla_rt.errors import DISK_ERRORS, AplaError
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, threads, force):
     """Export a training run to ONNX (validated against PyTorch) and TensorRT engines."""
-    try:
+    def disk(err: OSError) -> str:
+        return (f"could not write the engine folder: {err.strerror} ({err.filename or out}); "
+                "no engine folder was changed")
+
+    with reported_to_user("no engine folder was changed", disk):
         for name, value in (("--frames-min", frames_min), ("--frames-opt", frames_opt),
                             ("--frames-max", frames_max), ("--threads", threads)):
             if value is not None and not 1 <= value <= 1024:
@@ -42,18 +43,6 @@ def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, th
         out = out or Path("engines") / run.resolve().name
         export_run(run, out, fp16=fp16, backend=backend, frames_min=frames_min, frames_opt=frames_opt,
                    frames_max=frames_max, force=force, dynamo=dynamo, log=lambda m: click.echo(m, err=True))
-    except AplaError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
-            raise
-        click.echo(f"error: could not write the engine folder: {err.strerror} "
-                   f"({err.filename or out}); no engine folder was changed", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: no engine folder was changed", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":
