@@ -290,15 +290,8 @@ class Engine:
         """DDIM (eta = 0) with classifier-free guidance from ``start`` (1, c, f, h, w);
         ``source`` is the clean latent a ``vgt.source`` VGT reads."""
         schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
-        z = np.ascontiguousarray(start, dtype=np.float32)
-        with self._text_pinned(text):
-            for i, t in enumerate(schedule.timesteps):
-                eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
-                with self.timings("ddim"):
-                    z = ddim_step(eps_hat, int(t), z, schedule)
-                if callback is not None:
-                    callback(i, int(t))
-        return z
+        return self._walk(start, schedule.timesteps, functools.partial(ddim_step, cfg=schedule),
+                          text, guidance, use_vgt, source, callback)
 
     def invert_latents(self, latents: np.ndarray, steps: int, use_vgt: bool = True,
                        callback: StepCallback | None = None) -> np.ndarray:
@@ -306,14 +299,22 @@ class Engine:
 
         A VGT trained with ``vgt.source`` gets ``latents`` as its source, as in training."""
         schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
-        uncond = self.encode_text([""])
         source = np.ascontiguousarray(latents, dtype=np.float32)
-        z = source
-        with self._text_pinned(uncond):
-            for i, t in enumerate(schedule.timesteps[::-1]):
-                eps_hat, _, _ = self.predict_noise(z, int(t), uncond, None, use_vgt, source)
+        return self._walk(source, schedule.timesteps[::-1],
+                          functools.partial(ddim_inversion_step, cfg=schedule),
+                          self.encode_text([""]), None, use_vgt, source, callback)
+
+    def _walk(self, z: np.ndarray, timesteps: np.ndarray,
+              step: Callable[[np.ndarray, int, np.ndarray], np.ndarray], text: np.ndarray,
+              guidance: float | None, use_vgt: bool, source: np.ndarray | None,
+              callback: StepCallback | None) -> np.ndarray:
+        """The loop both directions share: predict the noise at each timestep, then ``step``."""
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        with self._text_pinned(text):
+            for i, t in enumerate(timesteps):
+                eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
                 with self.timings("ddim"):
-                    z = ddim_inversion_step(eps_hat, int(t), z, schedule)
+                    z = step(eps_hat, int(t), z)
                 if callback is not None:
                     callback(i, int(t))
         return z
