@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -22,22 +21,11 @@ import torch
 
 from apla_rt.atomic import atomic_dir, check_writable
 from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
+from apla_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 from .networks import network_specs
 from .onnx_export import export_onnx, graph_io, onnx_opset
 from .validate import validate_network
-
-FORMAT = "apla-engines"
-FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 @contextlib.contextmanager
 def export_lock(out: Path) -> Iterator[None]:
@@ -218,8 +206,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
 
             manifest = build_all(tmp, manifest, fp16=fp16, log=log)
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
-                             if p.is_file() and p.name not in ("manifest.json",) and not p.name.endswith(".lock")}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                             if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".lock")}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     if trt_reason is not None:
         log(f"TensorRT engines were not built: {trt_reason}; the validated ONNX folder is ready "
             f"for ONNX Runtime")

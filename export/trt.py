@@ -19,7 +19,6 @@ which layers stay FP32, the comparison inputs, the summary) is a pure function.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from apla_rt.atomic import write_file
 from apla_rt.errors import BackendUnavailable, ConfigError, IntegrityError
 from apla_rt.gpu import trt_available
+from apla_rt.manifest import sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -440,14 +440,6 @@ def compare_engine_with_onnxrt(
 # --------------------------------------------------------------------------- the folder
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def engine_tolerance(fp16: bool) -> tuple[float, float]:
     """(atol, rtol) an engine must meet against ONNX Runtime FP32."""
     return FP16_TOLERANCE if fp16 else FP32_TOLERANCE
@@ -502,6 +494,6 @@ def build_all(
                                  "build without FP16")
         entry["engine"] = plan
         entry["trt_check"] = summary
-        out.setdefault("files", {})[plan] = _sha256(engine_dir / plan)
+        out.setdefault("files", {})[plan] = sha256_file(engine_dir / plan)
     out.setdefault("versions", {})["tensorrt"] = trt.__version__
     return out
