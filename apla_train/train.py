@@ -23,7 +23,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,14 +44,6 @@ from .losses import (default_lpips_weights, discriminator_loss, generator_adv_lo
 from .sampling import ddim_invert, ddim_sample, decode_video, encode_video, frames_to_tensor, psnr
 from .unet3d import is_trainable_name
 from .vgt import build_vgt
-
-
-@dataclass
-class Models:
-    components: Components
-    vgt: torch.nn.Module | None
-    latents: torch.Tensor  # (1, c, f, h, w), scaled
-    frames: np.ndarray  # uint8 (f, H, W, 3) the training clip as read
 
 
 def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Components:
@@ -293,13 +284,14 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
         apply_checkpoint(components, vgt, last, cfg.model.trainable)
         start_step, restored = ckpt.load_training_state(last, optimizers, disc, generator,
                                                         accelerator.process_index)
-        scaler_state = ckpt.read_state(last).get("loss_scaler")
+        state = ckpt.read_state(last)
+        scaler_state = state.get("loss_scaler")
         if accelerator.scaler is not None and scaler_state:
             accelerator.scaler.load_state_dict(scaler_state)
         if not restored:  # written by fewer processes: a fresh, step-dependent stream
             generator.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
             torch.manual_seed(cfg.train.seed + accelerator.process_index + 7919 * start_step)
-        saved_by = int(ckpt.read_state(last).get("processes", 1))
+        saved_by = int(state.get("processes", 1))
         log(f"resumed from {last.relative_to(run)} (step {start_step})"
             + ("" if saved_by >= accelerator.num_processes else
                f"; it was written by {saved_by} process(es), so the random streams of the other "
@@ -320,10 +312,7 @@ def train(cfg: AplaConfig, run: Path, *, resume: bool = False, force: bool = Fal
     source_frames = frames_to_tensor(frames).to(device)
 
     def save(step: int, other_ranks_rng: dict[str, torch.Tensor]) -> Path:
-        model = accelerator.unwrap_model(unet)
-        weights = {n: p for n, p in model.named_parameters()
-                   if is_trainable_name(n, cfg.model.trainable, cfg.model.temporal)}
-        return ckpt.save_checkpoint(run, step, unet_trainable=weights,
+        return ckpt.save_checkpoint(run, step, unet_trainable=trainable,
                                     vgt=accelerator.unwrap_model(vgt) if vgt is not None else None,
                                     disc=accelerator.unwrap_model(disc) if disc is not None else None,
                                     optimizers=optimizers, generator=generator,

@@ -143,8 +143,7 @@ class VGT(nn.Module):
 
     freqs: torch.Tensor
 
-    def __init__(self, cfg: VGTConfig, latent_channels: int = 4, latent_size: int = 64,
-                 num_train_timesteps: int = 1000):
+    def __init__(self, cfg: VGTConfig, latent_channels: int = 4, latent_size: int = 64):
         super().__init__()
         if cfg.kind not in ("pure", "hyper"):
             raise ConfigError(f"vgt.kind={cfg.kind!r} builds no VGT; use build_vgt (returns None)")
@@ -160,7 +159,6 @@ class VGT(nn.Module):
         self.cfg = cfg
         self.latent_channels = latent_channels
         self.latent_size = latent_size
-        self.num_train_timesteps = num_train_timesteps
         self.grid = latent_size // p  # tokens per side
         d = cfg.dim
         in_channels = latent_channels * (2 if cfg.source else 1)
@@ -264,9 +262,8 @@ class VGT(nn.Module):
         return out.reshape(b, f, c, h, w).transpose(1, 2)
 
 
-def build_vgt(cfg: VGTConfig, latent_channels: int = 4, latent_size: int = 64,
-              num_train_timesteps: int = 1000) -> Optional[VGT]:
+def build_vgt(cfg: VGTConfig, latent_channels: int = 4, latent_size: int = 64) -> Optional[VGT]:
     """The VGT for ``cfg``, or None when ``cfg.kind == "none"`` (plain Tune-A-Video)."""
     if cfg.kind == "none":
         return None
-    return VGT(cfg, latent_channels, latent_size, num_train_timesteps)
+    return VGT(cfg, latent_channels, latent_size)
