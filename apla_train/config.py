@@ -251,6 +251,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> AplaConfig:
     """Build a config from a (possibly partial) nested dict over the defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     return _build(AplaConfig, merge(AplaConfig().to_dict(), data), "")
 
 

@@ -164,3 +164,12 @@ def test_config_files(tmp_path):
     unknown.write_text("train:\n  stepz: 9\n")
     with pytest.raises(ConfigError, match=r"train\.stepz"):
         build_config("v.mp4", "p", "tiny", None, str(unknown), (), {})
+
+
+def test_a_config_that_is_not_a_mapping_is_a_config_error():
+    from apla_rt.errors import ConfigError
+    from apla_train.config import from_dict
+
+    for data in ([], "train", 3, None):
+        with pytest.raises(ConfigError, match="must be a mapping"):
+            from_dict(data)
