@@ -113,33 +113,43 @@ def warp_back(b: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return warped, valid
 
 
-def warp_error(frames: np.ndarray) -> float:
+def consecutive_flows(frames: np.ndarray) -> list[np.ndarray]:
+    """``optical_flow(frame i, frame i+1)`` for every consecutive pair."""
+    frames = _check_frames(frames, min_frames=2)
+    return [optical_flow(a, b) for a, b in zip(frames[:-1], frames[1:])]
+
+
+def warp_error(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> float:
     """Mean over consecutive pairs of |warp(frame i+1 -> i) - frame i| in [0, 1] units.
 
     Only in-bounds pixels count; a pair with none (cannot happen for sane flow) is skipped.
+    ``flows``: ``consecutive_flows(frames)`` where already computed.
     """
     frames = _check_frames(frames, min_frames=2)
+    flows = flows if flows is not None else consecutive_flows(frames)
     errors = []
-    for a, b in zip(frames[:-1], frames[1:]):
-        warped, valid = warp_back(b, optical_flow(a, b))
+    for a, b, flow in zip(frames[:-1], frames[1:], flows):
+        warped, valid = warp_back(b, flow)
         if valid.any():
             diff = np.abs(warped - a.astype(np.float32))[valid]
             errors.append(float(diff.mean()) / 255.0)
     return float(np.mean(errors)) if errors else float("nan")
 
 
-def motion(frames: np.ndarray) -> dict[str, float | bool]:
+def motion(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> dict[str, float | bool]:
     """How much a video moves, between consecutive frames.
 
     ``mean_flow_px``: mean Farneback flow magnitude (pixels per frame);
     ``p99_flow_px``: mean over pairs of the 99th percentile of that magnitude;
     ``mean_abs_diff``: mean |frame i+1 - frame i| in [0, 1] units;
     ``is_static``: ``p99_flow_px < STATIC_FLOW_PX`` (see there).
+    ``flows``: ``consecutive_flows(frames)`` where already computed.
     """
     frames = _check_frames(frames, min_frames=2)
+    flows = flows if flows is not None else consecutive_flows(frames)
     mean_mag, p99_mag, diffs = [], [], []
-    for a, b in zip(frames[:-1], frames[1:]):
-        mag = np.linalg.norm(optical_flow(a, b), axis=-1)
+    for a, b, flow in zip(frames[:-1], frames[1:], flows):
+        mag = np.linalg.norm(flow, axis=-1)
         mean_mag.append(float(mag.mean()))
         p99_mag.append(float(np.percentile(mag, 99)))
         diffs.append(float(np.abs(b.astype(np.float32) - a.astype(np.float32)).mean()) / 255.0)

@@ -102,7 +102,8 @@ def evaluate(frames: np.ndarray, *, embedder: Any = None, embedder_error: str | 
     m = report.metrics
 
     # motion first: a static video makes the consistency numbers meaningless
-    mo = M.motion(frames)
+    flows = M.consecutive_flows(frames)  # once, for motion and warp error
+    mo = M.motion(frames, flows)
     static = mo["is_static"]
     static_warning = "STATIC video: near-perfect consistency here is meaningless" if static else ""
 
@@ -133,7 +134,7 @@ def evaluate(frames: np.ndarray, *, embedder: Any = None, embedder_error: str | 
             report.add("CLIP score", m["clip_score"], f"100 x mean cosine(frame, {prompt!r})")
 
     # optical flow: warp error and motion
-    m["warp_error"] = M.warp_error(frames)
+    m["warp_error"] = M.warp_error(frames, flows)
     report.add("warp error", m["warp_error"],
                "Farneback flow, frame i+1 warped onto i, mean |diff| in [0, 1]; lower = more consistent")
     m["motion"] = mo
