@@ -173,6 +173,11 @@ class Engine:
         return self.manifest.has("vgt")
 
     @property
+    def vgt_reads_source(self) -> bool:
+        """The VGT was trained with ``vgt.source``: it also reads the clean source latent."""
+        return self.has_vgt and "source" in self.runner("vgt").spec.input_names
+
+    @property
     def tokenizer(self) -> ClipTokenizer:
         if self._tokenizer is None:
             self.manifest.verify([self.manifest.tokenizer_dir])
@@ -224,8 +229,9 @@ class Engine:
                       use_vgt: bool = True, source: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(eps_hat, eps_theta, delta) for z (1, c, f, h, w); ``text`` is (2, ...) = [uncond,
-        cond] with guidance, or (1, ...) without (then ``guidance`` is None). ``source`` is the
-        clean latent for a VGT trained with ``vgt.source``."""
+        cond] with guidance, or (1, ...) without (then ``guidance`` is None). ``source``: the
+        clean latent (float32, contiguous), given only to a VGT that reads it
+        (``vgt_reads_source``)."""
         b = text.shape[0]
         feeds = {"sample": np.ascontiguousarray(np.broadcast_to(z, (b,) + z.shape[1:])),
                  "timestep": np.full((b,), t, dtype=np.int64)}
@@ -243,11 +249,8 @@ class Engine:
             eps_theta = eps
         if use_vgt and self.has_vgt:
             vgt_feeds = {"sample": z, "timestep": np.full((1,), t, dtype=np.int64)}
-            if "source" in self.runner("vgt").spec.input_names:
-                if source is None:
-                    raise InputError("this model's VGT reads the clean source latent (vgt.source), "
-                                     "which only inversion has; pass --no-vgt to generate")
-                vgt_feeds["source"] = np.ascontiguousarray(source, dtype=np.float32)
+            if source is not None:  # checked against the VGT's inputs before the loop (_walk)
+                vgt_feeds["source"] = source
             with self.timings("vgt"):
                 delta = self._run("vgt", vgt_feeds)
         else:
@@ -310,6 +313,13 @@ class Engine:
               callback: StepCallback | None) -> np.ndarray:
         """The loop both directions share: predict the noise at each timestep, then ``step``."""
         z = np.ascontiguousarray(z, dtype=np.float32)
+        if not (use_vgt and self.vgt_reads_source):
+            source = None
+        elif source is None:
+            raise InputError("this model's VGT reads the clean source latent (vgt.source), which "
+                             "this call was not given; pass it, or --no-vgt to generate")
+        else:
+            source = np.ascontiguousarray(source, dtype=np.float32)
         with self._text_pinned(text):
             for i, t in enumerate(timesteps):
                 eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
@@ -425,9 +435,10 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
     timings = Timings()
     with timings("load"):
         manifest = Manifest.open(engine_dir)
-        steps = check_steps(steps if steps is not None else manifest.sample_default("steps", 50))
-        guidance = check_guidance(guidance if guidance is not None
-                                  else manifest.sample_default("guidance", 12.5))
+        if steps is None:  # given ones were checked above, before any file was opened
+            steps = check_steps(manifest.sample_default("steps", 50))
+        if guidance is None:
+            guidance = check_guidance(manifest.sample_default("guidance", 12.5))
         start = start_latent(manifest, frames, seed, from_noise, latent)
     networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_decoder",)
     with Engine.open(manifest, backend, networks, threads, timings) as engine:
@@ -435,7 +446,7 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
         callback, done = _progress(progress, steps, "sample")
         try:
             source = None
-            if use_vgt and engine.has_vgt and "source" in engine.runner("vgt").spec.input_names:
+            if use_vgt and engine.vgt_reads_source:
                 source = manifest.load_source_latent()
                 if source.shape != start.shape:
                     raise InputError(f"this model's VGT reads the training clip's latent "
