@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -377,16 +377,34 @@ class Manifest:
                     raise _fail(f"{rel} is used but has no sha256 in 'files'")
                 wanted += inside
         for rel in wanted:
-            if rel in self._verified:
-                continue
-            path = safe_path(self.root, rel, "files entry")
-            if not path.is_file():
-                raise IntegrityError(f"{rel} is listed in the manifest but missing from {self.root}; "
-                                     "re-run the export")
-            if sha256_file(path) != self.files[rel]:
-                raise IntegrityError(f"{rel} does not match its sha256 in the manifest (corrupted or "
-                                     "modified); re-run the export")
-            self._verified.add(rel)
+            if rel not in self._verified:
+                self._check_file(rel, sha256_file)
+
+    def read_verified(self, path: Path) -> bytes:
+        """One listed file's bytes, checked against its sha256 as read: what is loaded is
+        what was verified, and a large file (a TensorRT engine) is read once."""
+        rel = self.rel(path)
+        if rel not in self.files:
+            raise _fail(f"{rel} is used but has no sha256 in 'files'")
+        data = b""
+
+        def digest(full: Path) -> str:
+            nonlocal data
+            data = full.read_bytes()
+            return hashlib.sha256(data).hexdigest()
+
+        self._check_file(rel, digest)
+        return data
+
+    def _check_file(self, rel: str, digest: Callable[[Path], str]) -> None:
+        path = safe_path(self.root, rel, "files entry")
+        if not path.is_file():
+            raise IntegrityError(f"{rel} is listed in the manifest but missing from {self.root}; "
+                                 "re-run the export")
+        if digest(path) != self.files[rel]:
+            raise IntegrityError(f"{rel} does not match its sha256 in the manifest (corrupted or "
+                                 "modified); re-run the export")
+        self._verified.add(rel)
 
     # -- accessors ----------------------------------------------------------------------
 

@@ -105,8 +105,7 @@ def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None
     spec = manifest.network(name)
     if backend == "trt":
         assert spec.engine is not None
-        manifest.verify([spec.engine])
-        return TrtRunner(spec, spec.engine)
+        return TrtRunner(spec, spec.engine, manifest.read_verified(spec.engine))
     onnx = spec.onnx_ort or spec.onnx  # the fused-attention flavour where the export wrote one
     if onnx is None:
         raise BackendUnavailable(f"the engine folder has no ONNX file for {name}; use --backend trt")
@@ -202,14 +201,15 @@ class TrtRunner(_ConstantsMixin):
 
     backend = "tensorrt"
 
-    def __init__(self, spec: NetworkSpec, path: Path):
+    def __init__(self, spec: NetworkSpec, path: Path, engine: bytes):
+        """``engine``: the serialised engine read from ``path`` (verified by the caller)."""
         from polygraphy.backend.trt import EngineFromBytes
         from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
 
         self.spec = spec
         self._constants = {}
         try:
-            self._runner = PolygraphyTrtRunner(EngineFromBytes(path.read_bytes()), name=spec.name)
+            self._runner = PolygraphyTrtRunner(EngineFromBytes(engine), name=spec.name)
             self._runner.activate()
         except Exception as err:  # deserialisation fails for another TensorRT version or GPU
             raise BackendUnavailable(f"TensorRT cannot load {path.name} ({type(err).__name__}: "

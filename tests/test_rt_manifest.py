@@ -128,6 +128,24 @@ def test_each_file_is_hashed_once_per_open(fake_engine, monkeypatch):
     assert calls.count("unet.onnx") == 2
 
 
+def test_read_verified_returns_the_checked_bytes(engine_copy, monkeypatch):
+    """What a TensorRT runner loads: the file read once, its sha256 checked on those bytes."""
+    m = Manifest.open(engine_copy)
+    calls: list[str] = []
+    monkeypatch.setattr(M, "sha256_file", lambda p: calls.append(Path(p).name))
+    assert m.read_verified(engine_copy / "vgt.onnx") == (engine_copy / "vgt.onnx").read_bytes()
+    m.verify(["vgt.onnx"])
+    assert calls == []  # counted as verified: not hashed again
+    data = bytearray((engine_copy / "unet.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (engine_copy / "unet.onnx").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"^unet\.onnx does not match its sha256"):
+        m.read_verified(engine_copy / "unet.onnx")
+    (engine_copy / "notes.txt").write_text("not listed")
+    with pytest.raises(IntegrityError, match="notes.txt is used but has no sha256"):
+        m.read_verified(engine_copy / "notes.txt")
+
+
 def test_check_feeds_against_profile(fake_engine):
     unet = Manifest.open(fake_engine).network("unet")
     ok = {"sample": np.zeros((2, C, 4, LAT, LAT), np.float32), "timestep": np.zeros(2, np.int64),
