@@ -39,11 +39,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
-
-
 # --------------------------------------------------------------------------- workers
 
 
@@ -170,29 +165,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from apla_rt.manifest import Manifest
+    from apla_rt.pipeline import start_latent
+    from apla_train.sampling import psnr as frames_psnr
 
     manifest = Manifest.open(args.engine_dir)
-    defaults = manifest.data.get("sample_defaults") or {}
-    args.steps = args.steps or int(defaults.get("steps", 50))
-    args.guidance = args.guidance if args.guidance is not None else float(defaults.get("guidance", 12.5))
+    if args.steps is None:
+        args.steps = int(manifest.sample_default("steps", 50))
+    if args.guidance is None:
+        args.guidance = float(manifest.sample_default("guidance", 12.5))
     args.prompt = args.prompt if args.prompt is not None else manifest.prompt
     with tempfile.TemporaryDirectory(prefix="rt-vs-torch-") as name:
         tmp = Path(name)
         start_path = tmp / "start.npy"
         shape = manifest.start_latent_shape()
-        if shape is not None and args.frames in (None, shape[2]):
-            start, origin = manifest.load_start_latent(), "the engine folder's start latent"
-        else:
-            frames = args.frames or manifest.frame_range()[1]
-            h, w = manifest.latent_size()
-            start = np.random.default_rng(args.seed).standard_normal(
-                (1, manifest.latent_channels, frames, h, w)).astype(np.float32)
-            origin = f"Gaussian noise (seed {args.seed})"
+        from_noise = shape is None or args.frames not in (None, shape[2])
+        start = start_latent(manifest, args.frames, args.seed, from_noise, None)
+        origin = f"Gaussian noise (seed {args.seed})" if from_noise else "the engine folder's start latent"
         np.save(start_path, start)
         pairs = [_pair(args, tmp, start_path, torch_first=i % 2 == 0) for i in range(args.repeat)]
         torch_r, rt_r = _median([p[0] for p in pairs]), _median([p[1] for p in pairs])
         diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())
-        psnr = _psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
+        psnr = frames_psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
 
     report = {
         "torch_s": round(torch_r["sample_s"], 3), "rt_s": round(rt_r["sample_s"], 3),
