@@ -16,9 +16,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from apla_rt.errors import ConfigError
+
+# sample.final_steps="auto" on a CPU: at most this many inversion and sampling steps after
+# training (an SD-sized model takes ~10 s per step there; the spec's 50 + 50 would add 20-30 min)
+CPU_FINAL_STEPS = 10
 
 
 @dataclass
@@ -98,6 +102,21 @@ class SampleConfig:
     inversion_steps: int = 50
     fps: float = 8.0
     enabled: bool = True  # sample a video at the end of training
+    # The training run's own DDIM inversion and sample after its last step: "all" takes
+    # inversion_steps and steps; an integer N at most N of each; "auto" is "all" on a GPU and
+    # CPU_FINAL_STEPS on a CPU. (steps, guidance and inversion_steps stay the exported model's
+    # defaults either way.)
+    final_steps: Union[Literal["auto", "all"], int] = "auto"
+
+    def final_step_counts(self, device: str) -> tuple[int, int]:
+        """(inversion steps, sampling steps) after training on ``device`` ("cpu", "cuda", ...)."""
+        limit = self.final_steps
+        if limit == "auto":
+            limit = "all" if device != "cpu" else CPU_FINAL_STEPS
+        if limit == "all":
+            return self.inversion_steps, self.steps
+        assert isinstance(limit, int)
+        return min(self.inversion_steps, limit), min(self.steps, limit)
 
 
 @dataclass
@@ -139,6 +158,9 @@ class AplaConfig:
         for key in ("lr", "vgt_lr", "grad_clip"):
             if not getattr(self.train, key) > 0:
                 raise ConfigError(f"train.{key} must be positive")
+        if isinstance(self.sample.final_steps, int) and self.sample.final_steps < 1:
+            raise ConfigError(f"sample.final_steps must be \"auto\", \"all\" or at least 1 "
+                              f"(got {self.sample.final_steps})")
         if self.sample.fps <= 0 or self.sample.fps > 240:
             raise ConfigError(f"sample.fps must be in (0, 240] (got {self.sample.fps})")
         if len(self.model.tiny_widths) != 2 or any(w < 8 or w % 8 for w in self.model.tiny_widths):
@@ -163,7 +185,7 @@ def tiny_preset() -> dict[str, Any]:
         "disc": {"hidden": [32, 64]},
         "loss": {"l_per": 0.0, "adv_start": 20},
         "train": {"steps": 150, "lr": 1e-3, "vgt_lr": 1e-4, "checkpoint_every": 50},
-        "sample": {"steps": 25, "inversion_steps": 25, "guidance": 3.0},
+        "sample": {"steps": 25, "inversion_steps": 25, "guidance": 3.0, "final_steps": "all"},
     }
 
 
