@@ -8,11 +8,9 @@ frames can be centre-cropped to a square and resized. Writing is atomic
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
-import struct
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -261,6 +259,15 @@ def _reason(err: BaseException) -> str:
     return " ".join(str(text).split())
 
 
+# --- comparing -------------------------------------------------------------------------
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB (peak 255) of frames ``a`` against ``b`` over the whole clip; ``inf`` when
+    they are identical."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
 # --- writing ---------------------------------------------------------------------------
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0,
@@ -316,55 +323,41 @@ def _write_mp4(tmp: Path, frames: np.ndarray, fps: float) -> None:
 
 
 def _write_gif(tmp: Path, frames: np.ndarray, fps: float) -> None:
-    """An animated GIF with one full frame per input frame, each with its own palette.
+    """An animated GIF with one frame per input frame, each with its own palette: FFmpeg's
+    gif encoder fed by its palettegen/paletteuse filters (Pillow's and imageio's GIF writers
+    merge identical consecutive frames)."""
+    _f, h, w, _c = frames.shape
+    rate = Fraction(fps).limit_denominator(1001)
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=w, height=h, format="rgb24", time_base=1 / rate)
+    split, sink = graph.add("split"), graph.add("buffersink")
+    palette, use = graph.add("palettegen", "stats_mode=single"), graph.add("paletteuse", "new=1")
+    source.link_to(split)
+    split.link_to(palette, 0, 0)
+    split.link_to(use, 1, 0)
+    palette.link_to(use, 0, 1)
+    use.link_to(sink)
+    graph.configure()
+    with av.open(str(tmp), mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=rate)
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = w, h, "pal8"
 
-    Pillow's animated-GIF writer merges identical consecutive frames (a still video
-    would lose frames), so each frame is quantised and LZW-coded by Pillow as a
-    single-frame GIF and the blocks are assembled here (GIF89a; disposal "keep").
-    """
-    h, w = frames.shape[1:3]
-    delay = max(1, round(100.0 / fps))  # GIF delays are in 1/100 s
-    out = bytearray(b"GIF89a")
-    out += struct.pack("<HHBBB", w, h, 0x70, 0, 0)  # no global colour table
-    out += b"\x21\xff\x0bNETSCAPE2.0\x03\x01" + struct.pack("<H", 0) + b"\x00"  # loop forever
-    for frame in frames:
-        palette, interlaced, image_data = _gif_frame_blocks(frame)
-        out += b"\x21\xf9\x04" + struct.pack("<BHB", 1 << 2, delay, 0) + b"\x00"
-        size_bits = (len(palette) // 3).bit_length() - 2
-        packed = 0x80 | (0x40 if interlaced else 0) | size_bits  # local colour table
-        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, packed) + palette + image_data
-    out += b"\x3b"
-    tmp.write_bytes(bytes(out))
+        def encode_ready() -> None:
+            while True:
+                try:
+                    frame = sink.pull()
+                except (av.BlockingIOError, av.EOFError):
+                    return
+                for packet in stream.encode(frame):
+                    container.mux(packet)
 
-
-def _gif_frame_blocks(frame: np.ndarray) -> tuple[bytes, bool, bytes]:
-    """(colour table, interlaced, LZW data with sub-blocks) of a frame as Pillow codes it."""
-    buf = io.BytesIO()
-    im = Image.fromarray(frame).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
-    im.save(buf, format="GIF", interlace=False)
-    data = buf.getvalue()
-    pos = 13
-    table = b""
-    if data[10] & 0x80:
-        n = 3 * 2 ** ((data[10] & 0x07) + 1)
-        table, pos = data[pos:pos + n], pos + n
-    while data[pos] == 0x21:  # extensions: label, then sub-blocks
-        pos = _skip_sub_blocks(data, pos + 2)
-    if data[pos] != 0x2C:
-        raise AssertionError("unexpected block in Pillow's GIF output")
-    packed = data[pos + 9]
-    pos += 10
-    if packed & 0x80:
-        n = 3 * 2 ** ((packed & 0x07) + 1)
-        table, pos = data[pos:pos + n], pos + n
-    end = _skip_sub_blocks(data, pos + 1)  # LZW minimum code size, then sub-blocks
-    if not table:
-        raise AssertionError("Pillow wrote a GIF frame without a colour table")
-    return table, bool(packed & 0x40), data[pos:end]
-
-
-def _skip_sub_blocks(data: bytes, pos: int) -> int:
-    """Position after the sub-blocks starting at ``pos`` and their zero terminator."""
-    while data[pos]:
-        pos += data[pos] + 1
-    return pos + 1
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = i, 1 / rate
+            source.push(frame)
+            encode_ready()
+        source.push(None)
+        encode_ready()
+        for packet in stream.encode():
+            container.mux(packet)

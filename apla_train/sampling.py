@@ -97,7 +97,3 @@ def decode_video(codec: Codec, latents: torch.Tensor, chunk: int = 8) -> np.ndar
     x = torch.cat([codec.decode(z[i:i + chunk].float()) for i in range(0, len(z), chunk)])
     return tensor_to_frames(x)
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)

@@ -39,14 +39,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """``apla_train.sampling.psnr``, repeated here because this parent must not import torch:
-    a child starts as a fork of it, and Linux keeps a forked image's RSS in the child's peak
-    (``ru_maxrss``) across exec, so torch in the parent would inflate the runtime's figure."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
-
-
 # --------------------------------------------------------------------------- workers
 
 
@@ -174,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from apla_rt.manifest import Manifest
     from apla_rt.pipeline import start_latent
+    from apla_rt.video import psnr as video_psnr  # torch-free, like this parent must stay
 
     manifest = Manifest.open(args.engine_dir)
     if args.steps is None:
@@ -192,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [_pair(args, tmp, start_path, torch_first=i % 2 == 0) for i in range(args.repeat)]
         torch_r, rt_r = _median([p[0] for p in pairs]), _median([p[1] for p in pairs])
         diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())
-        psnr = _psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
+        psnr = video_psnr(np.load(tmp / "torch-frames.npy"), np.load(tmp / "rt-frames.npy"))
 
     report = {
         "torch_s": round(torch_r["sample_s"], 3), "rt_s": round(rt_r["sample_s"], 3),

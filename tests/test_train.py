@@ -18,14 +18,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from apla_rt.errors import ConfigError
-from apla_rt.video import read_video
+from apla_rt.video import psnr, read_video
 from apla_train import checkpoint as ckpt
 from apla_train.cli import main
 from apla_train.components import build_tiny, encode_prompts, load_pretrained, save_components
 from apla_train.config import AplaConfig, from_dict, merge, tiny_preset
 from apla_train.discriminator import Discriminator
 from apla_train.losses import hyper_terms
-from apla_train.sampling import encode_video, psnr
+from apla_train.sampling import encode_video
 from apla_train.train import _trainable, apply_checkpoint, build_models, train
 from apla_train.unet3d import is_trainable_name
 
