@@ -25,16 +25,11 @@ import torch.nn.functional as F
 
 from apla_rt.errors import AplaError, BackendUnavailable, InputError
 
+from .metrics import check_frames
+
 
 def _l2(x: torch.Tensor) -> np.ndarray:
     return F.normalize(x.float(), dim=-1).cpu().numpy()
-
-
-def _check_frames(frames: np.ndarray) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (f, h, w, 3), got {frames.dtype} {frames.shape}")
-    return frames
 
 
 # --- CLIP -----------------------------------------------------------------------------------
@@ -76,7 +71,7 @@ class ClipEmbedder:
 
     @torch.inference_mode()
     def embed_images(self, frames: np.ndarray) -> np.ndarray:
-        frames = _check_frames(frames)
+        frames = check_frames(frames)
         chunks = []
         for i in range(0, len(frames), self.batch_size):
             pixels = self.processor.image_processor(images=list(frames[i:i + self.batch_size]),
@@ -209,7 +204,7 @@ class OfflineEmbedder:
 
     @torch.inference_mode()
     def embed_images(self, frames: np.ndarray) -> np.ndarray:
-        frames = _check_frames(frames)
+        frames = check_frames(frames)
         feats = [self.model.features(lite0_preprocess(frames[i:i + self.batch_size]))
                  for i in range(0, len(frames), self.batch_size)]
         return _l2(torch.cat(feats))
@@ -227,7 +222,7 @@ def lpips_to_source(video: np.ndarray, source: np.ndarray, net: str = "alex",
     Uses ``apla_train.losses.load_lpips(net, weights)`` (inputs in [-1, 1], lower = closer);
     LPIPS is unavailable when that module is missing or its weights are not installed.
     """
-    video, source = _check_frames(video), _check_frames(source)
+    video, source = check_frames(video), check_frames(source)
     if video.shape != source.shape:
         raise ValueError(f"video {video.shape} and source {source.shape} must be sampled the same way")
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Report:
         self.rows.append(Row(metric, _fmt(value), note))
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"video": self.video, "embedder": self.embedder,
+        return jsonable({"video": self.video, "embedder": self.embedder,
                           "embedder_is_clip": self.embedder_is_clip, "metrics": self.metrics,
                           "notes": self.notes,
                           "table": [r.__dict__ for r in self.rows]})
@@ -70,12 +70,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _jsonable(x: Any) -> Any:
-    """JSON has no inf/nan: infinity becomes the string "inf", nan becomes null."""
+def jsonable(x: Any, keep: Callable[[str], bool] = lambda key: True) -> Any:
+    """``x`` as plain JSON data, mapping keys that ``keep`` refuses left out. JSON has no
+    inf/nan: infinity becomes the string "inf", nan becomes null."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v, keep) for k, v in x.items() if keep(k)}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v, keep) for v in x]
     if isinstance(x, (float, np.floating)):
         x = float(x)
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else x

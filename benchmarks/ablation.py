@@ -24,7 +24,6 @@ The plots and the report are drawn by ``benchmarks/ablation_report.py``.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shlex
 import sys
@@ -265,19 +264,6 @@ def _git_commit() -> str:
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if not k.startswith("_") and k != "source_frames"}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else x
-    if isinstance(x, (np.integer, np.bool_)):
-        return x.item()
-    return x
-
-
 # ---------------------------------------------------------------------------------------
 # Command
 
@@ -287,6 +273,7 @@ def run_benchmark(s: Settings, clips_dir: Path, out: Path, runs: Path, pretraine
     import torch
 
     from apla_eval.embedders import ClipEmbedder, OfflineEmbedder
+    from apla_eval.report import jsonable
     from apla_rt.atomic import write_text
 
     torch.set_num_threads(s.threads)
@@ -328,7 +315,8 @@ def run_benchmark(s: Settings, clips_dir: Path, out: Path, runs: Path, pretraine
     for c in s.clips:
         plot_frames(results, c, names, figures / f"frames-{c}.png")
     meta["runtime_s"] = round(time.time() - started, 1)
-    payload = _jsonable({**meta, "summary": summary, "source": source, "runs": results})
+    payload = jsonable({**meta, "summary": summary, "source": source, "runs": results},
+                       keep=lambda key: not key.startswith("_") and key != "source_frames")
     write_text(figures / "results.json", json.dumps(payload, indent=1, allow_nan=False) + "\n", force=True)
     write_text(out / "ablation.md", markdown(meta, summary, source, results, TINY_DEFAULTS), force=True)
     log(f"done in {meta['runtime_s'] / 60:.1f} min: {out / 'ablation.md'}")
