@@ -50,7 +50,8 @@ def _fail(message: str) -> IntegrityError:
     return IntegrityError(f"invalid manifest: {message}; re-run the export")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -77,9 +78,17 @@ class TensorSpec:
         if not isinstance(dims, list) or not dims:
             raise _fail(f"{where} {name!r}: dims must be a non-empty list")
         for d in dims:
-            if not ((_is_int(d) and d >= 1) or (isinstance(d, str) and d)):
+            if not ((is_int(d) and d >= 1) or (isinstance(d, str) and d)):
                 raise _fail(f"{where} {name!r}: dim {d!r} is neither a positive integer nor a name")
         return cls(name, np.dtype(dtype), tuple(dims))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest entry (``parse`` reads it back)."""
+        return {"name": self.name, "dtype": self.dtype.name, "dims": list(self.dims)}
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape with each named dim taken from ``sizes``."""
+        return tuple(sizes[d] if isinstance(d, str) else int(d) for d in self.dims)
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ class NetworkSpec:
                 raise InputError(f"{self.name} input {spec.name!r} must have {len(spec.dims)} dims "
                                  f"{list(spec.dims)}, got shape {list(value.shape)}")
             for size, dim in zip(value.shape, spec.dims):
-                if _is_int(dim):
+                if is_int(dim):
                     if size != dim:
                         raise InputError(f"{self.name} input {spec.name!r} has shape {list(value.shape)}"
                                          f" but its dims are {list(spec.dims)}")
@@ -189,7 +198,7 @@ def _profile(profile: Any, name: str) -> dict[str, tuple[int, int, int]]:
         raise _fail(f"networks.{name}.profile must map dim names to [min, opt, max]")
     out: dict[str, tuple[int, int, int]] = {}
     for dim, rng in profile.items():
-        if (not isinstance(rng, list) or len(rng) != 3 or not all(_is_int(v) for v in rng)
+        if (not isinstance(rng, list) or len(rng) != 3 or not all(is_int(v) for v in rng)
                 or not 1 <= rng[0] <= rng[1] <= rng[2]):
             raise _fail(f"networks.{name}.profile[{dim!r}] = {rng!r} is not [min, opt, max] "
                         "with 1 <= min <= opt <= max")
@@ -282,7 +291,7 @@ class Manifest:
             raise IntegrityError(f"{root / MANIFEST_NAME} is not an apla engine manifest "
                                  f"(format {data.get('format')!r}, expected {FORMAT!r})")
         version = data.get("format_version")
-        if version != FORMAT_VERSION or not _is_int(version):
+        if version != FORMAT_VERSION or not is_int(version):
             raise IntegrityError(f"engine folder {root} has manifest format_version {version!r}; this "
                                  f"apla-rt reads format_version {FORMAT_VERSION}: re-export it with "
                                  "this apla version, or use the apla-rt that matches the export")
@@ -320,7 +329,7 @@ class Manifest:
             raise _fail(f"vae_scaling_factor must be a positive number, got {factor!r}")
         channels, down = data.get("latent_channels", 4), data.get("vae_downsample", 8)
         for key, value in (("latent_channels", channels), ("vae_downsample", down)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise _fail(f"{key} must be a positive integer, got {value!r}")
 
         tok = data.get("tokenizer")
@@ -328,7 +337,7 @@ class Manifest:
             raise _fail("'tokenizer' must be an object with 'dir' (and 'model_max_length')")
         tokenizer_dir = safe_path(root, tok["dir"], "tokenizer.dir")
         max_len = tok.get("model_max_length", 77)
-        if not _is_int(max_len) or max_len < 2:
+        if not is_int(max_len) or max_len < 2:
             raise _fail(f"tokenizer.model_max_length must be an integer >= 2, got {max_len!r}")
 
         start = _optional_path(root, data.get("start_latent"), "start_latent")
@@ -472,7 +481,7 @@ class Manifest:
         dims = unet.input("sample").dims
         size = []
         for d in dims[3:]:
-            size.append(d if _is_int(d) else unet.profile[str(d)][1])
+            size.append(d if is_int(d) else unet.profile[str(d)][1])
         return int(size[0]), int(size[1])
 
     def start_latent_shape(self) -> tuple[int, ...] | None:

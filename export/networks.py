@@ -2,18 +2,23 @@
 
 The wrappers only rename inputs/outputs to the contract of docs/architecture.md; the
 networks themselves are ``apla_train``'s classes, rebuilt from the run (nothing re-declared).
+Each contract is ``apla_rt.manifest``'s ``NetworkSpec`` and ``TensorSpec``: what the export
+declares is what the runtime reads back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
+from apla_rt.manifest import NetworkSpec, TensorSpec
 
-class TextEncoder(nn.Module):
+
+class TextEncoderWrapper(nn.Module):
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
@@ -22,7 +27,7 @@ class TextEncoder(nn.Module):
         return self.text_encoder(input_ids)[0]
 
 
-class UNet(nn.Module):
+class UNetWrapper(nn.Module):
     """``fused_attention``: export attention as ONNX Runtime's fused op (the ORT flavour)."""
 
     def __init__(self, unet: nn.Module, fused_attention: bool = False):
@@ -34,7 +39,7 @@ class UNet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, fused_attention=self.fused_attention)
 
 
-class VGT(nn.Module):
+class VGTWrapper(nn.Module):
     def __init__(self, vgt: nn.Module):
         super().__init__()
         self.vgt = vgt
@@ -43,7 +48,7 @@ class VGT(nn.Module):
         return self.vgt(sample, timestep, *source)
 
 
-class VAEDecoder(nn.Module):
+class VAEDecoderWrapper(nn.Module):
     """Scaled latents (frames, c, h, w) -> images (frames, 3, H, W) in [-1, 1]."""
 
     def __init__(self, codec: nn.Module):
@@ -54,7 +59,7 @@ class VAEDecoder(nn.Module):
         return self.codec.decode(latent)
 
 
-class VAEEncoder(nn.Module):
+class VAEEncoderWrapper(nn.Module):
     """Images (frames, 3, H, W) in [-1, 1] -> scaled latents (posterior mean)."""
 
     def __init__(self, codec: nn.Module):
@@ -65,27 +70,17 @@ class VAEEncoder(nn.Module):
         return self.codec.encode(image)
 
 
-@dataclass
-class TensorSpec:
-    name: str
-    dtype: str  # "float32" | "int64"
-    dims: list  # ints (fixed) and strings (named dynamic dims)
-
-    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+def _tensor(name: str, dtype: str, dims: list) -> TensorSpec:
+    return TensorSpec(name, np.dtype(dtype), tuple(dims))
 
 
 @dataclass
-class NetworkSpec:
-    name: str
+class NetworkExport:
+    """How one network is exported: its contract (the manifest's ``NetworkSpec``, without
+    files yet), the module traced, its example inputs and the shapes it is validated at."""
+
+    contract: NetworkSpec
     module: nn.Module
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    profile: dict[str, list[int]]  # named dim -> [min, opt, max]
-    tolerance: dict[str, float]  # ORT fp32 vs PyTorch: max_abs (and mean_abs)
     validate_at: list[dict[str, int]] = field(default_factory=list)  # dim sizes; first = traced
     make_input: Callable[[TensorSpec, tuple[int, ...], torch.Generator], torch.Tensor] | None = None
     # an ONNX Runtime flavour of the same network (fused com.microsoft attention), exported
@@ -94,6 +89,35 @@ class NetworkSpec:
     # shapes for validating the portable ONNX when it has an ort_module and the full shapes
     # would not fit: its decomposed attention materialises (queries x keys) per head
     portable_validate_at: list[dict[str, int]] | None = None
+
+    @classmethod
+    def build(cls, name: str, module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec],
+              profile: dict[str, list[int]], tolerance: dict[str, float], validate_at: list[dict[str, int]],
+              make_input: Callable, **kwargs: Any) -> "NetworkExport":
+        contract = NetworkSpec(name, None, None, (), tuple(inputs), tuple(outputs), profile, tolerance)
+        return cls(contract, module, validate_at, make_input, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.contract.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.contract.outputs
+
+    @property
+    def profile(self) -> Mapping[str, Any]:
+        """Named dim -> [min, opt, max]."""
+        return self.contract.profile
+
+    @property
+    def tolerance(self) -> Mapping[str, Any]:
+        """ORT fp32 vs PyTorch: max_abs."""
+        return self.contract.tolerance
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {}
@@ -104,6 +128,7 @@ class NetworkSpec:
         return axes
 
     def example(self, sizes: dict[str, int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+        assert self.make_input is not None
         gen = torch.Generator().manual_seed(seed)
         return tuple(self.make_input(t, t.shape(sizes), gen) for t in self.inputs)
 
@@ -135,7 +160,7 @@ def _small_unet_shapes(components, h: int, fmin: int, fmax: int) -> list[dict[st
             {"batch": 2, "frames": small[1], "height": h, "width": h}]
 
 
-def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[NetworkSpec]:
+def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[NetworkExport]:
     """The five networks of a run with their contracts; ``frames`` = (min, opt, max)."""
     codec = components.codec
     c = codec.latent_channels
@@ -153,46 +178,47 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
     hw = {"height": [h, h, h], "width": [h, h, h]}
     big = size >= 256  # SD-scale networks get looser fp32 tolerances
     specs = [
-        NetworkSpec("text_encoder", TextEncoder(components.text_encoder),
-                    [TensorSpec("input_ids", "int64", ["batch", seq])],
-                    [TensorSpec("last_hidden_state", "float32", ["batch", seq, hidden])],
-                    {"batch": [1, 2, 2]}, {"max_abs": 1e-4 if not big else 1e-3},
-                    [{"batch": 2}, {"batch": 1}], make),
-        NetworkSpec("unet", UNet(components.unet),
-                    [TensorSpec("sample", "float32", latent), TensorSpec("timestep", "int64", ["batch"]),
-                     TensorSpec("encoder_hidden_states", "float32", ["batch", seq, hidden])],
-                    [TensorSpec("noise_pred", "float32", latent)],
-                    {"batch": [1, 2, 2], "frames": [fmin, fopt, fmax], **hw},
-                    {"max_abs": 1e-4 if not big else 2e-3},
-                    [{"batch": 2, "frames": fopt, "height": h, "width": h},
-                     {"batch": 1, "frames": other, "height": h, "width": h},
-                     {"batch": 2, "frames": other2, "height": h, "width": h}], make,
-                    ort_module=UNet(components.unet, fused_attention=True),
-                    portable_validate_at=_small_unet_shapes(components, h, fmin, fmax)),
+        NetworkExport.build("text_encoder", TextEncoderWrapper(components.text_encoder),
+                            [_tensor("input_ids", "int64", ["batch", seq])],
+                            [_tensor("last_hidden_state", "float32", ["batch", seq, hidden])],
+                            {"batch": [1, 2, 2]}, {"max_abs": 1e-4 if not big else 1e-3},
+                            [{"batch": 2}, {"batch": 1}], make),
+        NetworkExport.build("unet", UNetWrapper(components.unet),
+                            [_tensor("sample", "float32", latent), _tensor("timestep", "int64", ["batch"]),
+                             _tensor("encoder_hidden_states", "float32", ["batch", seq, hidden])],
+                            [_tensor("noise_pred", "float32", latent)],
+                            {"batch": [1, 2, 2], "frames": [fmin, fopt, fmax], **hw},
+                            {"max_abs": 1e-4 if not big else 2e-3},
+                            [{"batch": 2, "frames": fopt, "height": h, "width": h},
+                             {"batch": 1, "frames": other, "height": h, "width": h},
+                             {"batch": 2, "frames": other2, "height": h, "width": h}], make,
+                            ort_module=UNetWrapper(components.unet, fused_attention=True),
+                            portable_validate_at=_small_unet_shapes(components, h, fmin, fmax)),
     ]
     if vgt is not None:
-        vgt_inputs = [TensorSpec("sample", "float32", ["batch", c, "frames", h, h]),
-                      TensorSpec("timestep", "int64", ["batch"])]
+        vgt_inputs = [_tensor("sample", "float32", ["batch", c, "frames", h, h]),
+                      _tensor("timestep", "int64", ["batch"])]
         if cfg.vgt.source:
-            vgt_inputs.append(TensorSpec("source", "float32", ["batch", c, "frames", h, h]))
-        specs.append(NetworkSpec("vgt", VGT(vgt), vgt_inputs,
-                                 [TensorSpec("delta", "float32", ["batch", c, "frames", h, h])],
-                                 {"batch": [1, 1, 2], "frames": [fmin, fopt, min(fmax, cfg.vgt.max_frames)]},
-                                 {"max_abs": 1e-4},
-                                 [{"batch": 1, "frames": fopt}, {"batch": 1, "frames": other},
-                                  {"batch": 2, "frames": other2}], make))
+            vgt_inputs.append(_tensor("source", "float32", ["batch", c, "frames", h, h]))
+        vgt_frames = [fmin, fopt, min(fmax, cfg.vgt.max_frames)]
+        specs.append(NetworkExport.build("vgt", VGTWrapper(vgt), vgt_inputs,
+                                         [_tensor("delta", "float32", ["batch", c, "frames", h, h])],
+                                         {"batch": [1, 1, 2], "frames": vgt_frames},
+                                         {"max_abs": 1e-4},
+                                         [{"batch": 1, "frames": fopt}, {"batch": 1, "frames": other},
+                                          {"batch": 2, "frames": other2}], make))
     img = ["frames", 3, "image_height", "image_width"]
     lat = ["frames", c, "height", "width"]
     dec_frames = [1, min(fopt, 8), fmax]
     img_hw = {"image_height": [size, size, size], "image_width": [size, size, size]}
-    specs.append(NetworkSpec("vae_decoder", VAEDecoder(codec), [TensorSpec("latent", "float32", lat)],
-                             [TensorSpec("image", "float32", img)],
-                             {"frames": dec_frames, **hw}, {"max_abs": 1e-4 if not big else 5e-3},
-                             [{"frames": dec_frames[1], "height": h, "width": h},
-                              {"frames": other, "height": h, "width": h}], make))
-    specs.append(NetworkSpec("vae_encoder", VAEEncoder(codec), [TensorSpec("image", "float32", img)],
-                             [TensorSpec("latent", "float32", lat)],
-                             {"frames": dec_frames, **img_hw}, {"max_abs": 1e-4 if not big else 5e-3},
-                             [{"frames": dec_frames[1], "image_height": size, "image_width": size},
-                              {"frames": other, "image_height": size, "image_width": size}], make))
+    specs.append(NetworkExport.build("vae_decoder", VAEDecoderWrapper(codec), [_tensor("latent", "float32", lat)],
+                                     [_tensor("image", "float32", img)],
+                                     {"frames": dec_frames, **hw}, {"max_abs": 1e-4 if not big else 5e-3},
+                                     [{"frames": dec_frames[1], "height": h, "width": h},
+                                      {"frames": other, "height": h, "width": h}], make))
+    specs.append(NetworkExport.build("vae_encoder", VAEEncoderWrapper(codec), [_tensor("image", "float32", img)],
+                                     [_tensor("latent", "float32", lat)],
+                                     {"frames": dec_frames, **img_hw}, {"max_abs": 1e-4 if not big else 5e-3},
+                                     [{"frames": dec_frames[1], "image_height": size, "image_width": size},
+                                      {"frames": other, "image_height": size, "image_width": size}], make))
     return specs

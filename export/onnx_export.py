@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .networks import NetworkSpec
+from .networks import NetworkExport
 
 OPSET = 17
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
@@ -21,7 +21,7 @@ def onnx_opset(dynamo: bool, opset: int = OPSET) -> int:
     return max(opset, DYNAMO_MIN_OPSET) if dynamo else opset
 
 
-def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bool = False,
+def export_onnx(spec: NetworkExport, sizes: dict[str, int], path: Path, dynamo: bool = False,
                 opset: int = OPSET, ort_flavour: bool = False) -> list[Path]:
     """Trace ``spec.module`` (``spec.ort_module`` with ``ort_flavour``) at ``sizes`` and
     write ``path`` (+ external data over 2 GB).
@@ -57,7 +57,7 @@ def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bo
     return save_onnx(model, path)
 
 
-def apply_contract(model: onnx.ModelProto, spec: NetworkSpec) -> None:
+def apply_contract(model: onnx.ModelProto, spec: NetworkExport) -> None:
     """Write the contract's dims (named or fixed) onto the graph's inputs and outputs; the
     exporter invents names such as 'Transposenoise_pred_dim_1' for dims it cannot infer."""
     declared = {t.name: t.dims for t in spec.inputs + spec.outputs}

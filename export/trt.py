@@ -29,7 +29,7 @@ import numpy as np
 from apla_rt.atomic import write_file
 from apla_rt.errors import BackendUnavailable, ConfigError, IntegrityError
 from apla_rt.gpu import trt_available
-from apla_rt.manifest import sha256_file
+from apla_rt.manifest import is_int, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -88,17 +88,13 @@ def timing_cache_path(engine_dir: str | os.PathLike) -> Path:
     return Path(engine_dir) / TIMING_CACHE_NAME
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _dim_ranges(profile: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
     if not isinstance(profile, Mapping):
         raise ConfigError(f"profile must map dim names to [min, opt, max], got {profile!r}")
     ranges: dict[str, tuple[int, int, int]] = {}
     for dim, rng in profile.items():
         if (not isinstance(rng, (list, tuple)) or len(rng) != 3
-                or not all(_is_int(v) for v in rng)):
+                or not all(is_int(v) for v in rng)):
             raise ConfigError(f"profile[{dim!r}] must be three integers [min, opt, max], got {rng!r}")
         lo, opt, hi = (int(v) for v in rng)
         if lo < 1:
@@ -130,7 +126,7 @@ def profile_shapes(inputs: list[dict], profile: dict[str, list[int]]) -> Shapes:
         opt: list[int] = []
         hi: list[int] = []
         for dim in dims:
-            if _is_int(dim):
+            if is_int(dim):
                 if int(dim) < 1:
                     raise ConfigError(f"input {name!r}: fixed dim {dim} must be >= 1")
                 size = (int(dim),) * 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .networks import NetworkSpec
+from .networks import NetworkExport
 
 
 def ort_session(path, threads: int | None = None):
@@ -18,7 +18,7 @@ def ort_session(path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_network(spec: NetworkSpec, onnx_path, threads: int | None = None,
+def validate_network(spec: NetworkExport, onnx_path, threads: int | None = None,
                      shapes: list[dict[str, int]] | None = None) -> dict:
     """Compare at every shape of ``shapes`` (default ``spec.validate_at``, whose first is the
     traced one); NaN/Inf or an error over tolerance fails."""
