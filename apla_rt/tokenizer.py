@@ -13,7 +13,6 @@ pad token (CLIP: the end token). A prompt longer than that is an ``InputError``,
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import BPE
 
 from .errors import InputError, IntegrityError
+from .jsonfile import read_json_object
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -37,16 +37,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IntegrityError(f"tokenizer file {path} is not readable JSON ({err})") from err
-    return data if isinstance(data, dict) else {}
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -99,8 +89,9 @@ class ClipTokenizer:
         folder = Path(folder)
         if not folder.is_dir():
             raise IntegrityError(f"tokenizer folder {folder} is missing; re-run the export")
-        config = _read_json(folder / "tokenizer_config.json")
-        specials = {**_read_json(folder / "special_tokens_map.json"), **config}
+        config = read_json_object(folder / "tokenizer_config.json", IntegrityError, optional=True)
+        specials = {**read_json_object(folder / "special_tokens_map.json", IntegrityError, optional=True),
+                    **config}
         bos = _token_text(specials.get("bos_token")) or BOS
         eos = _token_text(specials.get("eos_token")) or EOS
         pad = _token_text(specials.get("pad_token")) or eos
@@ -116,7 +107,7 @@ class ClipTokenizer:
                     (eos, _token_id(tok, eos)), (bos, _token_id(tok, bos)),
                     trim_offsets=False, add_prefix_space=False)
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = _read_json(folder / "vocab.json")
+            vocab = read_json_object(folder / "vocab.json", IntegrityError)
             tok = build_clip_bpe(vocab, _read_merges(folder / "merges.txt"), bos, eos, unk)
         else:
             raise IntegrityError(f"tokenizer folder {folder} has neither tokenizer.json nor "

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apla_rt.errors import ConfigError, InputError
+from apla_rt.jsonfile import read_json_object
 from apla_rt.schedule import SchedulerConfig
 
 from .unet3d import UNet3DConditionModel
@@ -234,13 +235,6 @@ def save_components(components: Components, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "APLAComponents"}, indent=2))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {path}: {err}") from err
-
-
 def load_pretrained(path: str | Path, temporal: bool = True) -> Components:
     """Load an SD 1.x diffusers folder (or a saved tiny set) from disk only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -254,11 +248,11 @@ def load_pretrained(path: str | Path, temporal: bool = True) -> Components:
     if missing:
         raise InputError(f"--pretrained {root} lacks {', '.join(missing)}/ (expected a diffusers "
                          f"Stable Diffusion 1.x folder)")
-    sched = SchedulerConfig.from_dict(_read_json(root / "scheduler" / "scheduler_config.json"))
+    sched = SchedulerConfig.from_dict(read_json_object(root / "scheduler" / "scheduler_config.json"))
     try:
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
-        vae_cfg = _read_json(root / "vae" / "config.json")
+        vae_cfg = read_json_object(root / "vae" / "config.json")
         if vae_cfg.get("_class_name") == "PatchPCAAutoencoder":
             vae = _pca_autoencoder_cls().from_pretrained(root / "vae", local_files_only=True)
         else:

@@ -20,9 +20,11 @@ from apla_rt.schedule import DDIMSchedule, SchedulerConfig, ddim_inversion_step,
 from .components import Codec
 
 
-def predict_noise(unet, vgt, z: torch.Tensor, t: int, text: torch.Tensor, guidance: float | None,
-                  source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """eps_hat, eps_theta and delta for latents z (1, c, f, h, w).
+def predict_noise_torch(unet, vgt, z: torch.Tensor, t: int, text: torch.Tensor, guidance: float | None,
+                        source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eps_hat, eps_theta and delta for latents z (1, c, f, h, w), with the PyTorch modules;
+    ``apla_rt.pipeline.Engine.predict_noise`` is the same step in NumPy over the exported
+    networks (the two must agree: tests/test_rt_exported.py).
 
     ``text`` is (2, seq, d) = [uncond, cond] with guidance, or (1, seq, d) without.
     """
@@ -49,7 +51,7 @@ def ddim_sample(unet, vgt, start: torch.Tensor, text: torch.Tensor, scheduler: S
     sched = DDIMSchedule.build(scheduler, steps)
     z = start.float()
     for i, t in enumerate(sched.timesteps):
-        eps_hat, eps_theta, delta = predict_noise(unet, vgt, z, int(t), text, guidance, source)
+        eps_hat, eps_theta, delta = predict_noise_torch(unet, vgt, z, int(t), text, guidance, source)
         if callback is not None:
             ratio = float(delta.norm() / eps_theta.norm().clamp_min(1e-12))
             callback(i, int(t), ratio)
@@ -64,7 +66,7 @@ def ddim_invert(unet, vgt, latents: torch.Tensor, uncond: torch.Tensor, schedule
     sched = DDIMSchedule.build(scheduler, steps)
     z = latents.float()
     for t in sched.timesteps[::-1]:
-        eps_hat, _, _ = predict_noise(unet, vgt, z, int(t), uncond, None, source)
+        eps_hat, _, _ = predict_noise_torch(unet, vgt, z, int(t), uncond, None, source)
         z = torch.from_numpy(ddim_inversion_step(_np(eps_hat), int(t), _np(z), sched)).to(z.device)
     return z
 
