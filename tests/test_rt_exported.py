@@ -21,8 +21,9 @@ from apla_rt.video import read_video
 def test_exported_generate_matches_reference_sampler(exported, reference, tmp_path):
     import torch
 
+    from apla_rt.video import psnr
     from apla_train.components import encode_prompts
-    from apla_train.sampling import ddim_sample, decode_video, psnr
+    from apla_train.sampling import ddim_sample, decode_video
 
     run, engine = exported
     cfg, comp, vgt = reference
