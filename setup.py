@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 TRAIN = [
     "torch==2.14.1",
     "torchvision==0.29.1",
-    "diffusers>=0.35",
+    "diffusers>=0.42,<0.43",  # apla_train.unet3d.DIFFUSERS_RANGE: what its forward is tested against
+    "packaging>=23",
     "transformers>=4.45",
     "accelerate>=1.0",
     "safetensors>=0.4",

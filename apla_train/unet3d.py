@@ -13,6 +13,10 @@ Its forward pass is written here, over the diffusers modules, for tensors (b, c,
 
 Every frame-dependent step is a tensor op (reshape, expand, slice, cat), so the module
 exports to ONNX with a dynamic frame axis.
+
+The forward reads diffusers' module attributes directly, so it is tied to the diffusers
+releases it is tested against: ``DIFFUSERS_RANGE``, the range setup.py pins
+(``diffusers_version_problem`` says why another version is refused).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from apla_rt.errors import ConfigError
 
+# the diffusers releases the forward below is tested against (setup.py pins the same range)
+DIFFUSERS_RANGE = ">=0.42,<0.43"
 SUPPORTED_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
                     "CrossAttnUpBlock2D", "UpBlock2D"}
 TEMPORAL_KEYS = ("attn_temp", "norm_temp")
@@ -145,8 +151,10 @@ class UNet3DConditionModel(nn.Module):
         nn.init.zeros_(block.attn_temp.to_out[0].bias)
 
     def transformer_blocks(self):
+        from diffusers.models.attention import BasicTransformerBlock
+
         for module in self.modules():
-            if type(module).__name__ == "BasicTransformerBlock":
+            if isinstance(module, BasicTransformerBlock):
                 yield module
 
     # -- blocks ----------------------------------------------------------------------
@@ -275,3 +283,20 @@ def load_2d_weights_strict(unet3d: UNet3DConditionModel, state: dict[str, torch.
         raise ConfigError(f"UNet weights do not match the model: {len(missing)} missing "
                           f"(e.g. {missing[:1]}), {len(result.unexpected_keys)} unexpected "
                           f"(e.g. {result.unexpected_keys[:1]})")
+
+
+def diffusers_version_problem(version: str) -> str | None:
+    """Why diffusers ``version`` cannot run this UNet's forward, or None when it is in the
+    tested ``DIFFUSERS_RANGE``."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        ok = Version(version) in SpecifierSet(DIFFUSERS_RANGE)
+    except InvalidVersion:
+        ok = False
+    if ok:
+        return None
+    return (f"diffusers {version} is outside {DIFFUSERS_RANGE}, the range the temporal UNet's "
+            f"hand-written forward is tested against; install a diffusers in that range "
+            f"(pip install 'diffusers{DIFFUSERS_RANGE}')")

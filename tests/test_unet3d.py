@@ -17,8 +17,9 @@ from torch import nn
 
 from apla_rt.errors import ConfigError
 from apla_train.components import tiny_unet2d_config
-from apla_train.unet3d import (UNet3DConditionModel, attention, group_norm_over_frames, is_trainable_name,
-                               load_2d_weights_strict, sparse_causal_keys)
+from apla_train.unet3d import (DIFFUSERS_RANGE, UNet3DConditionModel, attention, diffusers_version_problem,
+                               group_norm_over_frames, is_trainable_name, load_2d_weights_strict,
+                               sparse_causal_keys)
 
 TEXT_DIM = 32  # tiny_unet2d_config's cross_attention_dim
 
@@ -299,3 +300,37 @@ def test_temporal_layers_are_not_trained_when_the_temporal_branch_is_off():
         assert not is_trainable_name(name, mode, temporal=False)
         assert not is_trainable_name(norm, mode, temporal=False)
         assert is_trainable_name(q, mode, temporal=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The diffusers range the hand-written forward is tested against
+
+
+def test_installed_diffusers_is_in_the_tested_range():
+    import diffusers
+
+    problem = diffusers_version_problem(diffusers.__version__)
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize("version", ["0.34.0", "0.43.0", "1.0.0", "not-a-version"])
+def test_a_diffusers_outside_the_range_is_named_with_the_fix(version):
+    problem = diffusers_version_problem(version)
+    assert problem is not None and version in problem and DIFFUSERS_RANGE in problem
+    assert f"pip install 'diffusers{DIFFUSERS_RANGE}'" in problem
+
+
+def test_setup_pins_the_tested_diffusers_range():
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert f'"diffusers{DIFFUSERS_RANGE}"' in setup
+
+
+def test_transformer_blocks_are_found_by_class():
+    model = unet3d(**THREE_LEVEL)
+    expected = [b for block in [*model.down_blocks, model.mid_block, *model.up_blocks]
+                for tr in (getattr(block, "attentions", None) or []) for b in tr.transformer_blocks]
+    found = list(model.transformer_blocks())
+    assert len(found) == len(expected) == 11 and {id(b) for b in found} == {id(b) for b in expected}
+    assert all(hasattr(b, "attn_temp") and hasattr(b, "norm_temp") for b in found)
