@@ -173,3 +173,33 @@ def test_a_config_that_is_not_a_mapping_is_a_config_error():
     for data in ([], "train", 3, None):
         with pytest.raises(ConfigError, match="must be a mapping"):
             from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------
+# The run's own inversion and sample after training: by device unless set
+
+
+def test_final_steps_follow_the_device_unless_set():
+    from apla_train.config import CPU_FINAL_STEPS
+
+    sample = AplaConfig().sample  # the spec's 50 + 50
+    assert sample.final_steps == "auto"
+    assert sample.final_step_counts("cuda") == (50, 50)
+    assert sample.final_step_counts("cpu") == (CPU_FINAL_STEPS, CPU_FINAL_STEPS) and CPU_FINAL_STEPS < 50
+    few = from_dict({"sample": {"steps": 4, "inversion_steps": 3}}).sample
+    assert few.final_step_counts("cpu") == (3, 4)  # "auto" never adds steps
+    every = from_dict({"sample": {"final_steps": "all"}}).sample
+    assert every.final_step_counts("cpu") == every.final_step_counts("cuda") == (50, 50)
+    capped = from_dict({"sample": {"final_steps": 20, "inversion_steps": 30, "steps": 8}}).sample
+    assert capped.final_step_counts("cuda") == capped.final_step_counts("cpu") == (20, 8)
+    tiny = from_dict(tiny_preset()).sample  # the CPU quickstart keeps its 25 + 25
+    assert tiny.final_step_counts("cpu") == (25, 25)
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "sample.final_steps must be"), ("some", "sample.final_steps must be one of"),
+    (2.5, "sample.final_steps must be one of"), (True, "sample.final_steps must be one of")])
+def test_final_steps_must_be_auto_all_or_a_positive_count(value, message):
+    data = {"model": {"preset": "tiny"}, "sample": {"final_steps": value}}
+    with pytest.raises(ConfigError, match=message):
+        from_dict(data).validate()

@@ -344,6 +344,24 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_run, tiny_run_args
 # Learning, the --pretrained path, LPIPS
 
 
+def test_steps_after_training_are_logged_and_summarised(skiing, tmp_path):
+    """sample.final_steps="auto" on a CPU takes at most CPU_FINAL_STEPS; the log and
+    summary.json say which counts were used."""
+    from apla_train.config import CPU_FINAL_STEPS
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU's counts; this machine trains on CUDA")
+    lines: list[str] = []
+    cfg = tiny_cfg(skiing, train={"steps": 1},
+                   sample={"final_steps": "auto", "steps": CPU_FINAL_STEPS + 2, "inversion_steps": 12})
+    summary = train(cfg, tmp_path / "run", progress=False, log=lines.append)
+    assert (summary["inversion_steps"], summary["sample_steps"]) == (CPU_FINAL_STEPS, CPU_FINAL_STEPS)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["inversion_steps"] == CPU_FINAL_STEPS
+    assert f"after training: {CPU_FINAL_STEPS} inversion and {CPU_FINAL_STEPS} sampling steps" in "\n".join(lines)
+    saved = from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert saved.sample.final_steps == "auto" and saved.sample.steps == CPU_FINAL_STEPS + 2
+
+
 def test_loss_falls_when_overfitting_four_frames(skiing, tmp_path):
     cfg = tiny_cfg(skiing, train={"steps": 30, "checkpoint_every": 30})
     summary = quiet_train(cfg, tmp_path / "run")
