@@ -1,5 +1,6 @@
-"""Shared test fixtures: the real clips in the workplace's ``shared/data`` folder, and every
-fixture that more than one test file uses, each built once per session:
+"""Shared test fixtures: the real clips in the workplace's ``shared/data`` folder (else the
+repository's ``examples/man-skiing.mp4``), and every fixture that more than one test file
+uses, each built once per session:
 
 * training: the shared tiny run (``tiny_run``, tests/test_train*.py), exported to ONNX once
   (``exported``, ``reference``: tests/test_rt_exported.py and the benchmarks' tests);
@@ -29,20 +30,26 @@ if TYPE_CHECKING:
     from reliability_helpers import World
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # shipped: man-skiing.mp4 (48 frames, 128 px)
 
 
 def clip_path(name: str) -> Path:
-    """Path of a clip in ``shared/data``; skips the test when it is not there."""
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"test clip {path} is not available")
-    return path
+    """Path of a clip in ``shared/data``, else the repository's copy in ``examples/`` (a plain
+    clone has ``man-skiing.mp4`` there); skips, saying so, when neither has it."""
+    for folder in (SHARED_DATA, EXAMPLES):
+        if (folder / name).is_file():
+            return folder / name
+    pytest.skip(f"test clip {name} is not in {SHARED_DATA} (the workplace's data) and the "
+                f"repository ships only examples/man-skiing.mp4")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The workplace's full-size clips, for tests of their exact frames (counts, sizes, audio
+    track) and of the second clip, car-turn.mp4."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"test data folder {SHARED_DATA} is not available")
+        pytest.skip(f"test data folder {SHARED_DATA} is not available: this test reads the "
+                    f"full-size clips (the repository ships only a 128 px excerpt of one)")
     return SHARED_DATA
 
 
@@ -62,8 +69,8 @@ def _two_torch_threads():
 
 
 @pytest.fixture(scope="session")
-def skiing(shared_data) -> Path:
-    """man-skiing.mp4: 91 frames with an audio track."""
+def skiing() -> Path:
+    """man-skiing.mp4: shared/data's (91 frames with an audio track), else examples/' excerpt."""
     return clip_path("man-skiing.mp4")
 
 
