@@ -3,8 +3,8 @@
     python benchmarks/train_step.py [--config tiny|large|all] [--threads 2] [--steps 10]
                                     [--warmup 2] [--json]
 
-One step is the body of ``apla_train.train.train``'s loop with the same library functions:
-one t for the clip, noise, z_t; eps_hat = UNet3D(z_t, t, c) + VGT(z_t, t); Hyper-Loss (MSE +
+One step is ``apla_train.train``'s ``generator_step`` then ``discriminator_step``, written out
+with the same library functions and without Accelerate: one t for the clip, noise, z_t; eps_hat = UNet3D(z_t, t, c) + VGT(z_t, t); Hyper-Loss (MSE +
 L1) + l_adv x the adversarial term; backward, grad clip, AdamW; then the discriminator's
 Adam step. The adversarial term is on (the steady state after ``loss.adv_start``); the
 perceptual term is off (as in the tiny preset: LPIPS needs backbone weights). Inputs are
