@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 from apla_rt.errors import ConfigError
 
 # sample.final_steps="auto" on a CPU: at most this many inversion and sampling steps after
-# training (an SD-sized model takes ~10 s per step there; the spec's 50 + 50 would add 20-30 min)
+# training (with an SD-sized model the spec's 50 + 50 take 20-30 min there)
 CPU_FINAL_STEPS = 10
 
 
