@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from apla_rt.errors import AplaError, BackendUnavailable, InputError
 
-from .metrics import check_frames
+from .metrics import check_video
 
 
 def _l2(x: torch.Tensor) -> np.ndarray:
@@ -71,7 +71,7 @@ class ClipEmbedder:
 
     @torch.inference_mode()
     def embed_images(self, frames: np.ndarray) -> np.ndarray:
-        frames = check_frames(frames)
+        frames = check_video(frames)
         chunks = []
         for i in range(0, len(frames), self.batch_size):
             pixels = self.processor.image_processor(images=list(frames[i:i + self.batch_size]),
@@ -204,7 +204,7 @@ class OfflineEmbedder:
 
     @torch.inference_mode()
     def embed_images(self, frames: np.ndarray) -> np.ndarray:
-        frames = check_frames(frames)
+        frames = check_video(frames)
         feats = [self.model.features(lite0_preprocess(frames[i:i + self.batch_size]))
                  for i in range(0, len(frames), self.batch_size)]
         return _l2(torch.cat(feats))
@@ -222,7 +222,7 @@ def lpips_to_source(video: np.ndarray, source: np.ndarray, net: str = "alex",
     Uses ``apla_train.losses.load_lpips(net, weights)`` (inputs in [-1, 1], lower = closer);
     LPIPS is unavailable when that module is missing or its weights are not installed.
     """
-    video, source = check_frames(video), check_frames(source)
+    video, source = check_video(video), check_video(source)
     if video.shape != source.shape:
         raise ValueError(f"video {video.shape} and source {source.shape} must be sampled the same way")
     try:

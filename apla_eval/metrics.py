@@ -40,7 +40,7 @@ FARNEBACK_ITERATIONS, FARNEBACK_POLY_N, FARNEBACK_POLY_SIGMA = 3, 5, 1.2
 STATIC_FLOW_PX = 1.0
 
 
-def check_frames(frames: np.ndarray, name: str = "frames", min_frames: int = 1) -> np.ndarray:
+def check_video(frames: np.ndarray, name: str = "frames", min_frames: int = 1) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{name} must be uint8 (f, h, w, 3), got {frames.dtype} {frames.shape}")
@@ -115,7 +115,7 @@ def warp_back(b: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def consecutive_flows(frames: np.ndarray) -> list[np.ndarray]:
     """``optical_flow(frame i, frame i+1)`` for every consecutive pair."""
-    frames = check_frames(frames, min_frames=2)
+    frames = check_video(frames, min_frames=2)
     return [optical_flow(a, b) for a, b in zip(frames[:-1], frames[1:])]
 
 
@@ -125,7 +125,7 @@ def warp_error(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> flo
     Only in-bounds pixels count; a pair with none (cannot happen for sane flow) is skipped.
     ``flows``: ``consecutive_flows(frames)`` where already computed.
     """
-    frames = check_frames(frames, min_frames=2)
+    frames = check_video(frames, min_frames=2)
     flows = flows if flows is not None else consecutive_flows(frames)
     errors = []
     for a, b, flow in zip(frames[:-1], frames[1:], flows):
@@ -145,7 +145,7 @@ def motion(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> dict[st
     ``is_static``: ``p99_flow_px < STATIC_FLOW_PX`` (see there).
     ``flows``: ``consecutive_flows(frames)`` where already computed.
     """
-    frames = check_frames(frames, min_frames=2)
+    frames = check_video(frames, min_frames=2)
     flows = flows if flows is not None else consecutive_flows(frames)
     mean_mag, p99_mag, diffs = [], [], []
     for a, b, flow in zip(frames[:-1], frames[1:], flows):
@@ -166,7 +166,7 @@ def motion(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> dict[st
 # --- against a source clip ----------------------------------------------------------------
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a, b = check_frames(a, "video"), check_frames(b, "source")
+    a, b = check_video(a, "video"), check_video(b, "source")
     if a.shape != b.shape:
         raise ValueError(f"video {a.shape} and source {b.shape} must be sampled the same way")
     return a, b
