@@ -261,6 +261,11 @@ class Pipeline:
                     videos[i] = video
         return [v for v in videos if v is not None]
 
+    def check(self, request: Request, *, from_noise: bool = False,
+              latent: Latent | np.ndarray | str | os.PathLike | None = None) -> None:
+        """Raise ``InputError`` (the CLI's one-line message) for a request ``run`` refuses."""
+        self._item(request, from_noise, latent)
+
     def _item(self, request: Request, from_noise: bool,
               latent: Latent | np.ndarray | str | os.PathLike | None) -> _Item:
         """Check a request and find its start latent (and clean latents for the VGT)."""
@@ -269,6 +274,7 @@ class Pipeline:
             raise InputError("--prompt and --negative-prompt must be text")
         if isinstance(r.seed, bool) or not isinstance(r.seed, (int, np.integer)) or not 0 <= r.seed < 2**63:
             raise InputError(f"--seed must be an integer from 0 to 2**63 - 1, got {r.seed!r}")
+        self.engine.tokenizer([r.negative_prompt, r.prompt])  # an over-long prompt fails here
         steps = check_steps(r.steps) if r.steps is not None else self.default_steps()
         guidance = check_guidance(r.guidance) if r.guidance is not None else self.default_guidance()
         needs_clean = self.use_vgt and self.vgt_reads_source

@@ -430,7 +430,8 @@ def check_start_frames(z: np.ndarray, frames: int | None, manifest: Manifest, wh
     return z
 
 
-def _progress(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
+def progress_bar(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
+    """(step callback, close) of a tqdm bar over ``total`` steps; (None, no-op) when disabled."""
     if not enabled:
         return None, lambda: None
     from tqdm.auto import tqdm
@@ -463,7 +464,7 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
         check_video_suffix(out)
         check_writable(out, force)
     with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt) as pipe:
-        callback, done = _progress(progress, steps or pipe.default_steps(), "sample")
+        callback, done = progress_bar(progress, steps or pipe.default_steps(), "sample")
         try:
             video, = pipe.generate(prompt, seeds=seed, frames=frames, steps=steps,
                                    guidance=guidance, negative_prompt=negative_prompt,
@@ -495,6 +496,7 @@ class InvertResult:
     timings: Timings
     backend: str
     source_path: Path | None = None  # the clean latents, written for a vgt.source VGT
+    steps: int = 0  # the DDIM steps used
 
 
 def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -516,7 +518,8 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
     with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, for_inversion=True) as pipe:
         if out is not None and pipe.vgt_reads_source:
             check_writable(source_path_for(out), force)
-        callback, done = _progress(progress, steps or pipe.default_inversion_steps(), "invert")
+        steps = steps or pipe.default_inversion_steps()
+        callback, done = progress_bar(progress, steps, "invert")
         try:
             inverted = pipe.invert(video, steps=steps, frames=frames, start=start, stride=stride,
                                    callback=callback)
@@ -528,7 +531,7 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
                 source = _save_npy(source_path_for(out), inverted.clean, force)
             path = _save_npy(out, inverted.start, force)
         return InvertResult(inverted.start, inverted.clean, path, pipe.timings, pipe.describe(),
-                            source)
+                            source, steps)
 
 
 def _save_npy(out: str | os.PathLike, array: np.ndarray, force: bool) -> Path:
