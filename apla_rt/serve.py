@@ -223,16 +223,19 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
     options.check()
     address = os.environ.get("RAY_ADDRESS") or None
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    started_ray = False
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
+    started_ray = address is None
     try:
-        if address is None:
-            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-            started_ray = True
-        else:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address or "local", include_dashboard=False if started_ray else None,
+                 logging_level="WARNING", log_to_driver=False)
+        for sig in signals:  # ray.init may have installed its own handlers
+            signal.signal(sig, lambda *_: stop.set())
+        if stop.is_set():
+            return
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(asdict(options)), name=APP_NAME, route_prefix="/", blocking=False)
+        if not stop.is_set():
+            serve.run(build_app(asdict(options)), name=APP_NAME, route_prefix="/", blocking=False)
         log(f"serving {options.engine_dir} on http://{host}:{port} (POST /generate, GET /healthz, "
             f"GET /info); {options.replicas} replica(s), batches of up to {options.max_batch}; "
             "Ctrl-C stops")
