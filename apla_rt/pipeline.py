@@ -165,14 +165,13 @@ class Engine:
 
     @functools.cached_property
     def split_guidance(self) -> bool:
-        """Run the guidance batch's two halves as two concurrent batch-1 UNet calls on the
-        one session instead of one batch-2 call: ONNX Runtime on a CPU with ``threads`` given
-        and at least 2 (the session's pool then has ``threads - 1``, the second caller makes
-        ``threads``). Small ops parallelise poorly inside one call; two calls side by side
-        keep the cores busy (13-15 % less UNet time at 2 threads, docs/benchmarks.md; not
-        measured on more cores). The weights are not duplicated: an ONNX Runtime session may
-        be run from several threads at once. Without ``threads`` ONNX Runtime picks its own
-        thread count and the batch stays whole."""
+        """Run the guidance batch's two halves (uncond rows, cond rows) as two concurrent
+        UNet calls on the one session instead of one call: ONNX Runtime on a CPU with
+        ``threads`` given and at least 2 (the session's pool then has ``threads - 1``, the
+        second caller makes ``threads``). Small ops parallelise poorly inside one call; two
+        calls side by side keep the cores busy (measured in docs/benchmarks.md). The weights
+        are not duplicated: an ONNX Runtime session may be run from several threads at once.
+        Without ``threads`` ONNX Runtime picks its own thread count and the batch stays whole."""
         return (self.guidance_batch and self.backend == "ort" and self.threads is not None
                 and self.threads >= 2 and not ort_cuda_available())
 

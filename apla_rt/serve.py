@@ -60,6 +60,7 @@ class ServeOptions:
     threads: int | None = None
     from_noise: bool = False
     timeout_s: float = 300.0
+    autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces ``replicas``
 
     def check(self) -> "ServeOptions":
         for name, value, low in (("--replicas", self.replicas, 1), ("--max-batch", self.max_batch, 1),
@@ -140,7 +141,11 @@ class AplaServer:
             raise RuntimeError("the pipeline is closed")
 
     async def __call__(self, http: HttpRequest) -> Response:
-        path, method = http.url.path.rstrip("/") or "/", http.method
+        path, method = http.url.path, http.method
+        root = http.scope.get("root_path", "")  # the app's route prefix
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path = path.rstrip("/") or "/"
         if path == "/healthz" and method == "GET":
             return JSONResponse({"ok": True})
         if path == "/info" and method == "GET":
@@ -207,8 +212,10 @@ def build_app(args: dict[str, Any]) -> Any:
     actor: dict[str, Any] = {"num_cpus": o.num_cpus}
     if o.num_gpus:
         actor["num_gpus"] = o.num_gpus
+    scale: dict[str, Any] = ({"autoscaling_config": o.autoscaling_config} if o.autoscaling_config
+                             else {"num_replicas": o.replicas})
     return AplaServer.options(  # type: ignore[attr-defined]
-        num_replicas=o.replicas, ray_actor_options=actor,
+        **scale, ray_actor_options=actor,
         max_ongoing_requests=o.max_batch + o.max_queue + 8,
         max_queued_requests=max(1, o.max_queue) * o.replicas,
     ).bind(asdict(o))
