@@ -121,7 +121,7 @@ class Pipeline:
              timings: Timings | None = None) -> "Pipeline":
         """Open and verify the networks ``generate`` needs (``for_inversion``: those ``invert``
         needs, the UNet set up for batch 1); the others open on first use."""
-        names = INVERT_NETWORKS if for_inversion else GENERATE_NETWORKS
+        names: tuple[str, ...] = INVERT_NETWORKS if for_inversion else GENERATE_NETWORKS
         if not use_vgt:
             names = tuple(n for n in names if n != "vgt")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -331,7 +331,7 @@ class Pipeline:
         encoded = engine.encode_text(unique)
         text = encoded if unique == texts else np.ascontiguousarray(encoded[[unique.index(t) for t in texts]])
         start = np.concatenate([it.start for it in items])
-        clean = (np.concatenate([it.clean for it in items])  # type: ignore[misc]
+        clean = (np.concatenate([it.clean for it in items if it.clean is not None])
                  if items[0].clean is not None else None)
         guidance = np.array([it.guidance for it in items], dtype=np.float32)
         z = engine.sample(start, text, items[0].steps, guidance, self.use_vgt, callback, clean)

@@ -524,6 +524,7 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
                                    callback=callback)
         finally:
             done()
+        assert inverted.clean is not None  # invert always keeps the clip's clean latents
         path = source = None
         if out is not None:
             if pipe.vgt_reads_source:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import secrets
@@ -127,11 +128,12 @@ class AplaServer:
     """One replica: an open ``Pipeline`` and the batching queue in front of it."""
 
     def __init__(self, options: dict[str, Any]):
-        self.options = ServeOptions(**options).check()
-        o = self.options
+        self.settings = ServeOptions(**options).check()
+        o = self.settings
         self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, max_batch=o.max_batch)
-        self.generate_batch.set_max_batch_size(o.max_batch)
-        self.generate_batch.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
+        batcher: Any = self.generate_batch  # Serve's batch wrapper
+        batcher.set_max_batch_size(o.max_batch)
+        batcher.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
         self.in_flight = 0  # accepted /generate requests not yet answered
         self.batch_seconds = 1.0  # the last batch's duration, for Retry-After
 
@@ -150,7 +152,7 @@ class AplaServer:
             return JSONResponse({"ok": True})
         if path == "/info" and method == "GET":
             return JSONResponse({**self.pipe.summary(), "pid": os.getpid(),
-                                 "serve": asdict(self.options)})
+                                 "serve": asdict(self.settings)})
         if path == "/generate" and method == "POST":
             return await self._generate(http)
         if path in ("/healthz", "/info", "/generate"):
@@ -158,7 +160,7 @@ class AplaServer:
         return _error(404, f"no route {path}; use POST /generate, GET /healthz or GET /info")
 
     async def _generate(self, http: HttpRequest) -> Response:
-        o = self.options
+        o = self.settings
         if self.in_flight >= o.max_batch + o.max_queue:
             waits = math.ceil(self.in_flight / o.max_batch)
             retry = max(1, math.ceil(waits * self.batch_seconds))
@@ -184,7 +186,7 @@ class AplaServer:
             self.in_flight -= 1
 
     def _timeout(self, http: HttpRequest) -> float:
-        timeout = self.options.timeout_s
+        timeout = self.settings.timeout_s
         given = http.headers.get(TIMEOUT_HEADER)
         if given is not None:
             try:
@@ -200,7 +202,7 @@ class AplaServer:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def generate_batch(self, requests: list[Request]) -> list[Video]:
         started = time.perf_counter()
-        videos = await asyncio.to_thread(self.pipe.run, requests, from_noise=self.options.from_noise)
+        videos = await asyncio.to_thread(self.pipe.run, requests, from_noise=self.settings.from_noise)
         self.batch_seconds = time.perf_counter() - started
         return videos
 
@@ -235,7 +237,7 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
     started_ray = address is None
     try:
         ray.init(address=address or "local", include_dashboard=False if started_ray else None,
-                 logging_level="WARNING", log_to_driver=False)
+                 logging_level=logging.WARNING, log_to_driver=False)
         for sig in signals:  # ray.init may have installed its own handlers
             signal.signal(sig, lambda *_: stop.set())
         if stop.is_set():
