@@ -216,10 +216,14 @@ def build_app(args: dict[str, Any]) -> Any:
         actor["num_gpus"] = o.num_gpus
     scale: dict[str, Any] = ({"autoscaling_config": o.autoscaling_config} if o.autoscaling_config
                              else {"num_replicas": o.replicas})
+    # The replica answers 503 itself beyond max_batch + max_queue (with Retry-After), so Serve
+    # forwards a little more than that to it; Serve's own queue at the proxy is a second bound
+    # (its 503 has no Retry-After) that only a flood of that many requests per replica reaches.
+    ongoing = o.max_batch + o.max_queue + 8
+    replicas = (o.autoscaling_config or {}).get("max_replicas", o.replicas)
     return AplaServer.options(  # type: ignore[attr-defined]
-        **scale, ray_actor_options=actor,
-        max_ongoing_requests=o.max_batch + o.max_queue + 8,
-        max_queued_requests=max(1, o.max_queue) * o.replicas,
+        **scale, ray_actor_options=actor, max_ongoing_requests=ongoing,
+        max_queued_requests=ongoing * int(replicas),
     ).bind(asdict(o))
 
 
