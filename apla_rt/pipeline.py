@@ -44,7 +44,7 @@ from .manifest import Manifest, check_latent, load_npy
 from .runners import Runner, open_runner, ort_cuda_available, select_backend
 from .schedule import DDIMSchedule, ddim_inversion_step, ddim_step
 from .tokenizer import ClipTokenizer
-from .video import WRITE_SUFFIXES, read_video, write_video
+from .video import WRITE_SUFFIXES, write_video
 
 MAX_STEPS = 1000
 DECODE_CHUNK = 8  # frames per VAE call (also capped by the VAE's profile)
