@@ -240,8 +240,12 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
     started_ray = address is None
     try:
-        ray.init(address=address or "local", include_dashboard=False if started_ray else None,
-                 logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address or "local", include_dashboard=False if started_ray else None,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as err:
+            raise AplaError(f"cannot join the Ray cluster at RAY_ADDRESS={address} ({err}); start "
+                            "it (ray start --head) or unset RAY_ADDRESS for a local one") from None
         for sig in signals:  # ray.init may have installed its own handlers
             signal.signal(sig, lambda *_: stop.set())
         if stop.is_set():
