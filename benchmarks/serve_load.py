@@ -92,8 +92,8 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=100 * 1024**2,
-             logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+             object_store_memory=100 * 1024**2, logging_level="ERROR", log_to_driver=False)
     results = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

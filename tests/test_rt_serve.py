@@ -59,7 +59,7 @@ def server(exported):
 
     _, folder = exported
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
              logging_level="WARNING", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
