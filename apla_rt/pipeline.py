@@ -1,19 +1,27 @@
 """The runtime's sampling loop (spec section 5), NumPy around the networks' runners.
 
-    text   = TextEncoder(tokenize([negative prompt, prompt]))      once, batch 2 = [uncond, cond]
-    z      = start latent (the manifest's inversion, a .npy, or seeded Gaussian noise)
+For a batch of n videos (n = 1 for one video):
+
+    text   = TextEncoder(tokenize([negative prompts] + [prompts]))  once, batch 2n = [uncond, cond]
+    z      = start latents (n, c, f, h, w): the manifest's inversion, a .npy, or seeded noise
     for t in DDIM timesteps (descending):
-        eps_u, eps_c = UNet([z, z], [t, t], text)                  batch 2 (two batch-1 calls
+        eps_u, eps_c = UNet([z, z], t, text)                      batch 2n, in chunks of the
+                                                                   profile's batch (the two halves
                                                                    side by side with --threads >= 2
                                                                    on a CPU: Engine.split_guidance)
-        delta        = VGT(z, t)                                   one call (0 with --no-vgt)
-        eps          = eps_u + s (eps_c - eps_u) + delta
+        delta        = VGT(z, t)                                   batch n (0 with --no-vgt)
+        eps          = eps_u + s (eps_c - eps_u) + delta           s per video
         z            = ddim_step(eps, t, z)                        float64 NumPy, apla_rt.schedule
-    frames = VAE decoder(z) in chunks of frames -> uint8 -> mp4/gif
+    frames = VAE decoder(z[i]) in chunks of frames -> uint8 -> mp4/gif
+
+Every row of a batch is computed as it would be alone, so a batch gives each video's
+one-at-a-time result (within float32 rounding of the networks' kernels).
 
 Inversion (``invert``) walks the same timesteps in ascending order with the same predictor,
 the empty prompt and no guidance (UNet batch 1), from the VAE encoder's latents of a video.
 This is the same computation as ``apla_train.sampling`` (the PyTorch reference sampler).
+
+``generate`` and ``invert`` are the CLI's one-call entry points over ``apla_rt.api.Pipeline``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from .manifest import Manifest, check_latent, load_npy
 from .runners import Runner, open_runner, ort_cuda_available, select_backend
 from .schedule import DDIMSchedule, ddim_inversion_step, ddim_step
 from .tokenizer import ClipTokenizer
-from .video import WRITE_SUFFIXES, read_video, write_video
+from .video import WRITE_SUFFIXES, write_video
 
 MAX_STEPS = 1000
 DECODE_CHUNK = 8  # frames per VAE call (also capped by the VAE's profile)
@@ -157,14 +165,13 @@ class Engine:
 
     @functools.cached_property
     def split_guidance(self) -> bool:
-        """Run the guidance batch's two halves as two concurrent batch-1 UNet calls on the
-        one session instead of one batch-2 call: ONNX Runtime on a CPU with ``threads`` given
-        and at least 2 (the session's pool then has ``threads - 1``, the second caller makes
-        ``threads``). Small ops parallelise poorly inside one call; two calls side by side
-        keep the cores busy (13-15 % less UNet time at 2 threads, docs/benchmarks.md; not
-        measured on more cores). The weights are not duplicated: an ONNX Runtime session may
-        be run from several threads at once. Without ``threads`` ONNX Runtime picks its own
-        thread count and the batch stays whole."""
+        """Run the guidance batch's two halves (uncond rows, cond rows) as two concurrent
+        UNet calls on the one session instead of one call: ONNX Runtime on a CPU with
+        ``threads`` given and at least 2 (the session's pool then has ``threads - 1``, the
+        second caller makes ``threads``). Small ops parallelise poorly inside one call; two
+        calls side by side keep the cores busy (measured in docs/benchmarks.md). The weights
+        are not duplicated: an ONNX Runtime session may be run from several threads at once.
+        Without ``threads`` ONNX Runtime picks its own thread count and the batch stays whole."""
         return (self.guidance_batch and self.backend == "ort" and self.threads is not None
                 and self.threads >= 2 and not ort_cuda_available())
 
@@ -225,30 +232,39 @@ class Engine:
         with self.timings("text encoder"):
             return self._run("text_encoder", {"input_ids": ids}).astype(np.float32, copy=False)
 
-    def predict_noise(self, z: np.ndarray, t: int, text: np.ndarray, guidance: float | None,
-                      use_vgt: bool = True, source: np.ndarray | None = None
+    def predict_noise(self, z: np.ndarray, t: int, text: np.ndarray,
+                      guidance: float | np.ndarray | None, use_vgt: bool = True,
+                      source: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(eps_hat, eps_theta, delta) for z (1, c, f, h, w); ``text`` is (2, ...) = [uncond,
-        cond] with guidance, or (1, ...) without (then ``guidance`` is None). ``source``: the
-        clean latent (float32, contiguous), given only to a VGT that reads it
-        (``vgt_reads_source``)."""
-        b = text.shape[0]
-        feeds = {"sample": np.ascontiguousarray(np.broadcast_to(z, (b,) + z.shape[1:])),
+        """(eps_hat, eps_theta, delta) for z (n, c, f, h, w).
+
+        With guidance, ``text`` is (2n, ...) = [n uncond rows, n cond rows] and ``guidance``
+        a scale or one scale per video (n,); without, ``text`` is (n, ...) and ``guidance``
+        None. ``source``: the clean latents (n, ...; float32, contiguous), given only to a
+        VGT that reads them (``vgt_reads_source``)."""
+        n = z.shape[0]
+        guided = guidance is not None
+        b = 2 * n if guided else n
+        if text.shape[0] != b:
+            raise ValueError(f"text has {text.shape[0]} rows for {n} videos "
+                             f"({'with' if guided else 'without'} guidance)")
+        feeds = {"sample": np.concatenate([z, z]) if guided else np.ascontiguousarray(z),
                  "timestep": np.full((b,), t, dtype=np.int64)}
         if self._pinned_text is not text:
             feeds["encoder_hidden_states"] = text
         with self.timings("unet"):
-            if b == 2 and self.split_guidance:
+            if guided and self.split_guidance:
                 eps = self._run_halves(feeds, text)
             else:
                 eps = self._run("unet", feeds)
-        if b == 2:
-            assert guidance is not None
-            eps_theta = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
+        if guided:
+            scale = np.asarray(guidance, dtype=np.float32)
+            scale = scale.reshape((-1,) + (1,) * (z.ndim - 1)) if scale.ndim else scale
+            eps_theta = eps[:n] + scale * (eps[n:] - eps[:n])
         else:
             eps_theta = eps
         if use_vgt and self.has_vgt:
-            vgt_feeds = {"sample": z, "timestep": np.full((1,), t, dtype=np.int64)}
+            vgt_feeds = {"sample": z, "timestep": np.full((n,), t, dtype=np.int64)}
             if source is not None:  # checked against the VGT's inputs before the loop (_walk)
                 vgt_feeds["source"] = source
             with self.timings("vgt"):
@@ -258,9 +274,11 @@ class Engine:
         return eps_theta + delta, eps_theta, delta
 
     def _run_halves(self, feeds: dict[str, np.ndarray], text: np.ndarray) -> np.ndarray:
-        """The UNet on each half of a batch of 2, the first on a helper thread."""
-        halves = [{**{k: v[i:i + 1] for k, v in feeds.items()},
-                   "encoder_hidden_states": text[i:i + 1]} for i in range(2)]
+        """The UNet on the uncond and the cond half of a guidance batch, the first on a
+        helper thread."""
+        n = text.shape[0] // 2
+        halves = [{**{k: v[i * n:(i + 1) * n] for k, v in feeds.items()},
+                   "encoder_hidden_states": text[i * n:(i + 1) * n]} for i in range(2)]
         self.runner("unet")  # opened here, never by both threads at once
         if self._halves is None:
             self._halves = ThreadPoolExecutor(1, thread_name_prefix="apla-unet-half")
@@ -287,11 +305,12 @@ class Engine:
             self._pinned_text = None
             runner.set_constant("encoder_hidden_states", None)
 
-    def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float,
+    def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float | np.ndarray,
                use_vgt: bool = True, callback: StepCallback | None = None,
                source: np.ndarray | None = None) -> np.ndarray:
-        """DDIM (eta = 0) with classifier-free guidance from ``start`` (1, c, f, h, w);
-        ``source`` is the clean latent a ``vgt.source`` VGT reads."""
+        """DDIM (eta = 0) with classifier-free guidance from ``start`` (n, c, f, h, w);
+        ``text`` (2n, ...) as in ``predict_noise``; ``guidance`` one scale or one per video;
+        ``source`` the clean latents (n, ...) a ``vgt.source`` VGT reads."""
         schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
         return self._walk(start, schedule.timesteps, functools.partial(ddim_step, cfg=schedule),
                           text, guidance, use_vgt, source, callback)
@@ -309,7 +328,7 @@ class Engine:
 
     def _walk(self, z: np.ndarray, timesteps: np.ndarray,
               step: Callable[[np.ndarray, int, np.ndarray], np.ndarray], text: np.ndarray,
-              guidance: float | None, use_vgt: bool, source: np.ndarray | None,
+              guidance: float | np.ndarray | None, use_vgt: bool, source: np.ndarray | None,
               callback: StepCallback | None) -> np.ndarray:
         """The loop both directions share: predict the noise at each timestep, then ``step``."""
         z = np.ascontiguousarray(z, dtype=np.float32)
@@ -377,11 +396,7 @@ def start_latent(manifest: Manifest, frames: int | None, seed: int, from_noise: 
         raise InputError("--latent and --from-noise exclude each other; give one")
     if latent is not None:
         z = check_latent(load_npy(Path(latent)), manifest.latent_channels, f"--latent {latent}")
-        if frames is not None and frames != z.shape[2]:
-            raise InputError(f"--frames {frames} differs from the {z.shape[2]} frames of --latent "
-                             f"{latent}; drop --frames or pass --from-noise")
-        check_frames(z.shape[2], manifest, "the latent's frame count")
-        return z
+        return check_start_frames(z, frames, manifest, f"--latent {latent}")
     if from_noise or manifest.start_latent_path is None:
         if not from_noise:
             raise InputError(f"the engine folder {manifest.root} has no start latent; pass "
@@ -390,6 +405,12 @@ def start_latent(manifest: Manifest, frames: int | None, seed: int, from_noise: 
         h, w = manifest.latent_size()
         rng = np.random.default_rng(seed)
         return rng.standard_normal((1, manifest.latent_channels, n, h, w)).astype(np.float32)
+    check_manifest_start_frames(manifest, frames)
+    return manifest.load_start_latent()
+
+
+def check_manifest_start_frames(manifest: Manifest, frames: int | None) -> None:
+    """``--frames`` against the engine folder's start latent (which it must equal)."""
     shape = manifest.start_latent_shape()
     assert shape is not None
     if frames is not None:
@@ -397,10 +418,19 @@ def start_latent(manifest: Manifest, frames: int | None, seed: int, from_noise: 
         if frames != shape[2]:
             raise InputError(f"--frames {frames} differs from the {shape[2]} frames of the engine "
                              f"folder's start latent; pass --from-noise to start from noise")
-    return manifest.load_start_latent()
 
 
-def _progress(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
+def check_start_frames(z: np.ndarray, frames: int | None, manifest: Manifest, what: str) -> np.ndarray:
+    """A given start latent ``z`` against ``--frames`` and the engines' frame range."""
+    if frames is not None and frames != z.shape[2]:
+        raise InputError(f"--frames {frames} differs from the {z.shape[2]} frames of {what}; "
+                         "drop --frames or pass --from-noise")
+    check_frames(z.shape[2], manifest, "the latent's frame count")
+    return z
+
+
+def progress_bar(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
+    """(step callback, close) of a tqdm bar over ``total`` steps; (None, no-op) when disabled."""
     if not enabled:
         return None, lambda: None
     from tqdm.auto import tqdm
@@ -418,9 +448,11 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
              progress: bool = False) -> GenerateResult:
     """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif).
 
-    ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults`` in
-    the manifest: 50 steps and guidance 12.5 unless the run was configured otherwise).
+    ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults``
+    in the manifest, else its config's ``sample`` section). One ``Pipeline`` call.
     """
+    from .api import Pipeline
+
     if steps is not None:
         steps = check_steps(steps)
     if guidance is not None:
@@ -428,40 +460,28 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise InputError("--prompt and --negative-prompt must be text")
     if out is not None:
-        if Path(out).suffix.lower() not in WRITE_SUFFIXES:
-            raise InputError(f"cannot write {out}: unknown extension {Path(out).suffix!r}; "
-                             "use .mp4 or .gif")
+        check_video_suffix(out)
         check_writable(out, force)
-    timings = Timings()
-    with timings("load"):
-        manifest = Manifest.open(engine_dir)
-        if steps is None:  # given ones were checked above, before any file was opened
-            steps = check_steps(manifest.sample_default("steps", 50))
-        if guidance is None:
-            guidance = check_guidance(manifest.sample_default("guidance", 12.5))
-        start = start_latent(manifest, frames, seed, from_noise, latent)
-    networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_decoder",)
-    with Engine.open(manifest, backend, networks, threads, timings) as engine:
-        text = engine.encode_text([negative_prompt, prompt])
-        callback, done = _progress(progress, steps, "sample")
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt) as pipe:
+        callback, done = progress_bar(progress, steps or pipe.default_steps(), "sample")
         try:
-            source = None
-            if use_vgt and engine.vgt_reads_source:
-                source = manifest.load_source_latent()
-                if source.shape != start.shape:
-                    raise InputError(f"this model's VGT reads the training clip's latent "
-                                     f"{list(source.shape)}; a start latent of {list(start.shape)} "
-                                     f"cannot use it: keep the clip's frame count or pass --no-vgt")
-            z = engine.sample(start, text, steps, guidance, use_vgt, callback, source)
+            video, = pipe.generate(prompt, seeds=seed, frames=frames, steps=steps,
+                                   guidance=guidance, negative_prompt=negative_prompt,
+                                   from_noise=from_noise, latent=latent, callback=callback)
         finally:
             done()
-        video = engine.decode(z)
         path = None
         if out is not None:
-            with timings("video write"):
-                path = write_video(out, video, fps=fps or manifest.fps, force=force)
-        return GenerateResult(video, z, start, path, timings, engine.describe(),
-                              use_vgt and engine.has_vgt, steps, guidance)
+            with pipe.timings("video write"):
+                path = write_video(out, video.frames, fps=fps or video.fps, force=force)
+        return GenerateResult(video.frames, video.latents, video.start, path, pipe.timings,
+                              pipe.describe(), video.vgt, video.steps, video.guidance)
+
+
+def check_video_suffix(out: str | os.PathLike) -> None:
+    if Path(out).suffix.lower() not in WRITE_SUFFIXES:
+        raise InputError(f"cannot write {out}: unknown extension {Path(out).suffix!r}; "
+                         "use .mp4 or .gif")
 
 
 # --------------------------------------------------------------------------- invert
@@ -474,53 +494,49 @@ class InvertResult:
     path: Path | None
     timings: Timings
     backend: str
-
-
-def _config_value(manifest: Manifest, section: str, key: str) -> Any:
-    config = manifest.data.get("config")
-    part = config.get(section) if isinstance(config, dict) else None
-    return part.get(key) if isinstance(part, dict) else None
+    source_path: Path | None = None  # the clean latents, written for a vgt.source VGT
+    steps: int = 0  # the DDIM steps used
 
 
 def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-           *, steps: int = 50, frames: int | None = None, start: int | None = None,
+           *, steps: int | None = None, frames: int | None = None, start: int | None = None,
            stride: int | None = None, use_vgt: bool = True, backend: str = "auto",
            threads: int | None = None, force: bool = False, progress: bool = False) -> InvertResult:
     """DDIM-invert a video with the engine folder's predictor; save the latent to ``out`` (.npy).
 
-    Frames ``start, start + stride, ...`` (defaults: the run config's, else 0 and 1) are read
-    at the engine's size; ``frames`` defaults to the start latent's frame count.
+    ``steps`` defaults to the run's inversion steps; frames as in ``Pipeline.invert``. Where
+    the model's VGT reads the clean source latent (``vgt.source``), the clip's clean latents
+    are saved next to ``out`` as ``NAME.source.npy``: ``generate --latent out`` reads them.
     """
-    steps = check_steps(steps)
+    from .api import Pipeline, source_path_for
+
+    if steps is not None:
+        steps = check_steps(steps)
     if out is not None:
         check_writable(out, force)
-    timings = Timings()
-    with timings("load"):
-        manifest = Manifest.open(engine_dir)
-        shape = manifest.start_latent_shape()
-        if frames is None:
-            frames = int(shape[2]) if shape is not None else manifest.frame_range()[1]
-        frames = check_frames(frames, manifest)
-        h, w = manifest.latent_size()
-        if h != w:
-            raise InputError(f"the engines take {h}x{w} latents; invert reads square frames only")
-        start = start if start is not None else _config_value(manifest, "data", "start") or 0
-        stride = stride if stride is not None else _config_value(manifest, "data", "stride") or 1
-        pixels = read_video(video, start=start, stride=stride, n_frames=frames,
-                            size=h * manifest.vae_downsample)
-    networks = ("text_encoder", "unet") + (("vgt",) if use_vgt else ()) + ("vae_encoder",)
-    with Engine.open(manifest, backend, networks, threads, timings, guidance_batch=False) as engine:
-        clean = engine.encode_frames(pixels)
-        callback, done = _progress(progress, steps, "invert")
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, for_inversion=True) as pipe:
+        if out is not None and pipe.vgt_reads_source:
+            check_writable(source_path_for(out), force)
+        steps = steps or pipe.default_inversion_steps()
+        callback, done = progress_bar(progress, steps, "invert")
         try:
-            z = engine.invert_latents(clean, steps, use_vgt, callback)
+            inverted = pipe.invert(video, steps=steps, frames=frames, start=start, stride=stride,
+                                   callback=callback)
         finally:
             done()
-        path = None
+        assert inverted.clean is not None  # invert always keeps the clip's clean latents
+        path = source = None
         if out is not None:
-            def save(tmp: Path) -> None:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, z, allow_pickle=False)
+            if pipe.vgt_reads_source:
+                source = _save_npy(source_path_for(out), inverted.clean, force)
+            path = _save_npy(out, inverted.start, force)
+        return InvertResult(inverted.start, inverted.clean, path, pipe.timings, pipe.describe(),
+                            source, steps)
 
-            path = write_file(out, save, force=force)
-        return InvertResult(z, clean, path, timings, engine.describe())
+
+def _save_npy(out: str | os.PathLike, array: np.ndarray, force: bool) -> Path:
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+    return write_file(out, save, force=force)

@@ -8,6 +8,7 @@ frames can be centre-cropped to a square and resized. Writing is atomic
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -295,6 +296,17 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0,
     return write_file(path, lambda tmp: writer(tmp, frames, float(fps)), force=force)
 
 
+def video_bytes(frames: np.ndarray, fmt: str = "mp4", fps: float = 8.0) -> bytes:
+    """The bytes of an ``mp4`` or ``gif`` file of uint8 (f, h, w, 3) frames, made in memory
+    by the writers ``write_video`` uses (nothing touches the disk)."""
+    if fmt not in ("mp4", "gif"):
+        raise InputError(f"unknown video format {fmt!r}; use mp4 or gif")
+    sink = io.BytesIO()
+    frames = np.ascontiguousarray(frames)
+    (_write_mp4 if fmt == "mp4" else _write_gif)(sink, frames, float(fps))  # type: ignore[arg-type]
+    return sink.getvalue()
+
+
 def _mp4_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
@@ -305,7 +317,8 @@ def _write_mp4(tmp: Path, frames: np.ndarray, fps: float) -> None:
     if h % 2 or w % 2:
         frames = np.pad(frames, pad, mode="edge")
     codec = _mp4_codec()
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    target = tmp if isinstance(tmp, io.BytesIO) else str(tmp)  # a path, or video_bytes's memory
+    with av.open(target, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -338,7 +351,8 @@ def _write_gif(tmp: Path, frames: np.ndarray, fps: float) -> None:
     palette.link_to(use, 0, 1)
     use.link_to(sink)
     graph.configure()
-    with av.open(str(tmp), mode="w", format="gif") as container:
+    target = tmp if isinstance(tmp, io.BytesIO) else str(tmp)  # a path, or video_bytes's memory
+    with av.open(target, mode="w", format="gif") as container:
         stream = container.add_stream("gif", rate=rate)
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = w, h, "pal8"

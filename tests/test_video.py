@@ -286,3 +286,19 @@ def test_failed_write_leaves_nothing_behind(small, tmp_path, monkeypatch):
         write_video(path, small, force=True)
     assert path.read_bytes() == b"old video"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+def test_video_bytes_decode_to_every_frame(fmt):
+    """The server's in-memory encoder gives a file whose every frame decodes, for both formats."""
+    import io
+
+    import av
+
+    from apla_rt.video import video_bytes
+
+    frames = np.random.default_rng(0).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
+    data = video_bytes(frames, fmt, fps=8)
+    with av.open(io.BytesIO(data)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 5 and decoded[0].shape == (32, 48, 3)

@@ -1,0 +1,272 @@
+"""``apla-rt serve``: the ``Pipeline`` behind HTTP on Ray Serve (``pip install -e ".[serve]"``).
+
+One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
+
+    POST /generate   JSON {"prompt", "seed"?, "frames"?, "steps"?, "guidance"?,
+                     "negative_prompt"?, "format"?: "mp4" | "gif"} -> the video's bytes,
+                     headers X-Apla-Seed and X-Apla-Batch-Size
+    GET  /healthz    200 once the replica's pipeline is open
+    GET  /info       the engine folder's summary (JSON)
+
+``@serve.batch`` gathers concurrent requests (up to ``max_batch``, waiting at most
+``batch_wait_ms`` for more) into one ``Pipeline.run`` on a worker thread. Bad input is a
+400 with the CLI's one-line message; more than ``max_queue`` requests waiting on a replica
+is a 503 with ``Retry-After``; a request that outlives its timeout (``timeout_s``, or the
+smaller ``X-Apla-Timeout-S`` header) is a 504. Videos are encoded in memory: the server
+writes nothing to disk. ``build_app`` is also the import path for ``serve run`` with a
+config file (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from ray import serve
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response
+
+from .api import Pipeline, Request, Video
+from .errors import AplaError, InputError
+
+APP_NAME = "apla"
+MAX_BODY_BYTES = 64 * 1024
+FIELDS = {"prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
+          "guidance": (int, float), "negative_prompt": (str,), "format": (str,)}
+CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
+TIMEOUT_HEADER = "x-apla-timeout-s"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``apla-rt serve`` configures; ``build_app`` takes the same keys as a dict."""
+
+    engine_dir: str
+    replicas: int = 1
+    max_batch: int = 4
+    batch_wait_ms: float = 20.0
+    max_queue: int = 16
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    backend: str = "auto"
+    threads: int | None = None
+    from_noise: bool = False
+    timeout_s: float = 300.0
+    autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces ``replicas``
+
+    def check(self) -> "ServeOptions":
+        for name, value, low in (("--replicas", self.replicas, 1), ("--max-batch", self.max_batch, 1),
+                                 ("--max-queue", self.max_queue, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, number, positive in (("--batch-wait-ms", self.batch_wait_ms, False),
+                                       ("--num-gpus", self.num_gpus, False),
+                                       ("--num-cpus", self.num_cpus, False),
+                                       ("--timeout-s", self.timeout_s, True)):
+            if (isinstance(number, bool) or not isinstance(number, (int, float))
+                    or not math.isfinite(number) or number < 0 or (positive and number == 0)):
+                raise InputError(f"{name} must be a {'positive' if positive else 'non-negative'} "
+                                 f"number, got {number!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InputError(f"--threads must be at least 1, got {self.threads!r}")
+        return self
+
+
+def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Request, str]:
+    """A /generate body -> (checked Request, format); ``InputError`` with the CLI's message.
+    A request without a seed gets a random one (reported in ``X-Apla-Seed``)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise InputError(f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"the request body is not JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InputError("the request body must be a JSON object")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(FIELDS)}")
+    if "prompt" not in data:
+        raise InputError("Missing option '--prompt': the request needs a \"prompt\"")
+    for key, value in data.items():
+        if value is None and key != "prompt":
+            continue
+        kinds = FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise InputError(f"--{key.replace('_', '-')} must be "
+                             f"{'text' if kinds == (str,) else 'a number' if float in kinds else 'an integer'}"
+                             f", got {value!r}")
+    if not data["prompt"].strip():
+        raise InputError("--prompt must not be empty")
+    fmt = data.get("format") or "mp4"
+    if fmt not in CONTENT_TYPES:
+        raise InputError(f"format must be mp4 or gif, got {fmt!r}")
+    seed = data.get("seed")
+    request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
+                      data.get("frames"), data.get("steps"), data.get("guidance"),
+                      data.get("negative_prompt") or "")
+    pipe.check(request, from_noise=from_noise)
+    return request, fmt
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
+
+
+@serve.deployment(name="AplaServer")
+class AplaServer:
+    """One replica: an open ``Pipeline`` and the batching queue in front of it."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.settings = ServeOptions(**options).check()
+        o = self.settings
+        self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, max_batch=o.max_batch)
+        batcher: Any = self.generate_batch  # Serve's batch wrapper
+        batcher.set_max_batch_size(o.max_batch)
+        batcher.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
+        self.in_flight = 0  # accepted /generate requests not yet answered
+        self.batch_seconds = 1.0  # the last batch's duration, for Retry-After
+
+    def check_health(self) -> None:
+        """Serve's health check: the pipeline is open."""
+        if not self.pipe.engine.runners:
+            raise RuntimeError("the pipeline is closed")
+
+    async def __call__(self, http: HttpRequest) -> Response:
+        path, method = http.url.path, http.method
+        root = http.scope.get("root_path", "")  # the app's route prefix
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path = path.rstrip("/") or "/"
+        if path == "/healthz" and method == "GET":
+            return JSONResponse({"ok": True})
+        if path == "/info" and method == "GET":
+            return JSONResponse({**self.pipe.summary(), "pid": os.getpid(),
+                                 "serve": asdict(self.settings)})
+        if path == "/generate" and method == "POST":
+            return await self._generate(http)
+        if path in ("/healthz", "/info", "/generate"):
+            return _error(405, f"{method} is not allowed on {path}")
+        return _error(404, f"no route {path}; use POST /generate, GET /healthz or GET /info")
+
+    async def _generate(self, http: HttpRequest) -> Response:
+        o = self.settings
+        if self.in_flight >= o.max_batch + o.max_queue:
+            waits = math.ceil(self.in_flight / o.max_batch)
+            retry = max(1, math.ceil(waits * self.batch_seconds))
+            return _error(503, f"{self.in_flight} requests are already waiting on this replica "
+                               f"(--max-queue {o.max_queue}); retry in {retry} s",
+                          {"Retry-After": str(retry)})
+        self.in_flight += 1
+        try:
+            try:
+                timeout = self._timeout(http)
+                request, fmt = parse_generate(await http.body(), self.pipe, o.from_noise)
+            except AplaError as err:
+                return _error(400, str(err))
+            try:
+                video = await asyncio.wait_for(self.generate_batch(request), timeout)
+            except asyncio.TimeoutError:
+                return _error(504, f"the video took longer than the request's timeout of {timeout:g} s")
+            data = await asyncio.to_thread(video.encode, fmt)
+            return Response(data, media_type=CONTENT_TYPES[fmt],
+                            headers={"X-Apla-Seed": str(video.seed),
+                                     "X-Apla-Batch-Size": str(video.batch_size)})
+        finally:
+            self.in_flight -= 1
+
+    def _timeout(self, http: HttpRequest) -> float:
+        timeout = self.settings.timeout_s
+        given = http.headers.get(TIMEOUT_HEADER)
+        if given is not None:
+            try:
+                value = float(given)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value <= 0:
+                raise InputError(f"the X-Apla-Timeout-S header must be a positive number of "
+                                 f"seconds, got {given!r}")
+            timeout = min(timeout, value)
+        return timeout
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, requests: list[Request]) -> list[Video]:
+        started = time.perf_counter()
+        videos = await asyncio.to_thread(self.pipe.run, requests, from_noise=self.settings.from_noise)
+        self.batch_seconds = time.perf_counter() - started
+        return videos
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application for ``ServeOptions(**args)`` (also ``serve run``'s import path:
+    ``apla_rt.serve:build_app``)."""
+    o = ServeOptions(**args).check()
+    actor: dict[str, Any] = {"num_cpus": o.num_cpus}
+    if o.num_gpus:
+        actor["num_gpus"] = o.num_gpus
+    scale: dict[str, Any] = ({"autoscaling_config": o.autoscaling_config} if o.autoscaling_config
+                             else {"num_replicas": o.replicas})
+    # The replica answers 503 itself beyond max_batch + max_queue (with Retry-After), so Serve
+    # forwards a little more than that to it; Serve's own queue at the proxy is a second bound
+    # (its 503 has no Retry-After) that only a flood of that many requests per replica reaches.
+    ongoing = o.max_batch + o.max_queue + 8
+    replicas = (o.autoscaling_config or {}).get("max_replicas", o.replicas)
+    return AplaServer.options(  # type: ignore[attr-defined]
+        **scale, ray_actor_options=actor, max_ongoing_requests=ongoing,
+        max_queued_requests=ongoing * int(replicas),
+    ).bind(asdict(o))
+
+
+def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str], None],
+               ready: Callable[[], None] | None = None) -> None:
+    """Start (or join, with ``RAY_ADDRESS``) Ray, run the app on ``host:port`` and block until
+    SIGINT or SIGTERM; then delete the app, and stop the local Ray instance if this started it."""
+    import ray
+
+    options.check()
+    address = os.environ.get("RAY_ADDRESS") or None
+    stop = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
+    started_ray = address is None
+    try:
+        try:
+            ray.init(address=address or "local", include_dashboard=False if started_ray else None,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as err:
+            raise AplaError(f"cannot join the Ray cluster at RAY_ADDRESS={address} ({err}); start "
+                            "it (ray start --head) or unset RAY_ADDRESS for a local one") from None
+        for sig in signals:  # ray.init may have installed its own handlers
+            signal.signal(sig, lambda *_: stop.set())
+        if stop.is_set():
+            return
+        serve.start(http_options={"host": host, "port": port})
+        if not stop.is_set():
+            serve.run(build_app(asdict(options)), name=APP_NAME, route_prefix="/", blocking=False)
+        log(f"serving {options.engine_dir} on http://{host}:{port} (POST /generate, GET /healthz, "
+            f"GET /info); {options.replicas} replica(s), batches of up to {options.max_batch}; "
+            "Ctrl-C stops")
+        if ready is not None:
+            ready()
+        while not stop.wait(0.5):
+            pass
+        log("stopping")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ray.is_initialized():
+            if started_ray:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+            ray.shutdown()
