@@ -192,14 +192,16 @@ def save_onnx(model: onnx.ModelProto, path: Path, src_dir: Path | None = None,
         if t.data_type == onnx.TensorProto.STRING:
             continue
         data = _tensor_bytes(t, src_dir)
-        if len(data) < EXTERNAL_MIN_BYTES and t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        offset, length = store.add(data)
-        del data
         for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
                      "uint64_data", "string_data"):
             t.ClearField(name)
         del t.external_data[:]
+        if len(data) < EXTERNAL_MIN_BYTES:  # inline: shape inference reads such constants
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+            continue
+        offset, length = store.add(data)
+        del data
         t.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", store.path.name), ("offset", str(offset)), ("length", str(length))):
             entry = t.external_data.add()
