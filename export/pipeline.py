@@ -155,7 +155,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
 
     with export_lock(out), atomic_dir(out, force=force) as tmp:
         networks, report = {}, {"networks": {}, "frames_profile": list(frames)}
-        for spec in specs:
+        order = [spec.name for spec in specs]
+        # the UNet last: the smaller networks' modules are freed by the time it is traced
+        for spec in sorted(specs, key=lambda s: s.name == "unet"):
             flavours = [("", False)] + ([(".ort", True)] if spec.ort_module is not None else [])
             # both flavours' weights go to one file: the same tensors, stored once
             store = WeightStore(tmp / f"{spec.name}.onnx.data")
@@ -176,7 +178,6 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             _release_modules(spec)  # before any ONNX Runtime session maps the same weights
             for label, ort_flavour, files, export_s, refs in exported:
                 result = compare_network(spec, files[0], refs, threads)
-                del refs
                 release_memory()
                 result["export_seconds"] = round(export_s, 2)
                 report["networks"][label] = result
@@ -198,6 +199,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
                     })
             del exported
             networks[spec.name] = entry
+        networks = {name: networks[name] for name in order}
+        report["networks"] = {label: report["networks"][label] for name in order
+                              for label in (name, name + ".ort") if label in report["networks"]}
         (tmp / "validation.json").write_text(json.dumps(report, indent=2))
         failed = [n for n, r in report["networks"].items() if not r["passed"]]
         if failed:
