@@ -62,6 +62,7 @@ def export_onnx(spec: NetworkSpec, sizes: dict[str, int], path: Path, dynamo: bo
     # tensor at a time, into ``store`` (weights never held twice in memory)
     model = onnx.load(str(tmp), load_external_data=False)
     try:
+        _inline_small(model, tmp_dir)  # shape inference and folding read such constants
         with _cwd(tmp_dir):  # constant folding reads weights lazily, relative to the graph
             model = clean_graph(model)
         apply_contract(model, spec)
@@ -171,6 +172,21 @@ def _tensor_bytes(t: onnx.TensorProto, src_dir: Path | None) -> bytes:
         return t.raw_data
     return onnx.numpy_helper.to_array(t).astype(
         onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")).tobytes()
+
+
+def _inline_small(model: onnx.ModelProto, src_dir: Path) -> None:
+    """Bring external tensors under ``EXTERNAL_MIN_BYTES`` (shapes, scalars) into the graph."""
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if "length" in info and int(info["length"]) >= EXTERNAL_MIN_BYTES:
+            continue
+        data = _tensor_bytes(t, src_dir)
+        if len(data) < EXTERNAL_MIN_BYTES:
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, src_dir: Path | None = None,
