@@ -2,7 +2,7 @@
 
     python benchmarks/sd_scale.py [--pretrained DIR] [--work DIR] [--video CLIP]
         [--frames 4] [--size 128] [--train-steps 3] [--steps 4] [--threads 2]
-        [--set KEY=VALUE ...] [--compare-steps 2] [--json OUT.json]
+        [--set KEY=VALUE ...] [--compare-steps 2] [--run RUN] [--json OUT.json]
 
 Without ``--pretrained`` an SD-1.5-shaped random folder is written first
 (``benchmarks/make_sd_shaped.py``). Each stage runs in its own child process and its peak RSS
@@ -10,7 +10,8 @@ is that child's own ``ru_maxrss`` (``os.wait4``); this parent imports neither to
 onnxruntime, so that a forked child's peak does not start from a large parent image.
 
 Stages: ``apla-train`` (a few steps at low resolution; ``--set`` overrides are passed on, the
-defaults keep the post-training sampling short), ``apla-export`` with its defaults,
+defaults keep the post-training sampling short; ``--run`` reuses a trained run instead),
+``apla-export`` with its defaults,
 ``apla-rt generate`` on the real clip's start latent with ``--timings``, and, side by side with
 it, a bare ONNX Runtime session creation over the same files with the same session options
 (the reference for the runtime's ``load`` stage; measured before and after the runtime, the
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained", type=Path, help="SD 1.x diffusers folder (default: write an "
                    "SD-1.5-shaped random one into --work)")
+    p.add_argument("--run", type=Path, help="reuse this trained run (skips the train stage)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "sd_scale", help="working folder")
     p.add_argument("--video", type=Path, help="training clip (default: shared/data/man-skiing.mp4)")
     p.add_argument("--prompt", default="a man is skiing")
@@ -188,13 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (pretrained / "unet").is_dir():
             stages["make"] = run_child("make", [py, str(ROOT / "benchmarks" / "make_sd_shaped.py"),
                                                 str(pretrained), "--force"], args.threads, work / "make.log")
-    run, engine = work / "run", work / "engine"
+    run, engine = (args.run.resolve() if args.run else work / "run"), work / "engine"
     train = [py, "-m", "apla_train.cli", str(video), "--prompt", args.prompt, "--pretrained", str(pretrained),
              "--out", str(run), "--frames", str(args.frames), "--size", str(args.size),
              "--steps", str(args.train_steps), "--threads", str(args.threads), "--force", "--quiet"]
     for s in list(TRAIN_SETS) + args.sets:
         train += ["--set", s]
-    stages["train"] = run_child("train", train, args.threads, work / "train.log")
+    if args.run:
+        stages["train"] = {"reused": str(args.run)}
+    else:
+        stages["train"] = run_child("train", train, args.threads, work / "train.log")
     stages["export"] = run_child("export", [py, "-m", "export.cli", "--run", str(run), "--out", str(engine),
                                             "--force"], args.threads, work / "export.log")
 
