@@ -154,7 +154,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
     del components, vgt, codec
 
     with export_lock(out), atomic_dir(out, force=force) as tmp:
-        networks, report = {}, {"networks": {}, "frames_profile": list(frames)}
+        networks: dict = {}
+        report: dict = {"networks": {}, "frames_profile": list(frames)}
         order = [spec.name for spec in specs]
         # the UNet last: the smaller networks' modules are freed by the time it is traced
         for spec in sorted(specs, key=lambda s: s.name == "unet"):
