@@ -7,6 +7,9 @@ that every path it names is relative, stays inside the folder (no ``..``, no abs
 no symlink pointing out) and exists. Artifacts are checked against the sha256 in ``files``
 when they are used (``verify``): each file is hashed once per open, streamed in 1 MiB
 blocks. A mismatch or a missing file is an ``IntegrityError`` naming the file.
+``verify_in_background`` hashes in a thread while the caller loads the same files (ONNX
+Runtime creating its session), and the caller waits for the verdict before using anything
+the files produced.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Iterable, Mapping
@@ -375,19 +379,28 @@ class Manifest:
         A path under a listed folder (e.g. the tokenizer folder) verifies every listed file
         in it. Each file is hashed at most once per ``Manifest``. Raises ``IntegrityError``.
         """
-        if paths is None:
-            wanted = list(self.files)
-        else:
-            wanted = []
-            for p in paths:
-                rel = self.rel(Path(p)) if isinstance(p, Path) else p
-                inside = [f for f in self.files if f == rel or f.startswith(rel.rstrip("/") + "/")]
-                if not inside:
-                    raise _fail(f"{rel} is used but has no sha256 in 'files'")
-                wanted += inside
-        for rel in wanted:
+        for rel in self._wanted(paths):
             if rel not in self._verified:
                 self._check_file(rel, sha256_file)
+
+    def verify_in_background(self, paths: Iterable[Path | str]) -> "Verification":
+        """Start hashing ``paths`` (as ``verify``) in a thread; ``wait()`` on the result
+        raises the ``IntegrityError`` if one differs. The caller loads the files meanwhile:
+        the hash and the load share the page cache, so the disk is read once."""
+        wanted = [rel for rel in self._wanted(paths) if rel not in self._verified]
+        return Verification(self, wanted)
+
+    def _wanted(self, paths: Iterable[Path | str] | None) -> list[str]:
+        if paths is None:
+            return list(self.files)
+        wanted: list[str] = []
+        for p in paths:
+            rel = self.rel(Path(p)) if isinstance(p, Path) else p
+            inside = [f for f in self.files if f == rel or f.startswith(rel.rstrip("/") + "/")]
+            if not inside:
+                raise _fail(f"{rel} is used but has no sha256 in 'files'")
+            wanted += [f for f in inside if f not in wanted]
+        return wanted
 
     def read_verified(self, path: Path) -> bytes:
         """One listed file's bytes, checked against its sha256 as read: what is loaded is
@@ -515,6 +528,33 @@ class Manifest:
         self.verify([self.source_latent_path])
         return check_latent(load_npy(self.source_latent_path), self.latent_channels,
                             self.rel(self.source_latent_path))
+
+
+class Verification:
+    """Files of a manifest being hashed in a thread (``Manifest.verify_in_background``)."""
+
+    def __init__(self, manifest: Manifest, rels: list[str]):
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if rels:
+            self._thread = threading.Thread(target=self._run, args=(manifest, rels),
+                                            name="apla-verify", daemon=True)
+            self._thread.start()
+
+    def _run(self, manifest: Manifest, rels: list[str]) -> None:
+        try:
+            for rel in rels:
+                manifest._check_file(rel, sha256_file)
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until every file is hashed; raise the first ``IntegrityError`` (or I/O error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
 
 
 def load_npy(path: Path) -> np.ndarray:

@@ -109,17 +109,28 @@ def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None
     onnx = spec.onnx_ort or spec.onnx  # the fused-attention flavour where the export wrote one
     if onnx is None:
         raise BackendUnavailable(f"the engine folder has no ONNX file for {name}; use --backend trt")
-    manifest.verify(_onnx_files(manifest, spec))
-    return OrtRunner(spec, onnx, device="cuda" if ort_cuda_available() else "cpu", threads=threads)
+    # the files this session reads are hashed while ONNX Runtime loads them; the runner is
+    # handed out (and its first output computed) only once every digest matched
+    pending = manifest.verify_in_background(_onnx_files(manifest, spec, onnx))
+    try:
+        runner = OrtRunner(spec, onnx, device="cuda" if ort_cuda_available() else "cpu", threads=threads)
+    except BaseException:
+        pending.wait()  # a file that does not match its hash explains a failed load best
+        raise
+    try:
+        pending.wait()
+    except BaseException:
+        runner.close()
+        runner.session = None  # refused: ONNX Runtime frees the session with its last reference
+        raise
+    return runner
 
 
-def _onnx_files(manifest: Manifest, spec: NetworkSpec) -> list[str]:
-    """Every ONNX file of the network (both flavours) and their external data (listed, or
-    named after them: ``unet.onnx.data``): a tampered file in the folder is refused even if
-    this backend would not load it."""
-    rels = [manifest.rel(p) for p in (spec.onnx, spec.onnx_ort) if p is not None]
-    listed = {manifest.rel(p) for p in spec.external_data}
-    return [f for f in manifest.files if f in listed or any(f.startswith(r) for r in rels)]
+def _onnx_files(manifest: Manifest, spec: NetworkSpec, onnx: Path) -> list[str]:
+    """The files a session over ``onnx`` reads: the graph and the network's external data
+    (the flavours of a network share one weight file; the other flavour's graph is not
+    opened, so it is not hashed here: ``apla-rt info --verify`` checks every file)."""
+    return [manifest.rel(onnx)] + [manifest.rel(p) for p in spec.external_data]
 
 
 # --------------------------------------------------------------------------- ONNX Runtime

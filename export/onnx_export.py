@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import torch
@@ -14,6 +18,9 @@ from .networks import NetworkExport
 OPSET = 17
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
 TWO_GB = 2 * 1024**3
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
+ALIGN_MIN_BYTES = 1 << 20  # tensors from 1 MiB start at a multiple of ALIGNMENT: ONNX Runtime
+ALIGNMENT = 1 << 16  # maps them from the file instead of copying (64 KiB: Windows' granularity)
 
 
 def onnx_opset(dynamo: bool, opset: int = OPSET) -> int:
@@ -22,9 +29,10 @@ def onnx_opset(dynamo: bool, opset: int = OPSET) -> int:
 
 
 def export_onnx(spec: NetworkExport, sizes: dict[str, int], path: Path, dynamo: bool = False,
-                opset: int = OPSET, ort_flavour: bool = False) -> list[Path]:
+                opset: int = OPSET, ort_flavour: bool = False, store: "WeightStore | None" = None) -> list[Path]:
     """Trace ``spec.module`` (``spec.ort_module`` with ``ort_flavour``) at ``sizes`` and
-    write ``path`` (+ external data over 2 GB).
+    write ``path`` (+ external data over 2 GB, into ``store`` when given: the flavours of a
+    network share one weight file).
 
     Returns the files written (the .onnx and, for large models, its .data file).
     """
@@ -50,11 +58,27 @@ def export_onnx(spec: NetworkExport, sizes: dict[str, int], path: Path, dynamo: 
                               opset_version=opset, dynamo=False, dynamic_axes=spec.dynamic_axes(),
                               do_constant_folding=True,
                               custom_opsets={"com.microsoft": 1} if ort_flavour else None)
-    model = onnx.load(str(tmp), load_external_data=True)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model = clean_graph(model)
-    apply_contract(model, spec)
-    return save_onnx(model, path)
+    # the graph without its weights: they stay in the exporter's files until saved, one
+    # tensor at a time, into ``store`` (weights never held twice in memory)
+    model = onnx.load(str(tmp), load_external_data=False)
+    try:
+        _inline_small(model, tmp_dir)  # shape inference and folding read such constants
+        with _cwd(tmp_dir):  # constant folding reads weights lazily, relative to the graph
+            model = clean_graph(model)
+        apply_contract(model, spec)
+        return save_onnx(model, path, src_dir=tmp_dir, store=store)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cwd(folder: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def apply_contract(model: onnx.ModelProto, spec: NetworkExport) -> None:
@@ -100,18 +124,107 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleaned
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save and check; tensors go to ``<name>.data`` when the model passes 2 GB."""
-    large = model.ByteSize() >= TWO_GB if _fits_proto(model) else True
-    if large:
-        data = path.with_suffix(".onnx.data")
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name, size_threshold=1024)
+class WeightStore:
+    """One external-data file that several graphs reference: a tensor is written once (by
+    content, sha256) and every graph holding the same bytes points at the same offset."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._size = 0
+
+    def add(self, data: bytes) -> tuple[int, int]:
+        """(offset, length) of ``data`` in the file, appending it if it is new."""
+        key = hashlib.sha256(data).hexdigest()
+        found = self._offsets.get(key)
+        if found is not None:
+            return found
+        with open(self.path, "ab") as fh:
+            pad = (-self._size) % ALIGNMENT if len(data) >= ALIGN_MIN_BYTES else 0
+            fh.write(b"\0" * pad)
+            fh.write(data)
+        self._offsets[key] = (self._size + pad, len(data))
+        self._size += pad + len(data)
+        return self._offsets[key]
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers, from their dims (nothing is loaded)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _tensor_bytes(t: onnx.TensorProto, src_dir: Path | None) -> bytes:
+    """A tensor's little-endian bytes, from its raw data, typed fields or external file."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        if src_dir is None:
+            raise ValueError(f"{t.name}: external data without a folder to read it from")
+        with open(src_dir / info["location"], "rb") as fh:
+            fh.seek(int(info.get("offset", 0)))
+            return fh.read(int(info["length"])) if "length" in info else fh.read()
+    if t.raw_data:
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).astype(
+        onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")).tobytes()
+
+
+def _inline_small(model: onnx.ModelProto, src_dir: Path) -> None:
+    """Bring external tensors under ``EXTERNAL_MIN_BYTES`` (shapes, scalars) into the graph."""
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if "length" in info and int(info["length"]) >= EXTERNAL_MIN_BYTES:
+            continue
+        data = _tensor_bytes(t, src_dir)
+        if len(data) < EXTERNAL_MIN_BYTES:
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, src_dir: Path | None = None,
+              store: WeightStore | None = None) -> list[Path]:
+    """Save and check. When the weights pass 2 GB (or ``store`` already holds some) every
+    tensor from ``EXTERNAL_MIN_BYTES`` goes to the external-data file (``store``, else
+    ``<name>.data``), one tensor in memory at a time; ``src_dir`` is where the graph's
+    current external data lives."""
+    large = weight_bytes(model) >= TWO_GB or (store is not None and store.path.exists())
+    if not large:
+        if src_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL
+                                       for t in model.graph.initializer):
+            onnx.load_external_data_for_model(model, str(src_dir))
+        onnx.save(model, str(path))
         onnx.checker.check_model(str(path))
-        return [path, data]
+        return [path]
+    store = store or WeightStore(path.with_suffix(".onnx.data"))
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.STRING:
+            continue
+        data = _tensor_bytes(t, src_dir)
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                     "uint64_data", "string_data"):
+            t.ClearField(name)
+        del t.external_data[:]
+        if len(data) < EXTERNAL_MIN_BYTES:  # inline: shape inference reads such constants
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+            continue
+        offset, length = store.add(data)
+        del data
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", store.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
-    return [path]
+    return [path, store.path]
 
 
 def _fits_proto(model: onnx.ModelProto) -> bool:

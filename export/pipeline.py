@@ -8,7 +8,9 @@ intact. A lock file next to it makes a second concurrent export of the same fold
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import gc
 import json
 import os
 import platform
@@ -24,8 +26,8 @@ from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityE
 from apla_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 from .networks import network_specs
-from .onnx_export import export_onnx, graph_io, onnx_opset
-from .validate import validate_network
+from .onnx_export import WeightStore, export_onnx, graph_io, onnx_opset
+from .validate import compare_network, reference_outputs
 
 @contextlib.contextmanager
 def export_lock(out: Path) -> Iterator[None]:
@@ -79,6 +81,23 @@ def frame_profile(cfg, frames_min: int | None, frames_opt: int | None, frames_ma
     return fmin, fopt, fmax
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc's malloc keeps
+    them otherwise), so that the next stage's peak does not stack on the last one's."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _release_modules(spec) -> None:
+    """Drop the spec's PyTorch modules (validation compares against stored outputs)."""
+    spec.module = None
+    spec.ort_module = None
+    release_memory()
+
+
 def _versions(opset: int) -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -127,24 +146,40 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
     frames = frame_profile(cfg, frames_min, frames_opt, frames_max)
     specs = network_specs(components, vgt, cfg, frames)
     threads = torch.get_num_threads()
+    # what the manifest needs from the models; the specs hold the only references to the
+    # networks from here on, and each one's are dropped once it is exported
+    tokenizer, scheduler, codec = components.tokenizer, components.scheduler.to_dict(), components.codec
+    codec_info = {"vae_scaling_factor": codec.scaling_factor, "latent_channels": codec.latent_channels,
+                  "vae_downsample": codec.downsample}
+    del components, vgt, codec
 
     with export_lock(out), atomic_dir(out, force=force) as tmp:
-        networks, report = {}, {"networks": {}, "frames_profile": list(frames)}
-        for spec in specs:
+        networks: dict = {}
+        report: dict = {"networks": {}, "frames_profile": list(frames)}
+        order = [spec.name for spec in specs]
+        # the UNet last: the smaller networks' modules are freed by the time it is traced
+        for spec in sorted(specs, key=lambda s: s.name == "unet"):
             flavours = [("", False)] + ([(".ort", True)] if spec.ort_module is not None else [])
+            # both flavours' weights go to one file: the same tensors, stored once
+            store = WeightStore(tmp / f"{spec.name}.onnx.data")
             entry: dict = {}
+            exported = []
             for suffix, ort_flavour in flavours:
                 label = spec.name + suffix
                 started = time.time()
                 files = export_onnx(spec, spec.validate_at[0], tmp / f"{label}.onnx", dynamo=dynamo,
-                                    ort_flavour=ort_flavour)
+                                    ort_flavour=ort_flavour, store=store)
                 export_s = time.time() - started
                 _check_graph_io(spec, files[0])
                 shapes = None if ort_flavour else spec.portable_validate_at
                 if shapes:
                     log(f"{label}: validated at small shapes; its decomposed attention at the full "
                         f"shapes would not fit in memory (the .ort flavour is validated at full size)")
-                result = validate_network(spec, files[0], threads, shapes)
+                exported.append((label, ort_flavour, files, export_s, reference_outputs(spec, shapes)))
+            _release_modules(spec)  # before any ONNX Runtime session maps the same weights
+            for label, ort_flavour, files, export_s, refs in exported:
+                result = compare_network(spec, files[0], refs, threads)
+                release_memory()
                 result["export_seconds"] = round(export_s, 2)
                 report["networks"][label] = result
                 worst = max(c["max_abs"] for c in result["checks"])
@@ -152,24 +187,29 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
                 log(f"{label:13s} exported in {export_s:5.1f} s; ORT vs PyTorch max abs {worst:.2e} "
                     f"(tolerance {spec.tolerance['max_abs']:.0e}) at {len(shapes)} shapes: "
                     f"{'ok' if result['passed'] else 'FAILED'}")
+                data = [f.name for f in files[1:]]
                 if ort_flavour:
                     entry["onnx_ort"] = files[0].name
-                    entry["external_data"] += [f.name for f in files[1:]]
+                    entry["external_data"] += [d for d in data if d not in entry["external_data"]]
                 else:
                     entry.update({
-                        "onnx": files[0].name, "external_data": [f.name for f in files[1:]], "engine": None,
+                        "onnx": files[0].name, "external_data": data, "engine": None,
                         "inputs": [t.to_dict() for t in spec.inputs],
                         "outputs": [t.to_dict() for t in spec.outputs],
                         "profile": spec.profile, "tolerance": spec.tolerance,
                     })
+            del exported
             networks[spec.name] = entry
+        networks = {name: networks[name] for name in order}
+        report["networks"] = {label: report["networks"][label] for name in order
+                              for label in (name, name + ".ort") if label in report["networks"]}
         (tmp / "validation.json").write_text(json.dumps(report, indent=2))
         failed = [n for n, r in report["networks"].items() if not r["passed"]]
         if failed:
             raise IntegrityError(f"validation failed for {', '.join(failed)} (report: "
                                  f"{tmp.name}/validation.json was discarded; re-run to inspect)")
 
-        components.tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenizer.save_pretrained(tmp / "tokenizer")
         start_latent = None
         if (run / "start_latent.npy").is_file():
             latent = np.load(run / "start_latent.npy", allow_pickle=False)
@@ -180,17 +220,14 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             latent = np.load(run / "source_latent.npy", allow_pickle=False)
             np.save(tmp / "source_latent.npy", latent.astype(np.float32), allow_pickle=False)
             source_latent = "source_latent.npy"
-        codec = components.codec
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "name": out.name, "run": run.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "networks": networks,
-            "scheduler": components.scheduler.to_dict(),
-            "vae_scaling_factor": codec.scaling_factor,
-            "latent_channels": codec.latent_channels, "vae_downsample": codec.downsample,
-            "image_size": cfg.data.size, "latent_size": cfg.data.size // codec.downsample,
+            "scheduler": scheduler, **codec_info,
+            "image_size": cfg.data.size, "latent_size": cfg.data.size // codec_info["vae_downsample"],
             "train_frames": cfg.data.n_frames,
-            "tokenizer": {"dir": "tokenizer", "model_max_length": int(components.tokenizer.model_max_length)},
+            "tokenizer": {"dir": "tokenizer", "model_max_length": int(tokenizer.model_max_length)},
             "start_latent": start_latent,
             "source_latent": source_latent,
             "prompt": cfg.prompt,

@@ -89,8 +89,10 @@ def test_unet_has_a_portable_onnx_and_a_fused_attention_onnx_runtime_flavour(ski
 
 def test_models_over_the_protobuf_limit_use_external_data(ski_run, tmp_path, monkeypatch):
     """The > 2 GB path (SD's fp32 UNet is ~3.4 GB), with the limit lowered so tiny networks
-    take it: tensors go to <name>.onnx.data, the manifest lists and hashes them, onnx.checker
-    and ONNX Runtime load them, and the runtime samples from the folder."""
+    take it: tensors go to <name>.onnx.data, one file that the portable and the ORT-fused
+    graphs share (each tensor stored once, both graphs pointing at the same bytes), the
+    manifest lists and hashes it, onnx.checker and ONNX Runtime load both graphs from it, and
+    the runtime samples from the folder."""
     from apla_rt.pipeline import generate
 
     from export import onnx_export
@@ -99,10 +101,26 @@ def test_models_over_the_protobuf_limit_use_external_data(ski_run, tmp_path, mon
     out = tmp_path / "engines"
     manifest = pipeline.export_run(ski_run, out, backend="onnx", log=lambda _: None)
     unet = manifest["networks"]["unet"]
-    assert sorted(unet["external_data"]) == ["unet.onnx.data", "unet.ort.onnx.data"]
-    for name in ("unet.onnx", "unet.ort.onnx"):
-        assert (out / (name + ".data")).stat().st_size > (out / name).stat().st_size
-        assert manifest["files"][name + ".data"] == hashlib.sha256((out / (name + ".data")).read_bytes()).hexdigest()
+    assert unet["external_data"] == ["unet.onnx.data"] and not (out / "unet.ort.onnx.data").exists()
+    data = (out / "unet.onnx.data").read_bytes()
+    assert manifest["files"]["unet.onnx.data"] == hashlib.sha256(data).hexdigest()
+    graphs = {name: onnx.load(str(out / name), load_external_data=False) for name in ("unet.onnx", "unet.ort.onnx")}
+    spans = {}
+    for name, model in graphs.items():
+        assert len(data) > (out / name).stat().st_size
+        ext = [{e.key: e.value for e in t.external_data} for t in model.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert ext and all(e["location"] == "unet.onnx.data" for e in ext)
+        spans[name] = {(int(e["offset"]), int(e["length"])) for e in ext}
+        onnx.checker.check_model(str(out / name))
+    # stored once: the file holds the union of both graphs' tensors (plus alignment), and
+    # the fused graph reuses the portable graph's bytes instead of copies of them
+    union = spans["unet.onnx"] | spans["unet.ort.onnx"]
+    assert sum(n for _, n in union) <= len(data) < sum(n for _, n in union) + len(union) * onnx_export.ALIGNMENT
+    shared = spans["unet.onnx"] & spans["unet.ort.onnx"]
+    assert sum(n for _, n in shared) > 0.9 * sum(n for _, n in spans["unet.ort.onnx"])
+    weights = {t.name: onnx.numpy_helper.to_array(t, str(out)) for t in graphs["unet.onnx"].graph.initializer}
+    assert any(w.size > 1000 and np.abs(w).max() > 0 for w in weights.values())
     result = generate(out, "a man is skiing", steps=2)
     assert result.frames.shape[0] == json.loads((ski_run / "config.json").read_text())["data"]["n_frames"]
 
