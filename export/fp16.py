@@ -177,3 +177,50 @@ def _np_type(ort_type: str) -> str:
     """ONNX Runtime's "tensor(float16)" -> "float16"."""
     inner = ort_type[len("tensor("):-1] if ort_type.startswith("tensor(") else ort_type
     return {"float": "float32", "double": "float64"}.get(inner, inner)
+
+
+def export_fp16(spec: Any, folder: Path, entry: Mapping[str, Any], image_size: int,
+                threads: int | None, log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write and check the FP16 copy of a network's ONNX Runtime file inside ``folder``.
+
+    Returns (manifest entry updates, validation report). The FP16 file is compared with the
+    FP32 one at the network's smallest validation shape (``spec.validate_at[-1]`` with batch
+    1), on the CUDA provider where onnxruntime-gpu sees a GPU, else on the CPU. A miss
+    deletes the FP16 file, records ``onnx_fp16: null`` and the failed check, and says so in
+    one line: the FP32 networks stay valid and the folder is kept.
+    """
+    src = folder / (entry.get("onnx_ort") or entry["onnx"])
+    dst = fp16_path(folder / entry["onnx"])
+    files = convert_file(src, dst)
+    sizes = {**spec.validate_at[-1], "batch": 1}
+    feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, spec.example(sizes, seed=200))}
+    providers = ("CPUExecutionProvider",)
+    if _ort_cuda():
+        providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    result = compare(src, dst, [feeds], fp16_tolerance(image_size), threads, providers)
+    result["shape"] = sizes
+    w, tol = result["worst"], result["tolerance"]
+    where = "CUDA" if result["providers"][0] == "CUDAExecutionProvider" else "CPU"
+    if not result["passed"]:
+        for f in files:
+            f.unlink()
+        log(f"{spec.name}.fp16: FP16 vs FP32 max abs {w['max_abs']:.2e}, rel RMS {w['rel_rms']:.2e} "
+            f"over the tolerance {tol} ({where}); no FP16 file, ONNX Runtime uses FP32 for {spec.name}")
+        return {"onnx_fp16": None, "fp16_check": _summary(result)}, result
+    log(f"{spec.name}.fp16    written; FP16 vs FP32 max abs {w['max_abs']:.2e}, rel RMS "
+        f"{w['rel_rms']:.2e} (tolerance {tol['max_abs']:.0e} / {tol['rel_rms']:.0e}, {where}): ok")
+    return {"onnx_fp16": dst.name, "onnx_fp16_io": io_dtypes(dst),
+            "external_data": list(entry.get("external_data", [])) + [f.name for f in files[1:]],
+            "fp16_check": _summary(result)}, result
+
+
+def _summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("passed", "worst", "tolerance", "providers", "shape")}
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    from apla_rt.gpu import cuda_device_count
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count()[0] > 0

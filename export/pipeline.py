@@ -23,6 +23,7 @@ from apla_rt.atomic import atomic_dir, check_writable
 from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
 from apla_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
+from .fp16 import FP16_NETWORKS, export_fp16
 from .networks import network_specs
 from .onnx_export import export_onnx, graph_io, onnx_opset
 from .validate import validate_network
@@ -162,9 +163,13 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
                         "outputs": [t.to_dict() for t in spec.outputs],
                         "profile": spec.profile, "tolerance": spec.tolerance,
                     })
+            if fp16 and spec.name in FP16_NETWORKS:
+                updates, report["networks"][spec.name + ".fp16"] = export_fp16(
+                    spec, tmp, entry, cfg.data.size, threads, log)
+                entry.update(updates)
             networks[spec.name] = entry
         (tmp / "validation.json").write_text(json.dumps(report, indent=2))
-        failed = [n for n, r in report["networks"].items() if not r["passed"]]
+        failed = [n for n, r in report["networks"].items() if not r["passed"] and not n.endswith(".fp16")]
         if failed:
             raise IntegrityError(f"validation failed for {', '.join(failed)} (report: "
                                  f"{tmp.name}/validation.json was discarded; re-run to inspect)")
