@@ -167,7 +167,11 @@ class OrtRunner(_ConstantsMixin):
 
     def __init__(self, spec: NetworkSpec, path: Path, device: str = "cpu", threads: int | None = None,
                  io_dtypes: Mapping[str, np.dtype] | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("ONNX Runtime is not installed: pip install -e \".[cpu]\" (or "
+                                     "\".[gpu]\" for onnxruntime-gpu's CUDA provider)") from None
 
         self.spec = spec
         contract = {t.name: t.dtype for t in spec.inputs + spec.outputs}

@@ -61,7 +61,8 @@ def measure(pretrained: str | None, size: int, frames: int, shapes: list[tuple[i
     started = time.time()
     spec, h = unet_spec(pretrained, size, frames)
     fp32 = workdir / "unet.ort.onnx"
-    export_onnx(spec, {"batch": 1, "frames": frames, "height": h, "width": h}, fp32, ort_flavour=True)
+    if not fp32.is_file():  # --workdir may hold an earlier export of the same model
+        export_onnx(spec, {"batch": 1, "frames": frames, "height": h, "width": h}, fp32, ort_flavour=True)
     export_s = time.time() - started
     del spec
     started = time.time()
@@ -121,13 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeded input sets per shape")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--workdir", type=Path, help="keep the ONNX files here (and reuse an FP32 export there)")
     args = parser.parse_args(argv)
     size = args.size or (64 if args.tiny else 128)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else \
         [(1, 1), (2, args.frames)]
-    with tempfile.TemporaryDirectory(prefix="apla-fp16-") as tmp:
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
         report = measure(args.pretrained, size, args.frames, shapes, list(range(args.seeds)),
-                         args.threads, Path(tmp))
+                         args.threads, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="apla-fp16-") as tmp:
+            report = measure(args.pretrained, size, args.frames, shapes, list(range(args.seeds)),
+                             args.threads, Path(tmp))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["passed"] else 1

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from apla_rt.pipeline import DECODE_CHUNK
+
 
 class TextEncoder(nn.Module):
     def __init__(self, text_encoder: nn.Module):
@@ -183,7 +185,10 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
                                   {"batch": 2, "frames": other2}], make))
     img = ["frames", 3, "image_height", "image_width"]
     lat = ["frames", c, "height", "width"]
-    dec_frames = [1, min(fopt, 8), fmax]
+    # the runtime decodes/encodes at most DECODE_CHUNK frames per call: the VAE profile stops there
+    dec_max = min(fmax, DECODE_CHUNK)
+    dec_frames = [1, min(fopt, dec_max), dec_max]
+    other = min(other, dec_max)
     img_hw = {"image_height": [size, size, size], "image_width": [size, size, size]}
     specs.append(NetworkSpec("vae_decoder", VAEDecoder(codec), [TensorSpec("latent", "float32", lat)],
                              [TensorSpec("image", "float32", img)],

@@ -209,7 +209,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
         if trt_reason is None and backend in ("auto", "trt"):
             from .trt import build_all
 
-            manifest = build_all(tmp, manifest, fp16=fp16, log=log)
+            manifest = build_all(tmp, manifest, fp16=fp16, log=log, strict=False)
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".lock")}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
