@@ -49,7 +49,7 @@ from .vgt import build_vgt
 def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Components:
     """The frozen/pretrained parts of a run: from --pretrained, or the run's tiny base/."""
     if cfg.model.preset == "sd":
-        return load_pretrained(cfg.model.pretrained, temporal=cfg.model.temporal)
+        return load_pretrained(cfg.model.pretrained, temporal=cfg.model.temporal, variant=cfg.model.variant)
     base = run / "base"
     if not (base / "model_index.json").is_file():
         if frames is None:
@@ -194,7 +194,9 @@ def check_inputs(cfg: AplaConfig) -> np.ndarray:
     else:
         from transformers import CLIPTokenizer
 
-        root = Path(cfg.model.pretrained)
+        from .hub import resolve_pretrained
+
+        root = resolve_pretrained(cfg.model.pretrained, cfg.model.variant)  # a Hub id -> its snapshot
         if not root.is_dir() or not all((root / s).is_dir() for s in SUBFOLDERS):
             load_pretrained(root)  # raises its error naming what is missing
         try:
