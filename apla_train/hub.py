@@ -68,7 +68,7 @@ def resolve_pretrained(name: str | os.PathLike, variant: str | None = None) -> P
         return path
     text = str(name)
     if path.exists() or not is_repo_id(text):
-        raise InputError(f"--pretrained {text} is neither a folder nor a Hugging Face repo id "
+        raise InputError(f"--pretrained {text} is not a folder, nor a Hugging Face repo id "
                          "(ORG/NAME, e.g. runwayml/stable-diffusion-v1-5)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError

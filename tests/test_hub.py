@@ -120,7 +120,7 @@ def test_repo_id_syntax(name, ok):
 
 
 def test_not_a_folder_nor_an_id(tmp_path):
-    with pytest.raises(InputError, match="neither a folder nor a Hugging Face repo id"):
+    with pytest.raises(InputError, match="is not a folder, nor a Hugging Face repo id"):
         hub.resolve_pretrained(str(tmp_path / "missing" / "deep" / "folder"))
     with pytest.raises(InputError, match="--variant"):
         hub.resolve_pretrained("a/b", "fp16; rm")
