@@ -213,15 +213,16 @@ def export_fp16(spec: Any, folder: Path, entry: Mapping[str, Any], image_size: i
     """Write and check the FP16 copy of a network's ONNX Runtime file inside ``folder``.
 
     Returns (manifest entry updates, validation report). The FP16 file is compared with the
-    FP32 one at the network's smallest validation shape (``spec.validate_at[-1]`` with batch
-    1), on the CUDA provider where onnxruntime-gpu sees a GPU, else on the CPU. A miss
+    FP32 one at the network's smallest validation shape (fewest frames, batch 1), on the CUDA
+    provider where onnxruntime-gpu sees a GPU, else on the CPU. A miss
     deletes the FP16 file, records ``onnx_fp16: null`` and the failed check, and says so in
     one line: the FP32 networks stay valid and the folder is kept.
     """
     src = folder / (entry.get("onnx_ort") or entry["onnx"])
     dst = fp16_path(folder / entry["onnx"])
     files = convert_file(src, dst)
-    sizes = {**spec.validate_at[-1], "batch": 1}
+    smallest = min(spec.validate_at, key=lambda z: z.get("frames", 1) * z.get("batch", 1))
+    sizes = {**smallest, "batch": 1}
     feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, spec.example(sizes, seed=200))}
     providers = ("CPUExecutionProvider",)
     if _ort_cuda():
