@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Type-check the TensorRT code (export/trt.py, export/trt_plan.py, apla_rt/trt_runner.py) against TensorRT's Python API without TensorRT installed.
+# Type-check the TensorRT code (export/trt.py, export/trt_plan.py and the runtime's
+# apla_rt/trt_runner.py) against TensorRT's Python API without TensorRT installed.
 #
 # TensorRT itself cannot be installed everywhere, but `tensorrt-stubs` carries its whole
 # Python API as .pyi files (see ../shared/notes/tensorrt-typecheck.md). This script:
