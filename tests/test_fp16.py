@@ -177,8 +177,9 @@ def test_tolerance_miss_keeps_fp32_and_says_so(fp16_engines, torch_side, tmp_pat
 
 @pytest.mark.sdscale
 def test_fp16_sd_shaped_within_the_measured_tolerance(request, tmp_path_factory):
-    """The SD-1.5-shaped random UNet (benchmarks/make_sd_shaped.py): 1 and 2 frames at 16x16
-    latents, batch 1, 2 seeds; several minutes and ~17 GB on 2 cores."""
+    """The SD-1.5-shaped random UNet (benchmarks/make_sd_shaped.py, or the folder in
+    APLA_SD_SHAPED): 1 and 2 frames at 16x16 latents, batch 1, 2 seeds; several minutes and
+    ~17 GB on 2 cores."""
     if "sdscale" not in (request.config.getoption("-m") or ""):
         pytest.skip("SD-scale check: run with -m sdscale")
     folder = os.environ.get("APLA_SD_SHAPED")
@@ -191,8 +192,9 @@ def test_fp16_sd_shaped_within_the_measured_tolerance(request, tmp_path_factory)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from fp16_tolerance import measure
 
-    report = measure(folder, 128, 2, [(1, 1), (1, 2)], [0, 1], 2, tmp_path_factory.mktemp("sd-onnx"),
-                     log=lambda _m: None)
+    # APLA_FP16_WORKDIR: reuse the FP32 export benchmarks/fp16_tolerance.py --workdir left there
+    work = Path(os.environ.get("APLA_FP16_WORKDIR") or tmp_path_factory.mktemp("sd-onnx"))
+    report = measure(folder, 128, 2, [(1, 1), (1, 2)], [0, 1], 2, work, log=print)
     assert report["passed"], report["worst"]
     assert report["worst"]["max_abs"] > 1e-5
     assert report["tolerance"] == F.FP16_TOLERANCE["sd"]
