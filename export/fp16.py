@@ -80,6 +80,7 @@ def convert_model(model: Any) -> Any:
     blocked_ops = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
     blocked_nodes = fp32_node_names(n.name for n in model.graph.node)
     _unshare_initializers(model, set(blocked_ops), set(blocked_nodes))
+    _infer_types(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the model has values out of FP16 range": clamped
         converted = float16.convert_float_to_float16(
@@ -114,6 +115,31 @@ def _unshare_initializers(model: Any, blocked_ops: set[str], blocked_nodes: set[
             node.input[:] = [private.name if i == name else i for i in node.input]
         copies += 1
     return copies
+
+
+def _infer_types(model: Any) -> None:
+    """Fill ``value_info`` with every tensor's type, also for models over 2 GB.
+
+    The converter inserts the Casts around an FP32 node only for inputs whose type it finds in
+    ``value_info``; the export's clean-up cannot run shape inference on a model over 2 GB
+    (protobuf's limit), and without it the SD-1.5-shaped UNet's GroupNorms got FP16 data with
+    no Cast. Inference runs on a copy without the large weights' bytes (their dims and types
+    are what it reads), then the weights are put back."""
+    import onnx
+
+    stash = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > 1 << 16:
+            stash[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for tensor in model.graph.initializer:
+            if tensor.name in stash:
+                tensor.raw_data = stash[tensor.name]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _toposort(model: Any) -> Any:

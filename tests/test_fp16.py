@@ -198,3 +198,15 @@ def test_fp16_sd_shaped_within_the_measured_tolerance(request, tmp_path_factory)
     assert report["passed"], report["worst"]
     assert report["worst"]["max_abs"] > 1e-5
     assert report["tolerance"] == F.FP16_TOLERANCE["sd"]
+
+
+def test_conversion_without_value_info_still_casts_into_fp32_nodes(fp16_engines, tmp_path):
+    """A model over 2 GB reaches the converter without value_info (the export cannot run shape
+    inference on it): the FP32 nodes must still get their Casts (seen on the SD-shaped UNet)."""
+    import onnxruntime as ort
+
+    out, _, _ = fp16_engines
+    model = onnx.load(str(out / "unet.ort.onnx"))
+    del model.graph.value_info[:]
+    onnx.save(F.convert_model(model), str(tmp_path / "u.fp16.onnx"))
+    ort.InferenceSession(str(tmp_path / "u.fp16.onnx"), providers=["CPUExecutionProvider"])
