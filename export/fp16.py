@@ -80,7 +80,6 @@ def convert_model(model: Any) -> Any:
 
     blocked_ops = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
     blocked_nodes = fp32_node_names(n.name for n in model.graph.node)
-    _unshare_initializers(model, set(blocked_ops), set(blocked_nodes))
     _infer_types(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the model has values out of FP16 range": clamped
@@ -88,34 +87,6 @@ def convert_model(model: Any) -> Any:
             model, keep_io_types=False, op_block_list=blocked_ops, node_block_list=blocked_nodes,
             disable_shape_infer=True)
     return _toposort(converted)
-
-
-def _unshare_initializers(model: Any, blocked_ops: set[str], blocked_nodes: set[str]) -> int:
-    """Give FP32 nodes their own copy of initializers they share with FP16 nodes.
-
-    The converter turns an initializer used by both kinds into FP16 and inserts no Cast for
-    the FP32 node (seen on the SD-1.5-shaped UNet: constant folding makes every GroupNorm's
-    unit scale one shared tensor, and InstanceNormalization then gets FP32 data with an FP16
-    scale, which ONNX Runtime refuses). Returns how many copies were made."""
-    inits = {t.name: t for t in model.graph.initializer}
-    users: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name in inits:
-                users.setdefault(name, []).append(node)
-    copies = 0
-    for name, nodes in users.items():
-        fp32 = [n for n in nodes if n.op_type in blocked_ops or n.name in blocked_nodes]
-        if not fp32 or len(fp32) == len(nodes):
-            continue
-        private = inits[name].__class__()
-        private.CopyFrom(inits[name])
-        private.name = f"{name}_fp32_copy"
-        model.graph.initializer.append(private)
-        for node in fp32:
-            node.input[:] = [private.name if i == name else i for i in node.input]
-        copies += 1
-    return copies
 
 
 def _infer_types(model: Any) -> None:
