@@ -22,9 +22,8 @@ few FP16 kernels and ONNX Runtime runs the others in FP32 between inserted Casts
 *storage* (weights and activations rounded to 11 significant bits) is what is measured; the
 CUDA provider's FP16 GEMMs are not. Speed is a GPU matter (``benchmarks/gpu_check.py``).
 
-The "tiny" tolerance below was measured (docs/export.md, "FP16"): ``benchmarks/fp16_tolerance.py``
-on the tiny model, about 3x its worst error. The "sd" one is that error scaled up until the same
-script's run on the SD-1.5-shaped random model (``-m sdscale`` in tests/test_fp16.py) replaces it.
+The tolerances below were measured (docs/export.md, "FP16"), not guessed:
+``benchmarks/fp16_tolerance.py`` on the tiny model and on the SD-1.5-shaped random model.
 """
 
 from __future__ import annotations
@@ -48,10 +47,12 @@ FP32_NODE_SCOPES = re.compile(r"(^|/)time_proj(/|$)")
 
 # FP16 vs FP32 (ONNX Runtime, same inputs) on noise_pred, whose values are O(1):
 # max abs error per output element, and the RMS error relative to the reference's RMS.
-# tiny: ~3x the worst of the measured seeds; sd: not yet measured (docs/export.md "FP16").
+# ~3x the worst of the measured seeds (docs/export.md "FP16").
 FP16_TOLERANCE = {
     "tiny": {"max_abs": 2e-2, "rel_rms": 1e-2},
-    "sd": {"max_abs": 5e-2, "rel_rms": 2e-2},
+    # rel RMS: 3.5x the measured 1.43e-3; max abs: the measured 4.0e-4 was on outputs of
+    # |max| 0.27 (a random model), scaled to unit-size noise predictions (x4) with a 3x margin
+    "sd": {"max_abs": 5e-3, "rel_rms": 5e-3},
 }
 
 
@@ -64,9 +65,10 @@ def fp16_path(onnx_path: Path) -> Path:
     raise ValueError(f"{onnx_path} is not an .onnx file")
 
 
-def fp16_tolerance(image_size: int) -> dict[str, float]:
-    """The FP16 tolerance for a network trained at ``image_size`` pixels (SD scale: >= 256)."""
-    return dict(FP16_TOLERANCE["sd" if image_size >= 256 else "tiny"])
+def fp16_tolerance(image_size: int, scale: str | None = None) -> dict[str, float]:
+    """The FP16 tolerance for a network trained at ``image_size`` pixels (SD scale: >= 256),
+    or for ``scale`` ("tiny" | "sd") when given."""
+    return dict(FP16_TOLERANCE[scale or ("sd" if image_size >= 256 else "tiny")])
 
 
 def fp32_node_names(node_names: Iterable[str]) -> list[str]:
