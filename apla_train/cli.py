@@ -34,7 +34,10 @@ def build_config(video: str, prompt: str, model: str | None, pretrained: str | N
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("video", type=click.Path(dir_okay=True, path_type=str), required=False)
 @click.option("--prompt", help="The training prompt describing the clip, e.g. 'a man is skiing'.")
-@click.option("--pretrained", type=click.Path(path_type=str), help="Stable Diffusion 1.x diffusers folder.")
+@click.option("--pretrained", type=str,
+              help="Stable Diffusion 1.x diffusers folder, or a Hugging Face repo id such as "
+                   "runwayml/stable-diffusion-v1-5 (the Hub cache is used; HF_HUB_OFFLINE=1: cache only).")
+@click.option("--variant", help="Weights variant of --pretrained, e.g. fp16 (*.fp16.safetensors).")
 @click.option("--model", type=click.Choice(["tiny"]), help="Build the tiny CPU preset instead of --pretrained.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Run folder.")
 @click.option("--steps", type=int, help="Training steps (with --resume: extend the run to this many).")
@@ -52,7 +55,7 @@ def build_config(video: str, prompt: str, model: str | None, pretrained: str | N
 @click.option("--force", is_flag=True, help="Replace an existing run folder.")
 @click.option("--threads", type=int, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(video, prompt, pretrained, model, out, steps, frames, stride, start, size, vgt, vgt_mask, seed,
+def main(video, prompt, pretrained, variant, model, out, steps, frames, stride, start, size, vgt, vgt_mask, seed,
          config_file, overrides, skip_nonfinite, resume, force, threads, quiet):
     """Fine-tune a text-to-video model on one VIDEO and its --prompt (APLA)."""
     def disk(err: OSError) -> str:
@@ -81,10 +84,11 @@ def main(video, prompt, pretrained, model, out, steps, frames, stride, start, si
             if not prompt or not prompt.strip():
                 raise AplaError("--prompt is required and must not be empty")
             if not model and not pretrained:
-                raise AplaError("give --pretrained PATH (a Stable Diffusion 1.x diffusers folder) or --model tiny")
+                raise AplaError("give --pretrained PATH|ORG/NAME (a Stable Diffusion 1.x diffusers folder "
+                                "or Hub repo id) or --model tiny")
             flags = {"train.steps": steps, "data.n_frames": frames, "data.stride": stride,
                      "data.start": start, "data.size": size, "vgt.kind": vgt, "vgt.mask": vgt_mask,
-                     "train.seed": seed, "train.skip_nonfinite": skip_nonfinite}
+                     "train.seed": seed, "train.skip_nonfinite": skip_nonfinite, "model.variant": variant}
             cfg = build_config(video, prompt.strip(), model, pretrained, config_file, overrides, flags)
         summary = train(cfg or AplaConfig(), out, resume=resume, force=force,
                         log=lambda m: click.echo(m, err=True), progress=not quiet,

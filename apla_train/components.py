@@ -235,12 +235,17 @@ def save_components(components: Components, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "APLAComponents"}, indent=2))
 
 
-def load_pretrained(path: str | Path, temporal: bool = True) -> Components:
-    """Load an SD 1.x diffusers folder (or a saved tiny set) from disk only."""
+def load_pretrained(path: str | Path, temporal: bool = True, variant: str | None = None) -> Components:
+    """Load an SD 1.x diffusers folder (or a saved tiny set), or a Hugging Face repo id from
+    the Hub cache (``apla_train.hub``); ``variant`` picks weights such as
+    ``*.fp16.safetensors`` (found by itself when a folder holds only those). The networks are
+    float32 whatever the stored dtype (training keeps FP32 master weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    root = Path(path)
+    from .hub import resolve_pretrained, weights_variant
+
+    root = resolve_pretrained(path, variant)
     if not root.is_dir():
         raise InputError(f"--pretrained {root} is not a folder (expected a Stable Diffusion 1.x "
                          f"diffusers folder with {', '.join(SUBFOLDERS)})")
@@ -249,16 +254,19 @@ def load_pretrained(path: str | Path, temporal: bool = True) -> Components:
         raise InputError(f"--pretrained {root} lacks {', '.join(missing)}/ (expected a diffusers "
                          f"Stable Diffusion 1.x folder)")
     sched = SchedulerConfig.from_dict(read_json_object(root / "scheduler" / "scheduler_config.json"))
+    variant = weights_variant(root, variant)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
+                                                     variant=variant).float()
         vae_cfg = read_json_object(root / "vae" / "config.json")
         if vae_cfg.get("_class_name") == "PatchPCAAutoencoder":
-            vae = _pca_autoencoder_cls().from_pretrained(root / "vae", local_files_only=True)
+            vae = _pca_autoencoder_cls().from_pretrained(root / "vae", local_files_only=True, variant=variant)
         else:
-            vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, variant=variant).float()
         unet2d, info = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True,
-                                                            output_loading_info=True)
+                                                            output_loading_info=True, variant=variant)
+        unet2d = unet2d.float()
     except (OSError, ValueError, EnvironmentError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot load --pretrained {root}: {first}") from err

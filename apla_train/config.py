@@ -36,7 +36,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: Literal["sd", "tiny"] = "sd"  # sd: load --pretrained; tiny: build from configs
-    pretrained: Optional[str] = None  # SD 1.x diffusers folder
+    pretrained: Optional[str] = None  # SD 1.x diffusers folder, or a Hub repo id (ORG/NAME)
+    variant: Optional[str] = None  # weights variant of --pretrained, e.g. fp16 (*.fp16.safetensors)
     temporal: bool = True  # the attn_temp branch (off = per-frame SD, for parity checks)
     gradient_checkpointing: bool = False
     trainable: Literal["tav", "all"] = "tav"  # tav: attn1.to_q, attn2.to_q, attn_temp

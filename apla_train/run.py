@@ -77,7 +77,9 @@ def _check_pretrained_prompt(cfg: AplaConfig) -> None:
     """The --pretrained folder is complete and its tokenizer takes the prompt."""
     from transformers import CLIPTokenizer
 
-    root = Path(cfg.model.pretrained)
+    from .hub import resolve_pretrained
+
+    root = resolve_pretrained(cfg.model.pretrained, cfg.model.variant)  # a Hub id -> its snapshot
     if not root.is_dir() or not all((root / s).is_dir() for s in SUBFOLDERS):
         load_pretrained(root)  # raises its error naming what is missing
     try:

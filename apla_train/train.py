@@ -123,7 +123,7 @@ def build_run_models(accelerator, cfg: AplaConfig, run: Path, frames: np.ndarray
 def components_for(cfg: AplaConfig, run: Path, frames: np.ndarray | None) -> Components:
     """The frozen/pretrained parts of a run: from --pretrained, or the run's tiny base/."""
     if cfg.model.preset == "sd":
-        return load_pretrained(cfg.model.pretrained, temporal=cfg.model.temporal)
+        return load_pretrained(cfg.model.pretrained, temporal=cfg.model.temporal, variant=cfg.model.variant)
     base = run / "base"
     if not (base / "model_index.json").is_file():
         if frames is None:

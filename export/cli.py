@@ -12,7 +12,8 @@ from apla_rt.errors import AplaError, reported_to_user
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="Training run folder.")
 @click.option("--out", "out", type=click.Path(path_type=Path), help="Engine folder (default engines/<run name>).")
-@click.option("--fp16", is_flag=True, help="Build FP16 TensorRT engines (where TensorRT and a CUDA GPU exist).")
+@click.option("--fp16", is_flag=True, help="Also write an FP16 UNet for ONNX Runtime's CUDA provider, and build FP16 "
+              "TensorRT engines (where TensorRT and a CUDA GPU exist).")
 @click.option("--backend", type=click.Choice(["auto", "onnx", "trt"]), default="auto", show_default=True,
               help="auto: ONNX always, engines when TensorRT is usable; onnx: ONNX only; trt: engines or fail.")
 @click.option("--frames-min", type=int, help="Smallest frame count the engines accept (default 1).")

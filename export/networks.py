@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from apla_rt.manifest import NetworkSpec, TensorSpec
+from apla_rt.pipeline import DECODE_CHUNK
+
 
 
 class TextEncoderWrapper(nn.Module):
@@ -209,7 +211,10 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
                                           {"batch": 2, "frames": other2}], make))
     img = ["frames", 3, "image_height", "image_width"]
     lat = ["frames", c, "height", "width"]
-    dec_frames = [1, min(fopt, 8), fmax]
+    # the runtime decodes/encodes at most DECODE_CHUNK frames per call: the VAE profile stops there
+    dec_max = min(fmax, DECODE_CHUNK)
+    dec_frames = [1, min(fopt, dec_max), dec_max]
+    other = min(other, dec_max)
     img_hw = {"image_height": [size, size, size], "image_width": [size, size, size]}
     specs.append(NetworkExport.build("vae_decoder", VAEDecoderWrapper(codec), [_tensor("latent", "float32", lat)],
                                      [_tensor("image", "float32", img)],

@@ -13,14 +13,14 @@ import torch
 from .networks import NetworkExport
 
 
-def ort_session(path, threads: int | None = None):
+def ort_session(path, threads: int | None = None, providers=("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def reference_outputs(spec: NetworkExport, shapes: list[dict[str, int]] | None = None) -> list[tuple]:

@@ -142,4 +142,7 @@ def test_backend_trt_fp16_builds_checked_engines(ski_run, tmp_path):
     for name, entry in manifest["networks"].items():
         assert entry["engine"] == f"{name}.plan" and (out / entry["engine"]).is_file()
         assert manifest["files"][entry["engine"]] == sha256(out / entry["engine"])
-        assert entry["trt_check"]["passed"] is True
+        assert entry["trt_check"]["passed"] is True and entry["trt_status"] == "ok"
+        assert entry["trt_check"]["reference"] == entry.get("onnx_ort", entry["onnx"])  # fused where written
+        assert set(entry["trt_check"]["per_shape"]) == {"min", "opt"}
+    assert manifest["networks"]["unet"]["onnx_fp16"] == "unet.fp16.onnx"

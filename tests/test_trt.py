@@ -378,7 +378,7 @@ def test_tiny_engine_fp16_matches_onnxrt(tiny_onnx, tmp_path):
     assert any("pinned to FP32" in m for m in messages)
     summary = T.compare_engine_with_onnxrt(tiny_onnx, plan, shapes, *T.FP16_TOLERANCE)
     assert summary["passed"], summary
-    assert set(summary["per_shape"]) == {"opt", "min", "max"}
+    assert set(summary["per_shape"]) == {"opt", "min"}  # export.trt_plan: never the max
 
     # The folder path: a manifest with one ONNX network and one without.
     (tmp_path / "tiny.onnx").write_bytes(tiny_onnx.read_bytes())
@@ -394,3 +394,14 @@ def test_tiny_engine_fp16_matches_onnxrt(tiny_onnx, tmp_path):
     assert out["networks"]["tiny"]["trt_check"]["passed"]
     assert out["networks"]["no_onnx"]["engine"] is None
     assert "tiny.plan" in out["files"] and out["versions"]["tensorrt"]
+    assert out["networks"]["tiny"]["trt_status"] == "ok"
+    assert out["networks"]["tiny"]["trt_check"]["reference"] == "tiny.onnx"
+
+    # A tolerance miss without strict: the plan is dropped, the network marked failed, one line.
+    (tmp_path / "tiny.plan").unlink()
+    lines: list[str] = []
+    missed = T.build_all(tmp_path, manifest, fp16=True, log=lines.append, tolerance=(0.0, 0.0), strict=False)
+    tiny = missed["networks"]["tiny"]
+    assert tiny["engine"] is None and tiny["trt_status"] == "failed" and not tiny["trt_check"]["passed"]
+    assert not (tmp_path / "tiny.plan").exists() and "tiny.plan" not in missed["files"]
+    assert [line for line in lines if "FAILED its check" in line and "runs on ONNX Runtime" in line]
