@@ -104,7 +104,7 @@ def _local_modules() -> set[str]:
 
 def test_every_import_is_declared_and_every_declaration_used(requires):
     declared = set()
-    for extra in ("", "cpu", "train", "test", "gpu"):
+    for extra in ("", "cpu", "train", "test", "gpu", "serve"):
         declared |= set(resolved(requires, extra, LINUX))
     dists = md.packages_distributions()
     imported_dists = set()
