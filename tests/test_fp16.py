@@ -151,8 +151,14 @@ def test_tampered_fp16_file_is_refused(fp16_engines, tmp_path):
     (copy / "unet.fp16.onnx").write_bytes(bytes(data))
     from apla_rt.errors import IntegrityError
 
+    manifest = Manifest.open(copy)
+    # the CUDA provider's session reads the FP16 file, so that is the file it hashes first
+    spec = manifest.network("unet")
+    assert runners._onnx_files(manifest, spec, spec.onnx_fp16)[0] == "unet.fp16.onnx"
+    # the CPU path never opens it (it is not hashed there); `apla-rt info --verify` refuses it
+    runners.open_runner(manifest, "unet", "ort", threads=1).close()
     with pytest.raises(IntegrityError, match="unet.fp16.onnx does not match its sha256"):
-        runners.open_runner(Manifest.open(copy), "unet", "ort", threads=1)
+        manifest.verify()
 
 
 def test_tolerance_miss_keeps_fp32_and_says_so(fp16_engines, torch_side, tmp_path, monkeypatch):

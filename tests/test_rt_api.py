@@ -158,7 +158,9 @@ def test_cli_writes_a_folder_with_an_index(fake_engine, tmp_path):
         assert hashlib.sha256(data).hexdigest() == e["sha256"]
     with Pipeline.open(fake_engine, "ort") as pipe:
         want, = pipe.generate("the man", seeds=5, from_noise=True, steps=2)
-    np.testing.assert_array_equal(read_video(out / "005-seed5.gif"), want.frames)
+    # GIF is a palette format: FFmpeg's palettegen rounds through OkLab, off by 1 at most here
+    got = read_video(out / "005-seed5.gif").astype(np.int16)
+    assert got.shape == want.frames.shape and np.abs(got - want.frames).max() <= 2
     before = (out / "index.json").read_bytes()
     again = run("generate", "--engine-dir", fake_engine, "--prompt", "a man", "--prompt", "b",
                 "--steps", "2", "--out", out, "--quiet")
