@@ -15,6 +15,15 @@ the UNet's profile takes: half its batch range, two rows per video for guidance)
 matter when starting from noise (``from_noise``); otherwise every video starts from the
 engine folder's inverted training clip, or from ``latent``.
 
+Sampling: ``scheduler`` picks the solver (``apla_rt.solvers``: ddim, dpmpp-2m, unipc; default
+the run's ``sample.scheduler``); ``guidance_interval=(lo, hi)`` guides step i of N only where
+lo <= i / N < hi (the other steps run the UNet on the conditional rows only, half the cost).
+Every start latent carries the timestep it belongs to: seeded noise T - 1, the engine folder's
+start latent the manifest's ``start_timestep``, a ``Latent`` from ``invert`` its ``timestep``,
+a ``.npy`` the ``timestep`` of the ``NAME.json`` beside it (``apla-rt invert`` writes it). Where
+none is recorded (folders and files from before it was), the latent is taken to be a DDIM
+inversion with the run's ``sample.inversion_steps``.
+
 A VGT trained with ``vgt.source`` also reads the clean latent of the clip being edited: the
 training clip's (the manifest's) for its start latent and for noise, the new clip's for a
 latent from ``invert`` (``Latent.clean``; on disk ``NAME.source.npy`` next to ``NAME.npy``).
@@ -32,9 +41,11 @@ import numpy as np
 
 from .errors import InputError
 from .manifest import Manifest, check_latent, load_npy
+from .jsonfile import read_json_object
 from .pipeline import (Engine, StepCallback, Timings, check_frames, check_guidance,
-                       check_manifest_start_frames, check_start_frames, check_steps,
-                       start_latent)
+                       check_guidance_interval, check_manifest_start_frames, check_start_frames,
+                       check_steps, start_latent)
+from .solvers import check_solver, check_start_timestep, inverted_timestep, noise_timestep
 from .video import video_bytes, read_video, write_video
 
 GENERATE_NETWORKS = ("text_encoder", "unet", "vgt", "vae_decoder")
@@ -48,12 +59,22 @@ def source_path_for(latent_path: str | os.PathLike) -> Path:
     return path.with_name(stem + ".source.npy")
 
 
+def timestep_path_for(latent_path: str | os.PathLike) -> Path:
+    """Where the timestep of a start latent ``NAME.npy`` is recorded: ``NAME.json`` beside it,
+    ``{"timestep": t, "inversion_steps": n}``."""
+    path = Path(latent_path)
+    stem = path.name[:-len(".npy")] if path.name.endswith(".npy") else path.name
+    return path.with_name(stem + ".json")
+
+
 @dataclass(frozen=True)
 class Latent:
-    """A start latent (1, c, f, h, w) and the clean latents of the clip it came from."""
+    """A start latent (1, c, f, h, w), the clean latents of the clip it came from and the
+    timestep it belongs to (None: unknown, taken as the run's inversion's)."""
 
     start: np.ndarray
     clean: np.ndarray | None = None
+    timestep: int | None = None
 
 
 @dataclass
@@ -71,6 +92,9 @@ class Video:
     latents: np.ndarray  # the final latents (1, c, f, h, w)
     start: np.ndarray  # the start latent
     batch_size: int  # how many videos shared the networks' calls
+    scheduler: str = "ddim"  # the solver
+    start_timestep: int = 0  # the timestep sampling started at
+    guidance_interval: tuple[float, float] | None = None  # None: every step guided
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the video atomically (``.mp4`` or ``.gif``); never replaces without ``force``."""
@@ -91,6 +115,8 @@ class Request:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str = ""
+    scheduler: str | None = None
+    guidance_interval: tuple[float, float] | None = None  # (lo, hi); None: every step
 
 
 @dataclass
@@ -100,6 +126,9 @@ class _Item:
     guidance: float
     start: np.ndarray
     clean: np.ndarray | None  # what a vgt.source VGT reads, else None
+    scheduler: str = "ddim"
+    start_timestep: int = 0
+    guidance_interval: tuple[float, float] | None = None
 
 
 class Pipeline:
@@ -164,17 +193,7 @@ class Pipeline:
         return max(1, min(limits))
 
     def _setting(self, key: str, flag: str) -> float:
-        """The run's sampling setting: the manifest's ``sample_defaults``, else its config's
-        ``sample`` section."""
-        config = self.manifest.data.get("config")
-        for section in (self.manifest.data.get("sample_defaults"),
-                        config.get("sample") if isinstance(config, dict) else None):
-            value = section.get(key) if isinstance(section, dict) else None
-            if (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value)):
-                return int(value) if key.endswith("steps") and float(value).is_integer() else value
-        raise InputError(f"the engine folder {self.manifest.root} does not record the run's "
-                         f"{key.replace('_', ' ')}; pass {flag}")
+        return _number_setting(self.manifest, key, flag)
 
     def default_steps(self) -> int:
         return check_steps(self._setting("steps", "--steps"), "the run's sample.steps")
@@ -184,11 +203,24 @@ class Pipeline:
 
     def default_inversion_steps(self) -> int:
         """The run's ``sample.inversion_steps``, else its sampling steps."""
-        try:
-            steps = self._setting("inversion_steps", "--steps")
-        except InputError:
-            steps = self._setting("steps", "--steps")
-        return check_steps(steps, "the run's sample.inversion_steps")
+        return default_inversion_steps(self.manifest)
+
+    def default_scheduler(self) -> str:
+        return run_scheduler(self.manifest)
+
+    def fallback_timestep(self) -> int:
+        return fallback_timestep(self.manifest)
+
+    def start_timestep(self) -> int:
+        return start_timestep_of(self.manifest)
+
+    def latent_timestep(self, latent_path: str | os.PathLike) -> int:
+        """The timestep recorded beside a ``.npy`` start latent (``timestep_path_for``)."""
+        path = timestep_path_for(latent_path)
+        if not path.is_file():
+            return self.fallback_timestep()
+        value = read_json_object(path).get("timestep")
+        return check_start_timestep(self.manifest.scheduler, value, f"timestep in {path}")
 
     def describe(self) -> str:
         return self.engine.describe()
@@ -208,7 +240,9 @@ class Pipeline:
             "max_batch": self.max_batch, "backend": self.describe(),
             "checkpoint_sha256": m.checkpoint_sha256, "versions": m.versions,
         }
-        for key, get in (("steps", self.default_steps), ("guidance", self.default_guidance)):
+        out["start_timestep"] = self.start_timestep() if shape is not None else None
+        for key, get in (("steps", self.default_steps), ("guidance", self.default_guidance),
+                         ("scheduler", self.default_scheduler)):
             try:
                 out[key] = get()
             except InputError:
@@ -230,7 +264,8 @@ class Pipeline:
                  frames: int | None = None, steps: int | None = None, guidance: float | None = None,
                  negative_prompt: str = "", from_noise: bool = False,
                  latent: Latent | np.ndarray | str | os.PathLike | None = None,
-                 callback: StepCallback | None = None) -> list[Video]:
+                 callback: StepCallback | None = None, scheduler: str | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> list[Video]:
         """One video per (prompt, seed) pair, in that order; see the module docstring."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         seed_list = [0] if seeds is None else [seeds] if not isinstance(seeds, Sequence) else list(seeds)
@@ -241,19 +276,22 @@ class Pipeline:
             raise InputError(f"{len(prompt_list)} prompts and {len(seed_list)} seeds do not pair "
                              "up; give as many of each, or one of either")
         requests = [Request(prompt_list[i % len(prompt_list)], seed_list[i % len(seed_list)],
-                            frames, steps, guidance, negative_prompt) for i in range(n)]
+                            frames, steps, guidance, negative_prompt, scheduler,
+                            guidance_interval) for i in range(n)]
         return self.run(requests, from_noise=from_noise, latent=latent, callback=callback)
 
     def run(self, requests: Sequence[Request], *, from_noise: bool = False,
             latent: Latent | np.ndarray | str | os.PathLike | None = None,
             callback: StepCallback | None = None) -> list[Video]:
-        """Generate ``requests`` (in order). Those with the same frame count and steps are
-        batched together, ``max_batch`` at a time; the rest of a request may differ."""
+        """Generate ``requests`` (in order). Those with the same frame count, steps, scheduler,
+        start timestep and guidance interval are batched together, ``max_batch`` at a time; the rest of a request may differ."""
         items = [self._item(r, from_noise, latent) for r in requests]
         videos: list[Video | None] = [None] * len(items)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault((item.start.shape, item.steps), []).append(i)
+            key = (item.start.shape, item.steps, item.scheduler, item.start_timestep,
+                   item.guidance_interval)
+            groups.setdefault(key, []).append(i)
         for indices in groups.values():
             for k in range(0, len(indices), self.max_batch):
                 chunk = indices[k:k + self.max_batch]
@@ -277,12 +315,18 @@ class Pipeline:
         self.engine.tokenizer([r.negative_prompt, r.prompt])  # an over-long prompt fails here
         steps = check_steps(r.steps) if r.steps is not None else self.default_steps()
         guidance = check_guidance(r.guidance) if r.guidance is not None else self.default_guidance()
+        scheduler = check_solver(r.scheduler) if r.scheduler is not None else self.default_scheduler()
+        interval = (check_guidance_interval(r.guidance_interval)
+                    if r.guidance_interval is not None else None)
+        cfg = self.manifest.scheduler
         needs_clean = self.use_vgt and self.vgt_reads_source
         clean = None
         if latent is not None and not isinstance(latent, (str, os.PathLike)):
             if from_noise:
                 raise InputError("--latent and --from-noise exclude each other; give one")
             given = latent if isinstance(latent, Latent) else Latent(latent)
+            start_t = (check_start_timestep(cfg, given.timestep, "given latent's timestep")
+                       if given.timestep is not None else self.fallback_timestep())
             z = check_latent(given.start, self.manifest.latent_channels, "the given latent")
             z = check_start_frames(z, r.frames, self.manifest, "the given latent")
             if needs_clean:
@@ -292,6 +336,7 @@ class Pipeline:
                 clean = self._check_clean(given.clean, z, "the given latent's clean latent")
         elif latent is not None:
             z = start_latent(self.manifest, r.frames, int(r.seed), from_noise, latent)
+            start_t = self.latent_timestep(latent)
             if needs_clean:
                 path = source_path_for(latent)
                 if not path.is_file():
@@ -301,8 +346,10 @@ class Pipeline:
                 clean = self._check_clean(load_npy(path), z, str(path))
         elif from_noise or self.manifest.start_latent_path is None:
             z = start_latent(self.manifest, r.frames, int(r.seed), from_noise, None)
+            start_t = noise_timestep(cfg)
         else:
             check_manifest_start_frames(self.manifest, r.frames)
+            start_t = self.start_timestep()
             if self._start is None:
                 self._start = self.manifest.load_start_latent()
             z = self._start
@@ -314,7 +361,11 @@ class Pipeline:
                                  f"{list(self._clean.shape)}; a start latent of {list(z.shape)} "
                                  f"cannot use it: keep the clip's frame count or pass --no-vgt")
             clean = self._clean
-        return _Item(r, steps, guidance, z, clean)
+        if steps > start_t - cfg.steps_offset + 1:
+            raise InputError(f"--steps {steps} is more than the {start_t - cfg.steps_offset + 1} "
+                             f"timesteps from the start latent's t={start_t} down to "
+                             f"t={cfg.steps_offset}; use fewer steps")
+        return _Item(r, steps, guidance, z, clean, scheduler, start_t, interval)
 
     def _check_clean(self, clean: Any, start: np.ndarray, what: str) -> np.ndarray:
         clean = check_latent(clean, self.manifest.latent_channels, what)
@@ -334,13 +385,17 @@ class Pipeline:
         clean = (np.concatenate([it.clean for it in items if it.clean is not None])
                  if items[0].clean is not None else None)
         guidance = np.array([it.guidance for it in items], dtype=np.float32)
-        z = engine.sample(start, text, items[0].steps, guidance, self.use_vgt, callback, clean)
+        first = items[0]
+        z = engine.sample(start, text, first.steps, guidance, self.use_vgt, callback, clean,
+                          scheduler=first.scheduler, start_timestep=first.start_timestep,
+                          guidance_interval=first.guidance_interval)
         videos = []
         for i, it in enumerate(items):
             r = it.request
             videos.append(Video(engine.decode(z[i:i + 1]), self.manifest.fps, r.prompt, int(r.seed),
                                 r.negative_prompt, it.steps, it.guidance, self.vgt, z[i:i + 1],
-                                it.start, len(items)))
+                                it.start, len(items), it.scheduler, it.start_timestep,
+                                it.guidance_interval))
         return videos
 
     # -- invert --------------------------------------------------------------------------
@@ -369,7 +424,59 @@ class Pipeline:
                                 size=h * manifest.vae_downsample)
         clean = self.engine.encode_frames(pixels)
         z = self.engine.invert_latents(clean, steps, self.use_vgt, callback)
-        return Latent(z, clean)
+        return Latent(z, clean, inverted_timestep(manifest.scheduler, steps))
+
+
+def _sample_settings(manifest: Manifest) -> list[dict[str, Any]]:
+    """Where the run's sampling settings are: the manifest's ``sample_defaults``, then its
+    config's ``sample`` section."""
+    config = manifest.data.get("config")
+    sections = (manifest.data.get("sample_defaults"),
+                config.get("sample") if isinstance(config, dict) else None)
+    return [s for s in sections if isinstance(s, dict)]
+
+
+def _number_setting(manifest: Manifest, key: str, flag: str) -> float:
+    for section in _sample_settings(manifest):
+        value = section.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return int(value) if key.endswith("steps") and float(value).is_integer() else value
+    raise InputError(f"the engine folder {manifest.root} does not record the run's "
+                     f"{key.replace('_', ' ')}; pass {flag}")
+
+
+def default_inversion_steps(manifest: Manifest) -> int:
+    """The run's ``sample.inversion_steps``, else its sampling steps."""
+    try:
+        steps = _number_setting(manifest, "inversion_steps", "--steps")
+    except InputError:
+        steps = _number_setting(manifest, "steps", "--steps")
+    return check_steps(steps, "the run's sample.inversion_steps")
+
+
+def run_scheduler(manifest: Manifest) -> str:
+    """The run's ``sample.scheduler``; "ddim" for folders that record none."""
+    for section in _sample_settings(manifest):
+        if section.get("scheduler") is not None:
+            return check_solver(section["scheduler"], "the run's sample.scheduler")
+    return "ddim"
+
+
+def fallback_timestep(manifest: Manifest) -> int:
+    """The timestep of a start latent that records none: a DDIM inversion with the run's
+    inversion steps (how such latents were made), else seeded noise's."""
+    try:
+        return inverted_timestep(manifest.scheduler, default_inversion_steps(manifest))
+    except InputError:
+        return noise_timestep(manifest.scheduler)
+
+
+def start_timestep_of(manifest: Manifest) -> int:
+    """The timestep of the engine folder's start latent: the manifest's ``start_timestep``,
+    else ``fallback_timestep``."""
+    if manifest.start_timestep is not None:
+        return manifest.start_timestep
+    return fallback_timestep(manifest)
 
 
 def _config_value(manifest: Manifest, section: str, key: str) -> Any:

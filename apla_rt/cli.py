@@ -60,7 +60,12 @@ def _check_threads(threads: int | None) -> None:
               help="Video file (.mp4 or .gif), or a folder ending in '/' for several videos "
                    "(NNN-seedS.FORMAT files and index.json).")
 @click.option("--frames", type=int, help="Frames to generate (default: the start latent's).")
-@click.option("--steps", type=int, help="DDIM steps, 1..1000 (default: the run's sample.steps).")
+@click.option("--steps", type=int, help="Sampling steps, 1..1000 (default: the run's sample.steps).")
+@click.option("--scheduler", help="Solver: ddim, dpmpp-2m or unipc (default: the run's "
+                                  "sample.scheduler; docs/architecture.md, 'Solvers').")
+@click.option("--guidance-interval", help="LO:HI, fractions of the schedule: step i of N is "
+                                          "guided iff LO <= i/N < HI, the others run the UNet "
+                                          "on the prompt only (half the cost) [default: 0:1].")
 @click.option("--guidance", type=float,
               help="Classifier-free guidance scale (default: the run's sample.guidance).")
 @click.option("--seed", "seeds", type=click.IntRange(0, 2**63 - 1), multiple=True,
@@ -83,7 +88,8 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @_user_errors
 def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | None, out: Path,
-             frames: int | None, steps: int | None, guidance: float | None, seeds: tuple[int, ...],
+             frames: int | None, steps: int | None, scheduler: str | None,
+             guidance_interval: str | None, guidance: float | None, seeds: tuple[int, ...],
              num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
              latent: Path | None, backend: str, threads: int | None, fmt: str, fps: float | None,
              timings: bool, force: bool, quiet: bool) -> None:
@@ -93,7 +99,9 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     """
     from .api import Pipeline, Request
     from .atomic import check_writable
-    from .pipeline import check_guidance, check_steps, check_video_suffix, progress_bar
+    from .pipeline import (check_guidance, check_guidance_interval, check_steps,
+                           check_video_suffix, progress_bar)
+    from .solvers import check_solver
 
     _check_threads(threads)
     if fps is not None and not 0 < fps <= 240:
@@ -110,7 +118,11 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
         check_steps(steps)
     if guidance is not None:
         check_guidance(guidance)
-    requests = [Request(p, s, frames, steps, guidance, negative_prompt) for p in texts for s in seed_list]
+    if scheduler is not None:
+        check_solver(scheduler)
+    interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else None
+    requests = [Request(p, s, frames, steps, guidance, negative_prompt, scheduler, interval)
+                for p in texts for s in seed_list]
     folder = len(requests) > 1 or str(out).endswith(("/", "\\")) or out.is_dir()
     if folder:
         names = [f"{i:03d}-seed{r.seed}.{fmt}" for i, r in enumerate(requests)]
@@ -138,7 +150,10 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
             v = videos[0]
             where = (f"{len(videos)} videos and index.json to {out}" if folder else f"{written[0]}")
             click.echo(f"wrote {where}: {v.frames.shape[0]} frames of {v.frames.shape[2]}x"
-                       f"{v.frames.shape[1]}, {v.steps} steps, guidance {v.guidance:g}, VGT "
+                       f"{v.frames.shape[1]}, {v.steps} {v.scheduler} steps from t="
+                       f"{v.start_timestep}, guidance {v.guidance:g}"
+                       + (f" on {v.guidance_interval[0]:g}:{v.guidance_interval[1]:g}"
+                          if v.guidance_interval is not None else "") + ", VGT "
                        f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}"
                        + (f", batches of up to {max(x.batch_size for x in videos)}" if folder else ""),
                        err=True)
@@ -192,6 +207,9 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                       "negative_prompt": video.negative_prompt, "steps": video.steps,
                       "guidance": video.guidance, "frames": int(video.frames.shape[0]),
+                      "scheduler": video.scheduler, "start_timestep": video.start_timestep,
+                      "guidance_interval": (list(video.guidance_interval)
+                                            if video.guidance_interval is not None else None),
                       "vgt": video.vgt})
     write_text(out / "index.json", json.dumps(index, indent=2) + "\n", force=force)
     return paths
@@ -217,7 +235,8 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
 def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: int | None,
            start: int | None, stride: int | None, no_vgt: bool, backend: str,
            threads: int | None, timings: bool, force: bool, quiet: bool) -> None:
-    """DDIM-invert VIDEO into a start latent for `generate --latent`."""
+    """DDIM-invert VIDEO into a start latent for `generate --latent` (its timestep goes
+    beside it in NAME.json)."""
     from .pipeline import invert as run_invert
 
     _check_threads(threads)
@@ -287,8 +306,10 @@ def _dims(dims: tuple[Any, ...]) -> str:
 @_user_errors
 def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
     """Show the networks, dims, profiles, prompt, files and versions of an engine folder."""
+    from .api import run_scheduler, start_timestep_of
     from .manifest import Manifest
     from .runners import select_backend
+    from .solvers import SOLVERS
 
     manifest = Manifest.open(engine_dir)
     if verify:
@@ -306,7 +327,15 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
                f"{manifest.latent_channels} channels, VAE x{manifest.vae_downsample}, "
                f"scaling {manifest.vae_scaling_factor:g}; fps {manifest.fps:g}")
     sched = manifest.scheduler
-    out.append(f"scheduler: DDIM, {sched.beta_schedule} {sched.beta_start:g}..{sched.beta_end:g}, "
+    try:
+        default = run_scheduler(manifest)
+    except AplaError as err:
+        default = f"unreadable ({err})"
+    where = ("" if manifest.start_latent_path is None else
+             f"; start latent at t={start_timestep_of(manifest)}"
+             + ("" if manifest.start_timestep is not None else " (not recorded: the run's inversion's)"))
+    out.append(f"sampling: {default} by default (--scheduler {'|'.join(SOLVERS)}){where}")
+    out.append(f"noise schedule: {sched.beta_schedule} {sched.beta_start:g}..{sched.beta_end:g}, "
                f"{sched.num_train_timesteps} steps, {sched.timestep_spacing} spacing, "
                f"offset {sched.steps_offset}")
     out.append("networks:")

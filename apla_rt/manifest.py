@@ -289,6 +289,7 @@ class Manifest:
     files: dict[str, str]
     _verified: set[str] = field(default_factory=set)
     source_latent_path: Path | None = None  # the clean latent a vgt.source VGT reads
+    start_timestep: int | None = None  # the timestep the start latent belongs to, if recorded
 
     # -- opening ------------------------------------------------------------------------
 
@@ -373,9 +374,15 @@ class Manifest:
             raise _fail("'prompt' must be a string")
 
         source = _optional_path(root, data.get("source_latent"), "source_latent")
+        start_t = data.get("start_timestep")  # absent in folders exported before it was recorded
+        if start_t is not None and (not is_int(start_t) or not scheduler.steps_offset <= start_t
+                                    < scheduler.num_train_timesteps):
+            raise _fail(f"start_timestep must be an integer from {scheduler.steps_offset} to "
+                        f"{scheduler.num_train_timesteps - 1}, got {start_t!r}")
         manifest = cls(root, data, networks, scheduler, float(factor), int(channels), int(down),
                        tokenizer_dir, int(max_len), start, prompt, dict(files),
-                       source_latent_path=source)
+                       source_latent_path=source,
+                       start_timestep=int(start_t) if start_t is not None else None)
         for spec in networks.values():
             for path in (spec.onnx, spec.onnx_ort, spec.onnx_fp16, spec.engine, *spec.external_data):
                 if path is not None:

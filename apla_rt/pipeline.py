@@ -4,21 +4,27 @@ For a batch of n videos (n = 1 for one video):
 
     text   = TextEncoder(tokenize([negative prompts] + [prompts]))  once, batch 2n = [uncond, cond]
     z      = start latents (n, c, f, h, w): the manifest's inversion, a .npy, or seeded noise
-    for t in DDIM timesteps (descending):
-        eps_u, eps_c = UNet([z, z], t, text)                      batch 2n, in chunks of the
+    solver = make_solver(scheduler, cfg, steps, start timestep)   apla_rt.solvers: ddim, dpmpp-2m, unipc
+    for i, t in enumerate(solver.timesteps):                       descending
+        if step i is guided (lo <= i / steps < hi, the guidance interval; default every step):
+            eps_u, eps_c = UNet([z, z], t, text)                  batch 2n, in chunks of the
                                                                    profile's batch (the two halves
                                                                    side by side with --threads >= 2
                                                                    on a CPU: Engine.split_guidance)
+            eps_theta    = eps_u + s (eps_c - eps_u)               s per video
+        else:
+            eps_theta    = UNet(z, t, text[n:])                   the cond rows only: batch n
         delta        = VGT(z, t)                                   batch n (0 with --no-vgt)
-        eps          = eps_u + s (eps_c - eps_u) + delta           s per video
-        z            = ddim_step(eps, t, z)                        float64 NumPy, apla_rt.schedule
+        z            = solver.step(eps_theta + delta, t, z)        float64 NumPy
     frames = VAE decoder(z[i]) in chunks of frames -> uint8 -> mp4/gif
 
 Every row of a batch is computed as it would be alone, so a batch gives each video's
 one-at-a-time result (within float32 rounding of the networks' kernels).
 
-Inversion (``invert``) walks the same timesteps in ascending order with the same predictor,
-the empty prompt and no guidance (UNet batch 1), from the VAE encoder's latents of a video.
+Inversion (``invert``) is DDIM's whatever the sampling solver: the config's DDIM timesteps in
+ascending order (``solvers.DDIMInversion``), the same predictor, the empty prompt and no
+guidance (UNet batch 1), from the VAE encoder's latents of a video. Its latent belongs to
+the last of those timesteps (``solvers.inverted_timestep``); sampling starts there.
 This is the same computation as ``apla_train.sampling`` (the PyTorch reference sampler).
 
 ``generate`` and ``invert`` are the CLI's one-call entry points over ``apla_rt.api.Pipeline``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import time
@@ -38,11 +45,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .atomic import check_writable, write_file
+from .atomic import check_writable, write_file, write_text
 from .errors import InputError
 from .manifest import Manifest, check_latent, load_npy
 from .runners import Runner, open_runner, ort_cuda_available, select_backend
-from .schedule import DDIMSchedule, ddim_inversion_step, ddim_step
+from .solvers import (DDIMInversion, check_solver, check_start_timestep, make_solver,
+                      noise_timestep)
 from .tokenizer import ClipTokenizer
 from .video import WRITE_SUFFIXES, write_video
 
@@ -102,6 +110,34 @@ def check_guidance(guidance: Any) -> float:
             or not math.isfinite(guidance)):
         raise InputError(f"--guidance must be a finite number, got {guidance!r}")
     return float(guidance)
+
+
+def check_guidance_interval(interval: Any, flag: str = "--guidance-interval") -> tuple[float, float]:
+    """``(lo, hi)`` with 0 <= lo <= hi <= 1: step i of N is guided iff lo <= i / N < hi."""
+    if isinstance(interval, str):
+        parts = interval.split(":")
+        try:
+            interval = tuple(float(p) for p in parts) if len(parts) == 2 else None
+        except ValueError:
+            interval = None
+    ok = (isinstance(interval, (tuple, list)) and len(interval) == 2
+          and all(isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
+                  and math.isfinite(v) for v in interval)
+          and 0.0 <= interval[0] <= interval[1] <= 1.0)
+    if not ok:
+        raise InputError(f"{flag} must be LO:HI with 0 <= LO <= HI <= 1 (fractions of the "
+                         f"schedule), got {interval!r}")
+    assert isinstance(interval, (tuple, list))
+    return float(interval[0]), float(interval[1])
+
+
+def guided_steps(steps: int, interval: tuple[float, float] | None) -> np.ndarray:
+    """Which of ``steps`` steps run the guidance batch: lo <= i / steps < hi (all for None)."""
+    if interval is None:
+        return np.ones(steps, dtype=bool)
+    lo, hi = interval
+    frac = np.arange(steps, dtype=np.float64) / steps
+    return (lo <= frac) & (frac < hi)
 
 
 def check_frames(frames: Any, manifest: Manifest, flag: str = "--frames") -> int:
@@ -307,30 +343,40 @@ class Engine:
 
     def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float | np.ndarray,
                use_vgt: bool = True, callback: StepCallback | None = None,
-               source: np.ndarray | None = None) -> np.ndarray:
-        """DDIM (eta = 0) with classifier-free guidance from ``start`` (n, c, f, h, w);
-        ``text`` (2n, ...) as in ``predict_noise``; ``guidance`` one scale or one per video;
-        ``source`` the clean latents (n, ...) a ``vgt.source`` VGT reads."""
-        schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
-        return self._walk(start, schedule.timesteps, functools.partial(ddim_step, cfg=schedule),
-                          text, guidance, use_vgt, source, callback)
+               source: np.ndarray | None = None, *, scheduler: str = "ddim",
+               start_timestep: int | None = None,
+               guidance_interval: tuple[float, float] | None = None,
+               solver_options: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Sample from ``start`` (n, c, f, h, w) with classifier-free guidance and
+        ``scheduler`` (``apla_rt.solvers``); ``text`` (2n, ...) as in ``predict_noise``;
+        ``guidance`` one scale or one per video; ``source`` the clean latents (n, ...) a
+        ``vgt.source`` VGT reads. ``start_timestep``: the timestep ``start`` belongs to (an
+        inverted latent's; None: seeded noise's, T - 1). ``guidance_interval`` (lo, hi):
+        step i of ``steps`` is guided iff lo <= i / steps < hi; the others run the UNet on
+        the conditional rows only (None: every step is guided). ``solver_options``: see
+        ``make_solver`` (``karras_sigmas``)."""
+        cfg = self.manifest.scheduler
+        t0 = noise_timestep(cfg) if start_timestep is None else check_start_timestep(cfg, start_timestep)
+        solver = make_solver(check_solver(scheduler), cfg, steps, t0, **(solver_options or {}))
+        interval = None if guidance_interval is None else check_guidance_interval(guidance_interval)
+        return self._walk(start, solver, text, guidance, use_vgt, source, callback,
+                          guided_steps(solver.steps, interval))
 
     def invert_latents(self, latents: np.ndarray, steps: int, use_vgt: bool = True,
                        callback: StepCallback | None = None) -> np.ndarray:
         """DDIM inversion of clean latents: empty prompt, no guidance, ascending timesteps.
 
         A VGT trained with ``vgt.source`` gets ``latents`` as its source, as in training."""
-        schedule = DDIMSchedule.build(self.manifest.scheduler, steps)
         source = np.ascontiguousarray(latents, dtype=np.float32)
-        return self._walk(source, schedule.timesteps[::-1],
-                          functools.partial(ddim_inversion_step, cfg=schedule),
+        return self._walk(source, DDIMInversion(self.manifest.scheduler, steps),
                           self.encode_text([""]), None, use_vgt, source, callback)
 
-    def _walk(self, z: np.ndarray, timesteps: np.ndarray,
-              step: Callable[[np.ndarray, int, np.ndarray], np.ndarray], text: np.ndarray,
+    def _walk(self, z: np.ndarray, solver: Any, text: np.ndarray,
               guidance: float | np.ndarray | None, use_vgt: bool, source: np.ndarray | None,
-              callback: StepCallback | None) -> np.ndarray:
-        """The loop both directions share: predict the noise at each timestep, then ``step``."""
+              callback: StepCallback | None, guided: np.ndarray | None = None) -> np.ndarray:
+        """The loop both directions share: at each of ``solver.timesteps`` predict the noise
+        (guided where ``guided[i]``, else from the conditional half of ``text``), then
+        ``solver.step``."""
         z = np.ascontiguousarray(z, dtype=np.float32)
         if not (use_vgt and self.vgt_reads_source):
             source = None
@@ -339,11 +385,15 @@ class Engine:
                              "this call was not given; pass it, or --no-vgt to generate")
         else:
             source = np.ascontiguousarray(source, dtype=np.float32)
+        cond_text = np.ascontiguousarray(text[z.shape[0]:]) if guidance is not None else text
         with self._text_pinned(text):
-            for i, t in enumerate(timesteps):
-                eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
+            for i, t in enumerate(solver.timesteps):
+                if guidance is None or guided is None or guided[i]:
+                    eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
+                else:  # outside the guidance interval: the conditional rows only
+                    eps_hat, _, _ = self.predict_noise(z, int(t), cond_text, None, use_vgt, source)
                 with self.timings("ddim"):
-                    z = step(eps_hat, int(t), z)
+                    z = solver.step(eps_hat, int(t), z)
                 if callback is not None:
                     callback(i, int(t))
         return z
@@ -445,7 +495,8 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
              negative_prompt: str = "", use_vgt: bool = True, from_noise: bool = False,
              latent: str | os.PathLike | None = None, backend: str = "auto",
              threads: int | None = None, fps: float | None = None, force: bool = False,
-             progress: bool = False) -> GenerateResult:
+             progress: bool = False, scheduler: str | None = None,
+             guidance_interval: tuple[float, float] | str | None = None) -> GenerateResult:
     """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif).
 
     ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults``
@@ -457,6 +508,9 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
         steps = check_steps(steps)
     if guidance is not None:
         guidance = check_guidance(guidance)
+    if scheduler is not None:
+        check_solver(scheduler)
+    interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else None
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise InputError("--prompt and --negative-prompt must be text")
     if out is not None:
@@ -467,7 +521,8 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
         try:
             video, = pipe.generate(prompt, seeds=seed, frames=frames, steps=steps,
                                    guidance=guidance, negative_prompt=negative_prompt,
-                                   from_noise=from_noise, latent=latent, callback=callback)
+                                   from_noise=from_noise, latent=latent, callback=callback,
+                                   scheduler=scheduler, guidance_interval=interval)
         finally:
             done()
         path = None
@@ -496,6 +551,8 @@ class InvertResult:
     backend: str
     source_path: Path | None = None  # the clean latents, written for a vgt.source VGT
     steps: int = 0  # the DDIM steps used
+    timestep: int = 0  # the timestep the latent belongs to (also in NAME.json beside it)
+    timestep_path: Path | None = None
 
 
 def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -507,13 +564,15 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
     ``steps`` defaults to the run's inversion steps; frames as in ``Pipeline.invert``. Where
     the model's VGT reads the clean source latent (``vgt.source``), the clip's clean latents
     are saved next to ``out`` as ``NAME.source.npy``: ``generate --latent out`` reads them.
+    The latent's timestep goes beside it as ``NAME.json`` (``{"timestep", "inversion_steps"}``).
     """
-    from .api import Pipeline, source_path_for
+    from .api import Pipeline, source_path_for, timestep_path_for
 
     if steps is not None:
         steps = check_steps(steps)
     if out is not None:
         check_writable(out, force)
+        check_writable(timestep_path_for(out), force)
     with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, for_inversion=True) as pipe:
         if out is not None and pipe.vgt_reads_source:
             check_writable(source_path_for(out), force)
@@ -525,13 +584,16 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
         finally:
             done()
         assert inverted.clean is not None  # invert always keeps the clip's clean latents
-        path = source = None
+        assert inverted.timestep is not None
+        path = source = stamp = None
         if out is not None:
             if pipe.vgt_reads_source:
                 source = _save_npy(source_path_for(out), inverted.clean, force)
+            stamp = write_text(timestep_path_for(out), json.dumps(
+                {"timestep": inverted.timestep, "inversion_steps": steps}) + "\n", force=force)
             path = _save_npy(out, inverted.start, force)
         return InvertResult(inverted.start, inverted.clean, path, pipe.timings, pipe.describe(),
-                            source, steps)
+                            source, steps, inverted.timestep, stamp)
 
 
 def _save_npy(out: str | os.PathLike, array: np.ndarray, force: bool) -> Path:

@@ -3,7 +3,9 @@
 One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
 
     POST /generate   JSON {"prompt", "seed"?, "frames"?, "steps"?, "guidance"?,
-                     "negative_prompt"?, "format"?: "mp4" | "gif"} -> the video's bytes,
+                     "negative_prompt"?, "scheduler"?: "ddim" | "dpmpp-2m" | "unipc",
+                     "guidance_interval"?: [lo, hi] | "lo:hi",
+                     "format"?: "mp4" | "gif"} -> the video's bytes,
                      headers X-Apla-Seed and X-Apla-Batch-Size
     GET  /healthz    200 once the replica's pipeline is open
     GET  /info       the engine folder's summary (JSON)
@@ -37,11 +39,14 @@ from starlette.responses import JSONResponse, Response
 
 from .api import Pipeline, Request, Video
 from .errors import AplaError, InputError
+from .pipeline import check_guidance_interval
+from .solvers import check_solver
 
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
 FIELDS = {"prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
-          "guidance": (int, float), "negative_prompt": (str,), "format": (str,)}
+          "guidance": (int, float), "negative_prompt": (str,), "format": (str,),
+          "scheduler": (str,), "guidance_interval": (list, str)}
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 TIMEOUT_HEADER = "x-apla-timeout-s"
 
@@ -102,6 +107,8 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
         if value is None and key != "prompt":
             continue
         kinds = FIELDS[key]
+        if key == "guidance_interval":
+            continue  # checked as the CLI's --guidance-interval below
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise InputError(f"--{key.replace('_', '-')} must be "
                              f"{'text' if kinds == (str,) else 'a number' if float in kinds else 'an integer'}"
@@ -111,10 +118,15 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     fmt = data.get("format") or "mp4"
     if fmt not in CONTENT_TYPES:
         raise InputError(f"format must be mp4 or gif, got {fmt!r}")
+    if data.get("scheduler") is not None:
+        check_solver(data["scheduler"])
+    interval = data.get("guidance_interval")
+    if interval is not None:
+        interval = check_guidance_interval(interval)
     seed = data.get("seed")
     request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
                       data.get("frames"), data.get("steps"), data.get("guidance"),
-                      data.get("negative_prompt") or "")
+                      data.get("negative_prompt") or "", data.get("scheduler"), interval)
     pipe.check(request, from_noise=from_noise)
     return request, fmt
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from apla_rt.errors import ConfigError
+from apla_rt.solvers import SOLVERS
 
 # sample.final_steps="auto" on a CPU: at most this many inversion and sampling steps after
 # training (with an SD-sized model the spec's 50 + 50 take 20-30 min there)
@@ -101,6 +102,8 @@ class SampleConfig:
     steps: int = 50
     guidance: float = 12.5
     inversion_steps: int = 50
+    # the sampling solver (apla_rt.solvers.SOLVERS): what apla-rt generate uses by default
+    scheduler: str = "ddim"
     fps: float = 8.0
     enabled: bool = True  # sample a video at the end of training
     # The training run's own DDIM inversion and sample after its last step: "all" takes
@@ -162,6 +165,9 @@ class AplaConfig:
         if isinstance(self.sample.final_steps, int) and self.sample.final_steps < 1:
             raise ConfigError(f"sample.final_steps must be \"auto\", \"all\" or at least 1 "
                               f"(got {self.sample.final_steps})")
+        if self.sample.scheduler not in SOLVERS:
+            raise ConfigError(f"sample.scheduler must be one of {', '.join(SOLVERS)} "
+                              f"(got {self.sample.scheduler!r})")
         if self.sample.fps <= 0 or self.sample.fps > 240:
             raise ConfigError(f"sample.fps must be in (0, 240] (got {self.sample.fps})")
         if len(self.model.tiny_widths) != 2 or any(w < 8 or w % 8 for w in self.model.tiny_widths):

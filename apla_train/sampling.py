@@ -1,11 +1,12 @@
-"""The PyTorch reference sampler: DDIM with classifier-free guidance plus the VGT.
+"""The PyTorch reference sampler: classifier-free guidance plus the VGT, any solver.
 
     eps_hat = eps_u + s (eps_c - eps_u) + delta,   delta = VGT(z_t, t)
 
 The UNet runs once per step on the guidance batch [uncond, cond]; the VGT once (it does
-not see the text). The DDIM step itself is ``apla_rt.schedule`` (float64 NumPy), the one
-source of truth shared with the runtime. Inversion uses the same predictor with the empty
-prompt and no guidance (spec section 5).
+not see the text). The step itself is an ``apla_rt.solvers`` solver (float64 NumPy: ddim,
+dpmpp-2m, unipc over the one grid), the one source of truth shared with the runtime.
+Inversion is DDIM's with the same predictor, the empty prompt and no guidance (spec
+section 5).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from apla_rt.schedule import DDIMSchedule, SchedulerConfig, ddim_inversion_step, ddim_step
+from apla_rt.schedule import SchedulerConfig
+from apla_rt.solvers import DDIMInversion, make_solver, noise_timestep
 
 from .components import Codec
 
@@ -46,28 +48,34 @@ def _np(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def ddim_sample(unet, vgt, start: torch.Tensor, text: torch.Tensor, scheduler: SchedulerConfig,
                 steps: int, guidance: float, source: torch.Tensor | None = None,
-                callback: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
-    """Denoise ``start`` (1, c, f, h, w) from t = T to 0; ``callback(i, t, ratio)`` per step."""
-    sched = DDIMSchedule.build(scheduler, steps)
+                callback: Callable[[int, int, float], None] | None = None, *,
+                solver: str = "ddim", start_timestep: int | None = None,
+                solver_options: dict | None = None) -> torch.Tensor:
+    """Denoise ``start`` (1, c, f, h, w) from ``start_timestep`` (the latent's: an inverted
+    latent's, None for seeded noise's T - 1) to the end of the schedule with ``solver``;
+    ``callback(i, t, ratio)`` per step."""
+    t0 = noise_timestep(scheduler) if start_timestep is None else start_timestep
+    run = make_solver(solver, scheduler, steps, t0, **(solver_options or {}))
     z = start.float()
-    for i, t in enumerate(sched.timesteps):
+    for i, t in enumerate(run.timesteps):
         eps_hat, eps_theta, delta = predict_noise_torch(unet, vgt, z, int(t), text, guidance, source)
         if callback is not None:
             ratio = float(delta.norm() / eps_theta.norm().clamp_min(1e-12))
             callback(i, int(t), ratio)
-        z = torch.from_numpy(ddim_step(_np(eps_hat), int(t), _np(z), sched)).to(z.device)
+        z = torch.from_numpy(run.step(_np(eps_hat), int(t), _np(z))).to(z.device)
     return z
 
 
 @torch.no_grad()
 def ddim_invert(unet, vgt, latents: torch.Tensor, uncond: torch.Tensor, scheduler: SchedulerConfig,
                 steps: int, source: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM inversion of clean latents with the empty prompt and no guidance."""
-    sched = DDIMSchedule.build(scheduler, steps)
+    """DDIM inversion of clean latents with the empty prompt and no guidance; the result
+    belongs to ``apla_rt.solvers.inverted_timestep(scheduler, steps)``."""
+    run = DDIMInversion(scheduler, steps)
     z = latents.float()
-    for t in sched.timesteps[::-1]:
+    for t in run.timesteps:
         eps_hat, _, _ = predict_noise_torch(unet, vgt, z, int(t), uncond, None, source)
-        z = torch.from_numpy(ddim_inversion_step(_np(eps_hat), int(t), _np(z), sched)).to(z.device)
+        z = torch.from_numpy(run.step(_np(eps_hat), int(t), _np(z))).to(z.device)
     return z
 
 

@@ -25,6 +25,7 @@ import torch
 from apla_rt import atomic
 from apla_rt.errors import AplaError, InputError, NonFiniteError
 from apla_rt.schedule import alphas_cumprod
+from apla_rt.solvers import inverted_timestep
 from apla_rt.video import psnr, write_video
 
 from . import checkpoint as ckpt
@@ -519,12 +520,14 @@ def finish(s: Session, train_s: float, log: Callable[[str], None]) -> dict:
     # training used posterior samples, as the spec says
     mean_latents = encode_video(s.components.codec, s.frames).to(s.device)
     start = invert_clip(s, unet, vgt, mean_latents, inversion_steps)
+    start_timestep = inverted_timestep(s.components.scheduler, inversion_steps)
     summary = {"prompt": cfg.prompt, "frames": int(mean_latents.shape[2])}
     if cfg.sample.enabled:
-        summary = sample_clip(s, unet, vgt, start, mean_latents, sample_steps, log)
+        summary = sample_clip(s, unet, vgt, start, mean_latents, sample_steps, log, start_timestep)
     else:
         log("sample.enabled is false: no sample video written")
     summary["inversion_steps"] = inversion_steps
+    summary["start_timestep"] = start_timestep  # the timestep start_latent.npy belongs to
     losses = loss_summary(s.run / "metrics.jsonl")
     summary.update(steps=cfg.train.steps, skipped_nonfinite=losses["skipped_nonfinite"],
                    train_seconds=round(train_s, 1), loss_first10=losses["loss_first10"],
@@ -545,13 +548,15 @@ def invert_clip(s: Session, unet, vgt, latents: torch.Tensor, steps: int) -> tor
 
 
 def sample_clip(s: Session, unet, vgt, start: torch.Tensor, latents: torch.Tensor, steps: int,
-                log: Callable[[str], None]) -> dict:
-    """Sample the training prompt from ``start`` with the reference sampler, write
+                log: Callable[[str], None], start_timestep: int) -> dict:
+    """Sample the training prompt from ``start`` (belonging to ``start_timestep``) with the
+    reference sampler and the run's ``sample.scheduler``, write
     ``sample.mp4``/``.gif`` and measure the PSNR against the source frames."""
     cfg = s.cfg
     source = latents if cfg.vgt.source else None
     text = torch.cat([s.uncond, s.cond])
-    sample = ddim_sample(unet, vgt, start, text, s.components.scheduler, steps, cfg.sample.guidance, source)
+    sample = ddim_sample(unet, vgt, start, text, s.components.scheduler, steps, cfg.sample.guidance, source,
+                         solver=cfg.sample.scheduler, start_timestep=start_timestep)
     video = decode_video(s.components.codec, sample)
     for ext in ("mp4", "gif"):
         write_video(s.run / f"sample.{ext}", video, fps=cfg.sample.fps, force=True)
@@ -562,7 +567,8 @@ def sample_clip(s: Session, unet, vgt, start: torch.Tensor, latents: torch.Tenso
     return {"reconstruction_psnr_db": round(recon_psnr, 3),
             "autoencoder_psnr_db": round(autoencoder_psnr, 3),
             "frames": int(video.shape[0]), "size": int(video.shape[1]),
-            "prompt": cfg.prompt, "guidance": cfg.sample.guidance, "sample_steps": steps}
+            "prompt": cfg.prompt, "guidance": cfg.sample.guidance, "sample_steps": steps,
+            "scheduler": cfg.sample.scheduler}
 
 
 def _save_npy(path: Path, x: torch.Tensor) -> None:

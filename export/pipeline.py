@@ -24,6 +24,8 @@ import torch
 from apla_rt.atomic import atomic_dir, check_writable
 from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
 from apla_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from apla_rt.schedule import SchedulerConfig
+from apla_rt.solvers import inverted_timestep
 
 from .fp16 import FP16_NETWORKS, export_fp16
 from .networks import network_specs
@@ -124,6 +126,17 @@ def _check_graph_io(spec, path: Path) -> None:
             raise IntegrityError(f"{spec.name}: ONNX tensor {t.name} has dims {got}, expected {t.dims}")
 
 
+def run_start_timestep(run: Path, cfg, scheduler: SchedulerConfig) -> int:
+    """The timestep the run's ``start_latent.npy`` belongs to: ``summary.json``'s record, else
+    a DDIM inversion with the inversion steps it used (``summary.json``) or configured."""
+    path = run / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = summary.get("start_timestep")
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        return recorded
+    return inverted_timestep(scheduler, int(summary.get("inversion_steps", cfg.sample.inversion_steps)))
+
+
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, backend: str = "auto",
                frames_min: int | None = None, frames_opt: int | None = None, frames_max: int | None = None,
                force: bool = False, dynamo: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -215,8 +228,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
                                  f"{tmp.name}/validation.json was discarded; re-run to inspect)")
 
         tokenizer.save_pretrained(tmp / "tokenizer")
-        start_latent = None
+        start_latent = start_timestep = None
         if (run / "start_latent.npy").is_file():
+            start_timestep = run_start_timestep(run, cfg, SchedulerConfig.from_dict(scheduler))
             latent = np.load(run / "start_latent.npy", allow_pickle=False)
             np.save(tmp / "start_latent.npy", latent.astype(np.float32), allow_pickle=False)
             start_latent = "start_latent.npy"
@@ -234,9 +248,11 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             "train_frames": cfg.data.n_frames,
             "tokenizer": {"dir": "tokenizer", "model_max_length": int(tokenizer.model_max_length)},
             "start_latent": start_latent,
+            "start_timestep": start_timestep,
             "source_latent": source_latent,
             "prompt": cfg.prompt,
-            "sample_defaults": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "fps": cfg.sample.fps},
+            "sample_defaults": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "fps": cfg.sample.fps,
+                                "scheduler": cfg.sample.scheduler},
             "vgt_source": bool(cfg.vgt.source),
             "checkpoint": last.name,
             "checkpoint_sha256": sha256_file(last / "model.safetensors"),

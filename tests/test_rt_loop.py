@@ -11,6 +11,7 @@ from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine
 
 from apla_rt.errors import InputError
 from apla_rt.schedule import SchedulerConfig, alphas_cumprod
+from apla_rt.solvers import inverted_timestep
 
 
 def direct_ddim(z, text, steps, guidance, nets, use_vgt=True):
@@ -31,13 +32,18 @@ def direct_ddim(z, text, steps, guidance, nets, use_vgt=True):
     return z
 
 
+def legacy_top(steps):
+    """Where today's DDIM grid of ``steps`` steps starts: an inverted latent of as many steps."""
+    return inverted_timestep(SchedulerConfig(), steps)
+
+
 def test_loop_matches_direct_computation(fake_engine):
     nets = FakeNets(0, vocab=600)
     engine = numpy_engine(fake_engine, nets)
     text = engine.encode_text(["", "a man is skiing"])
     start = engine.manifest.load_start_latent()
     for use_vgt in (True, False):
-        got = engine.sample(start, text, 5, 7.5, use_vgt)
+        got = engine.sample(start, text, 5, 7.5, use_vgt, start_timestep=legacy_top(5))
         want = direct_ddim(start, text, 5, 7.5, nets, use_vgt)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     unet, vgt = engine.runners["unet"], engine.runners["vgt"]
@@ -53,7 +59,8 @@ def test_loop_splits_the_guidance_batch_when_the_profile_says_so(engine_copy):
     engine = numpy_engine(engine_copy, nets)
     text = engine.encode_text(["", "a man is skiing"])
     start = engine.manifest.load_start_latent()
-    np.testing.assert_allclose(engine.sample(start, text, 3, 4.0), direct_ddim(start, text, 3, 4.0, nets),
+    np.testing.assert_allclose(engine.sample(start, text, 3, 4.0, start_timestep=legacy_top(3)),
+                               direct_ddim(start, text, 3, 4.0, nets),
                                rtol=0, atol=1e-5)
     calls = engine.runners["unet"].calls
     assert len(calls) == 6 and all(c["sample"][0] == 1 and "encoder_hidden_states" in c["fed"]

@@ -13,6 +13,7 @@ import pytest
 from rt_fakes import (C, HIDDEN, LAT, PATCH, SEQ, FakeNets, edit_manifest, make_engine_folder, numpy_engine,
                       rehash)
 
+from apla_rt.api import start_timestep_of
 from apla_rt.errors import BackendUnavailable
 from apla_rt.manifest import Manifest
 from apla_rt.pipeline import Engine, generate
@@ -74,7 +75,8 @@ def test_onnx_runtime_engine_matches_numpy(fake_engine):
     twin = numpy_engine(fake_engine, nets)
     result = generate(fake_engine, "a man is skiing", steps=4, guidance=5.0, threads=1)
     text = twin.encode_text(["", "a man is skiing"])
-    want = twin.sample(twin.manifest.load_start_latent(), text, 4, 5.0)
+    want = twin.sample(twin.manifest.load_start_latent(), text, 4, 5.0,
+                       start_timestep=start_timestep_of(twin.manifest))
     np.testing.assert_allclose(result.latents, want, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(result.frames, twin.decode(want))
     assert result.backend.startswith("onnxruntime-cpu") and result.vgt
