@@ -34,7 +34,9 @@ def test_exported_generate_matches_reference_sampler(exported, reference, tmp_pa
     np.testing.assert_array_equal(rt.start, start.numpy())
     with torch.no_grad():
         text = torch.cat([encode_prompts(comp, [""]), encode_prompts(comp, [cfg.prompt])])
-        z = ddim_sample(comp.unet, vgt, start, text, comp.scheduler, steps, guidance)
+        start_t = json.loads((engine / "manifest.json").read_text())["start_timestep"]
+        z = ddim_sample(comp.unet, vgt, start, text, comp.scheduler, steps, guidance,
+                        start_timestep=start_t)
         frames = decode_video(comp.codec, z)
     diff = float(np.abs(rt.latents - z.numpy()).max())
     assert diff < 1e-3, diff
