@@ -135,6 +135,7 @@ def run_one(clip: Path, clip_name: str, method: Method, s: Settings, runs: Path,
     from apla_train.checkpoint import latest_checkpoint
     from apla_train.components import encode_prompts
     from apla_train.sampling import ddim_sample, decode_video, encode_video
+    from export.pipeline import run_start_timestep
     from apla_train.train import apply_checkpoint, build_models, train
 
     prompt, edits = CLIPS[clip_name]
@@ -155,6 +156,7 @@ def run_one(clip: Path, clip_name: str, method: Method, s: Settings, runs: Path,
     components.text_encoder.to(device)
     components.codec.to(device)
     start = torch.from_numpy(np.load(run / "start_latent.npy")).to(device)
+    start_t = run_start_timestep(run, cfg, components.scheduler)
     source_frames = read_video(cfg.video, start=cfg.data.start, stride=cfg.data.stride,
                                n_frames=cfg.data.n_frames, size=cfg.data.size)
     source = encode_video(components.codec, source_frames).to(device) if cfg.vgt.source else None
@@ -171,7 +173,7 @@ def run_one(clip: Path, clip_name: str, method: Method, s: Settings, runs: Path,
 
         cond = torch.cat([uncond, encode_prompts(components, [text])])
         z = ddim_sample(unet, vgt, start, cond, components.scheduler, cfg.sample.steps,
-                        cfg.sample.guidance, source, callback=record)
+                        cfg.sample.guidance, source, callback=record, start_timestep=start_t)
         frames = decode_video(components.codec, z)
         write_video(run / "samples" / f"{k}.mp4", frames, fps=cfg.sample.fps, force=True)
         is_recon = k == 0

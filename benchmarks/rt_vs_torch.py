@@ -70,8 +70,9 @@ def worker_torch(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         text = torch.cat([encode_prompts(components, [args.negative_prompt]),
                           encode_prompts(components, [args.prompt])])
+        start_t = json.loads(Path(args.start).with_suffix(".json").read_text())["timestep"]
         z = ddim_sample(components.unet, vgt, start, text, components.scheduler, args.steps,
-                        args.guidance)
+                        args.guidance, start_timestep=start_t)
         frames = decode_video(components.codec, z)
     sample_s = time.perf_counter() - started
     np.save(args.latents, z.numpy())
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         start = start_latent(manifest, args.frames, args.seed, from_noise, None)
         origin = f"Gaussian noise (seed {args.seed})" if from_noise else "the engine folder's start latent"
         np.save(start_path, start)
+        from apla_rt.api import start_timestep_of, timestep_path_for
+        from apla_rt.solvers import noise_timestep
+
+        start_t = noise_timestep(manifest.scheduler) if from_noise else start_timestep_of(manifest)
+        timestep_path_for(start_path).write_text(json.dumps({"timestep": start_t}))
         pairs = [_pair(args, tmp, start_path, torch_first=i % 2 == 0) for i in range(args.repeat)]
         torch_r, rt_r = _median([p[0] for p in pairs]), _median([p[1] for p in pairs])
         diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())

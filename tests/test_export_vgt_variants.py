@@ -56,5 +56,5 @@ def test_vgt_source_run_exports_a_vgt_with_a_source_input(auto_default_out_expor
     _, components, _, _ = pipeline.load_run(source_run)
     text = torch.cat([encode_prompts(components, [""]), encode_prompts(components, ["a man is skiing"])])
     want = ddim_sample(components.unet, torch_vgt, torch.from_numpy(start), text, components.scheduler,
-                       2, 3.0, source=torch.from_numpy(source))
+                       2, 3.0, source=torch.from_numpy(source), start_timestep=manifest["start_timestep"])
     assert np.abs(result.latents - want.numpy()).max() < 1e-3
