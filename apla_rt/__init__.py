@@ -1,4 +1,5 @@
-"""apla's runtime: NumPy sampling (DDIM, DPM-Solver++ 2M, UniPC) of exported engine folders, without torch.
+"""apla's runtime: NumPy sampling (DDIM, DPM-Solver++ 2M, UniPC) of exported engine
+folders, without torch.
 
 ``from apla_rt import Pipeline`` is the Python API (``apla_rt.api``); it is imported on
 first use, so ``apla_rt.errors`` or ``apla_rt.schedule`` stay cheap to import.

@@ -284,7 +284,8 @@ class Pipeline:
             latent: Latent | np.ndarray | str | os.PathLike | None = None,
             callback: StepCallback | None = None) -> list[Video]:
         """Generate ``requests`` (in order). Those with the same frame count, steps, scheduler,
-        start timestep and guidance interval are batched together, ``max_batch`` at a time; the rest of a request may differ."""
+        start timestep and guidance interval are batched together, ``max_batch`` at a time;
+        the rest of a request may differ."""
         items = [self._item(r, from_noise, latent) for r in requests]
         videos: list[Video | None] = [None] * len(items)
         groups: dict[tuple[Any, ...], list[int]] = {}
