@@ -40,12 +40,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
-from .manifest import Manifest, check_latent, load_npy
 from .jsonfile import read_json_object
+from .manifest import Manifest, check_latent, load_npy
 from .pipeline import (Engine, StepCallback, Timings, check_frames, check_guidance,
-                       check_guidance_interval, check_manifest_start_frames, check_start_frames,
-                       check_steps, start_latent)
-from .solvers import check_solver, check_start_timestep, inverted_timestep, noise_timestep
+                       check_manifest_start_frames, check_start_frames, check_steps,
+                       start_latent)
+from .solvers import (check_guidance_interval, check_solver, check_start_timestep,
+                      inverted_timestep, noise_timestep)
 from .video import video_bytes, read_video, write_video
 
 GENERATE_NETWORKS = ("text_encoder", "unet", "vgt", "vae_decoder")

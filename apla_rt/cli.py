@@ -99,9 +99,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     """
     from .api import Pipeline, Request
     from .atomic import check_writable
-    from .pipeline import (check_guidance, check_guidance_interval, check_steps,
-                           check_video_suffix, progress_bar)
-    from .solvers import check_solver
+    from .pipeline import check_guidance, check_steps, check_video_suffix, progress_bar
+    from .solvers import check_guidance_interval, check_solver
 
     _check_threads(threads)
     if fps is not None and not 0 < fps <= 240:

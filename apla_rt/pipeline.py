@@ -49,8 +49,8 @@ from .atomic import check_writable, write_file, write_text
 from .errors import InputError
 from .manifest import Manifest, check_latent, load_npy
 from .runners import Runner, open_runner, ort_cuda_available, select_backend
-from .solvers import (DDIMInversion, check_solver, check_start_timestep, make_solver,
-                      noise_timestep)
+from .solvers import (DDIMInversion, check_guidance_interval, check_solver, check_start_timestep,
+                      guided_steps, make_solver, noise_timestep)
 from .tokenizer import ClipTokenizer
 from .video import WRITE_SUFFIXES, write_video
 
@@ -110,34 +110,6 @@ def check_guidance(guidance: Any) -> float:
             or not math.isfinite(guidance)):
         raise InputError(f"--guidance must be a finite number, got {guidance!r}")
     return float(guidance)
-
-
-def check_guidance_interval(interval: Any, flag: str = "--guidance-interval") -> tuple[float, float]:
-    """``(lo, hi)`` with 0 <= lo <= hi <= 1: step i of N is guided iff lo <= i / N < hi."""
-    if isinstance(interval, str):
-        parts = interval.split(":")
-        try:
-            interval = tuple(float(p) for p in parts) if len(parts) == 2 else None
-        except ValueError:
-            interval = None
-    ok = (isinstance(interval, (tuple, list)) and len(interval) == 2
-          and all(isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
-                  and math.isfinite(v) for v in interval)
-          and 0.0 <= interval[0] <= interval[1] <= 1.0)
-    if not ok:
-        raise InputError(f"{flag} must be LO:HI with 0 <= LO <= HI <= 1 (fractions of the "
-                         f"schedule), got {interval!r}")
-    assert isinstance(interval, (tuple, list))
-    return float(interval[0]), float(interval[1])
-
-
-def guided_steps(steps: int, interval: tuple[float, float] | None) -> np.ndarray:
-    """Which of ``steps`` steps run the guidance batch: lo <= i / steps < hi (all for None)."""
-    if interval is None:
-        return np.ones(steps, dtype=bool)
-    lo, hi = interval
-    frac = np.arange(steps, dtype=np.float64) / steps
-    return (lo <= frac) & (frac < hi)
 
 
 def check_frames(frames: Any, manifest: Manifest, flag: str = "--frames") -> int:

@@ -39,8 +39,7 @@ from starlette.responses import JSONResponse, Response
 
 from .api import Pipeline, Request, Video
 from .errors import AplaError, InputError
-from .pipeline import check_guidance_interval
-from .solvers import check_solver
+from .solvers import check_guidance_interval, check_solver
 
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024

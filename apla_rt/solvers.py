@@ -38,10 +38,15 @@ sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), x0 = (x - sigma_t
   ``karras_sigmas`` as above.
 
 Inversion is DDIM's (``schedule.ddim_inversion_step``), whatever the sampling solver.
+
+The guidance interval (``guided_steps``): step i of N (i = 0 at the start timestep) runs
+classifier-free guidance iff lo <= i / N < hi; the loop runs the others on the conditional
+rows only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -59,6 +64,34 @@ def check_solver(name: Any, flag: str = "--scheduler") -> str:
     if not isinstance(name, str) or name not in SOLVERS:
         raise InputError(f"{flag} must be one of {', '.join(SOLVERS)}, got {name!r}")
     return name
+
+
+def check_guidance_interval(interval: Any, flag: str = "--guidance-interval") -> tuple[float, float]:
+    """``(lo, hi)`` with 0 <= lo <= hi <= 1: step i of N is guided iff lo <= i / N < hi."""
+    if isinstance(interval, str):
+        parts = interval.split(":")
+        try:
+            interval = tuple(float(p) for p in parts) if len(parts) == 2 else None
+        except ValueError:
+            interval = None
+    ok = (isinstance(interval, (tuple, list)) and len(interval) == 2
+          and all(isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
+                  and math.isfinite(v) for v in interval)
+          and 0.0 <= interval[0] <= interval[1] <= 1.0)
+    if not ok:
+        raise InputError(f"{flag} must be LO:HI with 0 <= LO <= HI <= 1 (fractions of the "
+                         f"schedule), got {interval!r}")
+    assert isinstance(interval, (tuple, list))
+    return float(interval[0]), float(interval[1])
+
+
+def guided_steps(steps: int, interval: tuple[float, float] | None) -> np.ndarray:
+    """Which of ``steps`` steps run the guidance batch: lo <= i / steps < hi (all for None)."""
+    if interval is None:
+        return np.ones(steps, dtype=bool)
+    lo, hi = interval
+    frac = np.arange(steps, dtype=np.float64) / steps
+    return (lo <= frac) & (frac < hi)
 
 
 def noise_timestep(cfg: SchedulerConfig) -> int:
