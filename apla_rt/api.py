@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .deepcache import check_cache_interval, check_cache_schedule
 from .errors import InputError
 from .manifest import Manifest, check_latent, load_npy
 from .pipeline import (Engine, StepCallback, Timings, check_frames, check_guidance,
@@ -71,6 +72,8 @@ class Video:
     latents: np.ndarray  # the final latents (1, c, f, h, w)
     start: np.ndarray  # the start latent
     batch_size: int  # how many videos shared the networks' calls
+    cache_interval: int = 1  # DeepCache (apla_rt.deepcache): 1 = off
+    cache_schedule: str = "uniform"
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the video atomically (``.mp4`` or ``.gif``); never replaces without ``force``."""
@@ -91,6 +94,8 @@ class Request:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str = ""
+    cache_interval: int = 1  # the full UNet every N steps, the shallow one between (1 = off)
+    cache_schedule: str = "uniform"  # or "nonuniform": full steps denser early
 
 
 @dataclass
@@ -230,8 +235,13 @@ class Pipeline:
                  frames: int | None = None, steps: int | None = None, guidance: float | None = None,
                  negative_prompt: str = "", from_noise: bool = False,
                  latent: Latent | np.ndarray | str | os.PathLike | None = None,
-                 callback: StepCallback | None = None) -> list[Video]:
-        """One video per (prompt, seed) pair, in that order; see the module docstring."""
+                 callback: StepCallback | None = None, cache_interval: int = 1,
+                 cache_schedule: str = "uniform") -> list[Video]:
+        """One video per (prompt, seed) pair, in that order; see the module docstring.
+
+        ``cache_interval`` N > 1: the full UNet at N-th steps only, its outer blocks on the
+        cached feature in between (DeepCache, ``apla_rt.deepcache``; needs a folder exported
+        with the cache graphs); ``cache_schedule`` "uniform" or "nonuniform"."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         seed_list = [0] if seeds is None else [seeds] if not isinstance(seeds, Sequence) else list(seeds)
         if not prompt_list or not seed_list:
@@ -241,19 +251,21 @@ class Pipeline:
             raise InputError(f"{len(prompt_list)} prompts and {len(seed_list)} seeds do not pair "
                              "up; give as many of each, or one of either")
         requests = [Request(prompt_list[i % len(prompt_list)], seed_list[i % len(seed_list)],
-                            frames, steps, guidance, negative_prompt) for i in range(n)]
+                            frames, steps, guidance, negative_prompt, cache_interval, cache_schedule)
+                    for i in range(n)]
         return self.run(requests, from_noise=from_noise, latent=latent, callback=callback)
 
     def run(self, requests: Sequence[Request], *, from_noise: bool = False,
             latent: Latent | np.ndarray | str | os.PathLike | None = None,
             callback: StepCallback | None = None) -> list[Video]:
-        """Generate ``requests`` (in order). Those with the same frame count and steps are
+        """Generate ``requests`` (in order). Those with the same frame count, steps and cache are
         batched together, ``max_batch`` at a time; the rest of a request may differ."""
         items = [self._item(r, from_noise, latent) for r in requests]
         videos: list[Video | None] = [None] * len(items)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault((item.start.shape, item.steps), []).append(i)
+            key = (item.start.shape, item.steps, item.request.cache_interval, item.request.cache_schedule)
+            groups.setdefault(key, []).append(i)
         for indices in groups.values():
             for k in range(0, len(indices), self.max_batch):
                 chunk = indices[k:k + self.max_batch]
@@ -277,6 +289,9 @@ class Pipeline:
         self.engine.tokenizer([r.negative_prompt, r.prompt])  # an over-long prompt fails here
         steps = check_steps(r.steps) if r.steps is not None else self.default_steps()
         guidance = check_guidance(r.guidance) if r.guidance is not None else self.default_guidance()
+        check_cache_schedule(r.cache_schedule)
+        if check_cache_interval(r.cache_interval) > 1:
+            self.engine.check_cache()
         needs_clean = self.use_vgt and self.vgt_reads_source
         clean = None
         if latent is not None and not isinstance(latent, (str, os.PathLike)):
@@ -334,13 +349,15 @@ class Pipeline:
         clean = (np.concatenate([it.clean for it in items if it.clean is not None])
                  if items[0].clean is not None else None)
         guidance = np.array([it.guidance for it in items], dtype=np.float32)
-        z = engine.sample(start, text, items[0].steps, guidance, self.use_vgt, callback, clean)
+        first = items[0].request
+        z = engine.sample(start, text, items[0].steps, guidance, self.use_vgt, callback, clean,
+                          first.cache_interval, first.cache_schedule)
         videos = []
         for i, it in enumerate(items):
             r = it.request
             videos.append(Video(engine.decode(z[i:i + 1]), self.manifest.fps, r.prompt, int(r.seed),
                                 r.negative_prompt, it.steps, it.guidance, self.vgt, z[i:i + 1],
-                                it.start, len(items)))
+                                it.start, len(items), first.cache_interval, first.cache_schedule))
         return videos
 
     # -- invert --------------------------------------------------------------------------

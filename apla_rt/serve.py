@@ -3,7 +3,8 @@
 One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
 
     POST /generate   JSON {"prompt", "seed"?, "frames"?, "steps"?, "guidance"?,
-                     "negative_prompt"?, "format"?: "mp4" | "gif"} -> the video's bytes,
+                     "negative_prompt"?, "format"?: "mp4" | "gif", "cache_interval"?,
+                     "cache_schedule"?} -> the video's bytes,
                      headers X-Apla-Seed and X-Apla-Batch-Size
     GET  /healthz    200 once the replica's pipeline is open
     GET  /info       the engine folder's summary (JSON)
@@ -41,7 +42,8 @@ from .errors import AplaError, InputError
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
 FIELDS = {"prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
-          "guidance": (int, float), "negative_prompt": (str,), "format": (str,)}
+          "guidance": (int, float), "negative_prompt": (str,), "format": (str,),
+          "cache_interval": (int,), "cache_schedule": (str,)}
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 TIMEOUT_HEADER = "x-apla-timeout-s"
 
@@ -114,7 +116,9 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     seed = data.get("seed")
     request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
                       data.get("frames"), data.get("steps"), data.get("guidance"),
-                      data.get("negative_prompt") or "")
+                      data.get("negative_prompt") or "",
+                      1 if data.get("cache_interval") is None else data["cache_interval"],
+                      "uniform" if data.get("cache_schedule") is None else data["cache_schedule"])
     pipe.check(request, from_noise=from_noise)
     return request, fmt
 

@@ -17,15 +17,16 @@ The exported graphs (``export.networks``) and the runtime (``apla_rt.deepcache``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from apla_rt.errors import ConfigError
 
 DEFAULT_BRANCH = 0
 
 
-def check_branch(unet: nn.Module, branch: int) -> int:
+def check_branch(unet: Any, branch: int) -> int:
     """``branch`` as an int in 0..len(up_blocks) - 1; ``ConfigError`` otherwise."""
     levels = len(unet.up_blocks)
     if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < levels:
@@ -34,7 +35,7 @@ def check_branch(unet: nn.Module, branch: int) -> int:
     return branch
 
 
-def unet_with_feature(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+def unet_with_feature(unet: Any, sample: torch.Tensor, timestep: torch.Tensor,
                       encoder_hidden_states: torch.Tensor, branch: int = DEFAULT_BRANCH,
                       fused_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The full UNet: (noise_pred (b, 4, f, h, w), the feature entering the cached branch
@@ -45,7 +46,7 @@ def unet_with_feature(unet: nn.Module, sample: torch.Tensor, timestep: torch.Ten
     return out, feature
 
 
-def unet_shallow(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+def unet_shallow(unet: Any, sample: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor, feature: torch.Tensor,
                  branch: int = DEFAULT_BRANCH, fused_attention: bool = False) -> torch.Tensor:
     """noise_pred from the outer blocks only, on ``feature`` (a ``unet_with_feature`` output
@@ -55,7 +56,7 @@ def unet_shallow(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
     return out
 
 
-def feature_dims(unet: nn.Module, branch: int, latent: int) -> tuple[int, int]:
+def feature_dims(unet: Any, branch: int, latent: int) -> tuple[int, int]:
     """(channels, spatial size) of the cached feature for ``latent`` x ``latent`` inputs: up
     block i outputs the i-th of the reversed block widths (the mid block the widest), at the
     resolution of down block ``branch``."""

@@ -21,6 +21,8 @@ releases it is tested against: ``DIFFUSERS_RANGE``, the range setup.py pins
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -232,12 +234,14 @@ class UNet3DConditionModel(nn.Module):
         conv_out. The same code runs both passes, so the shallow pass fed the feature of a
         full pass on the same inputs repeats that pass's outer blocks op for op."""
         frames = sample.shape[2]
-        up_factor = 2 ** sum(1 for block in self.up_blocks if block.upsamplers)
+        down_blocks: Any = self.down_blocks
+        up_blocks: Any = self.up_blocks
+        up_factor = 2 ** sum(1 for block in up_blocks if block.upsamplers)
         forward_upsample_size = any(s % up_factor for s in sample.shape[-2:])
         shallow = feature is not None
         if shallow and branch is None:
             raise ValueError("the shallow pass needs the branch its feature was cut at")
-        cut = len(self.up_blocks) - 1 - branch if branch is not None else None
+        cut = len(up_blocks) - 1 - branch if branch is not None else None
 
         timestep = timestep.reshape(-1).expand(sample.shape[0])
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
@@ -246,7 +250,7 @@ class UNet3DConditionModel(nn.Module):
 
         x = self.conv_in(_fold(sample))
         skips = [x]
-        for k, block in enumerate(self.down_blocks):
+        for k, block in enumerate(down_blocks):
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for resnet, attn in zip(block.resnets, attns):
                 x = self._res(resnet, x, temb, frames)
@@ -270,14 +274,14 @@ class UNet3DConditionModel(nn.Module):
                 x = self._res(resnet, x, temb, frames)
 
         cached = None
-        for i, block in enumerate(self.up_blocks):
+        for i, block in enumerate(up_blocks):
             if cut is not None and i < cut and shallow:
                 continue
             if i == cut and not shallow:
                 cached = x
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
-            upsample_size = skips[-1].shape[2:] if (i < len(self.up_blocks) - 1 and forward_upsample_size) else None
+            upsample_size = skips[-1].shape[2:] if (i < len(up_blocks) - 1 and forward_upsample_size) else None
             attns = getattr(block, "attentions", None) or [None] * n
             for resnet, attn in zip(block.resnets, attns):
                 x = torch.cat([x, res.pop()], dim=1)

@@ -279,15 +279,16 @@ def _cache_specs(components, unet_spec: NetworkExport, branch: int, h: int) -> l
     spatial: list = ["height", "width"] if size == h else [size, size]
     feature = _tensor("feature", "float32", ["batch", channels, "frames", *spatial])
     noise = unet_spec.outputs[0]
-    common = dict(profile=dict(unet_spec.profile), tolerance=dict(unet_spec.tolerance),
-                  validate_at=list(unet_spec.validate_at), make_input=unet_spec.make_input)
+    profile, tolerance = dict(unet_spec.profile), dict(unet_spec.tolerance)
+    assert unet_spec.make_input is not None
     return [
         NetworkExport.build("unet_feature", UNetFeatureWrapper(unet, branch), list(unet_spec.inputs),
-                            [noise, feature], **common,
-                            ort_module=UNetFeatureWrapper(unet, branch, fused_attention=True),
+                            [noise, feature], profile, tolerance, list(unet_spec.validate_at),
+                            unet_spec.make_input, ort_module=UNetFeatureWrapper(unet, branch, fused_attention=True),
                             portable_validate_at=unet_spec.portable_validate_at, weights="unet"),
         NetworkExport.build("unet_shallow", UNetShallowWrapper(unet, branch),
-                            [*unet_spec.inputs, feature], [noise], **common,
+                            [*unet_spec.inputs, feature], [noise], profile, tolerance,
+                            list(unet_spec.validate_at), unet_spec.make_input,
                             ort_module=UNetShallowWrapper(unet, branch, fused_attention=True),
                             portable_validate_at=unet_spec.portable_validate_at, weights="unet"),
     ]
