@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .deepcache import check_cache_interval, check_cache_schedule
 from .errors import InputError
 from .jsonfile import read_json_object
 from .manifest import Manifest, check_latent, load_npy
@@ -96,6 +97,8 @@ class Video:
     scheduler: str = "ddim"  # the solver
     start_timestep: int = 0  # the timestep sampling started at
     guidance_interval: tuple[float, float] | None = None  # None: every step guided
+    cache_interval: int = 1  # DeepCache (apla_rt.deepcache): 1 = off
+    cache_schedule: str = "uniform"
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the video atomically (``.mp4`` or ``.gif``); never replaces without ``force``."""
@@ -118,6 +121,8 @@ class Request:
     negative_prompt: str = ""
     scheduler: str | None = None
     guidance_interval: tuple[float, float] | None = None  # (lo, hi); None: every step
+    cache_interval: int = 1  # the full UNet every N steps, the shallow one between (1 = off)
+    cache_schedule: str = "uniform"  # or "nonuniform": full steps denser early
 
 
 @dataclass
@@ -266,8 +271,13 @@ class Pipeline:
                  negative_prompt: str = "", from_noise: bool = False,
                  latent: Latent | np.ndarray | str | os.PathLike | None = None,
                  callback: StepCallback | None = None, scheduler: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> list[Video]:
-        """One video per (prompt, seed) pair, in that order; see the module docstring."""
+                 guidance_interval: tuple[float, float] | None = None, cache_interval: int = 1,
+                 cache_schedule: str = "uniform") -> list[Video]:
+        """One video per (prompt, seed) pair, in that order; see the module docstring.
+
+        ``cache_interval`` N > 1: the full UNet at N-th steps only, its outer blocks on the
+        cached feature in between (DeepCache, ``apla_rt.deepcache``; needs a folder exported
+        with the cache graphs); ``cache_schedule`` "uniform" or "nonuniform"."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         seed_list = [0] if seeds is None else [seeds] if not isinstance(seeds, Sequence) else list(seeds)
         if not prompt_list or not seed_list:
@@ -277,22 +287,23 @@ class Pipeline:
             raise InputError(f"{len(prompt_list)} prompts and {len(seed_list)} seeds do not pair "
                              "up; give as many of each, or one of either")
         requests = [Request(prompt_list[i % len(prompt_list)], seed_list[i % len(seed_list)],
-                            frames, steps, guidance, negative_prompt, scheduler,
-                            guidance_interval) for i in range(n)]
+                            frames, steps, guidance, negative_prompt, scheduler=scheduler,
+                            guidance_interval=guidance_interval, cache_interval=cache_interval,
+                            cache_schedule=cache_schedule) for i in range(n)]
         return self.run(requests, from_noise=from_noise, latent=latent, callback=callback)
 
     def run(self, requests: Sequence[Request], *, from_noise: bool = False,
             latent: Latent | np.ndarray | str | os.PathLike | None = None,
             callback: StepCallback | None = None) -> list[Video]:
         """Generate ``requests`` (in order). Those with the same frame count, steps, scheduler,
-        start timestep and guidance interval are batched together, ``max_batch`` at a time;
-        the rest of a request may differ."""
+        start timestep, guidance interval and cache are batched together, ``max_batch`` at a
+        time; the rest of a request may differ."""
         items = [self._item(r, from_noise, latent) for r in requests]
         videos: list[Video | None] = [None] * len(items)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(items):
             key = (item.start.shape, item.steps, item.scheduler, item.start_timestep,
-                   item.guidance_interval)
+                   item.guidance_interval, item.request.cache_interval, item.request.cache_schedule)
             groups.setdefault(key, []).append(i)
         for indices in groups.values():
             for k in range(0, len(indices), self.max_batch):
@@ -321,6 +332,9 @@ class Pipeline:
         interval = (check_guidance_interval(r.guidance_interval)
                     if r.guidance_interval is not None else None)
         cfg = self.manifest.scheduler
+        check_cache_schedule(r.cache_schedule)
+        if check_cache_interval(r.cache_interval) > 1:
+            self.engine.check_cache()
         needs_clean = self.use_vgt and self.vgt_reads_source
         clean = None
         if latent is not None and not isinstance(latent, (str, os.PathLike)):
@@ -390,14 +404,16 @@ class Pipeline:
         first = items[0]
         z = engine.sample(start, text, first.steps, guidance, self.use_vgt, callback, clean,
                           scheduler=first.scheduler, start_timestep=first.start_timestep,
-                          guidance_interval=first.guidance_interval)
+                          guidance_interval=first.guidance_interval,
+                          cache_interval=first.request.cache_interval,
+                          cache_schedule=first.request.cache_schedule)
         videos = []
         for i, it in enumerate(items):
             r = it.request
             videos.append(Video(engine.decode(z[i:i + 1]), self.manifest.fps, r.prompt, int(r.seed),
                                 r.negative_prompt, it.steps, it.guidance, self.vgt, z[i:i + 1],
                                 it.start, len(items), it.scheduler, it.start_timestep,
-                                it.guidance_interval))
+                                it.guidance_interval, r.cache_interval, r.cache_schedule))
         return videos
 
     # -- invert --------------------------------------------------------------------------

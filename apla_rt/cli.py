@@ -78,6 +78,12 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--from-noise", is_flag=True,
               help="Start from seeded Gaussian noise instead of the inverted training clip.")
 @click.option("--latent", type=click.Path(path_type=Path), help="Start from this latent (.npy).")
+@click.option("--cache-interval", type=int, default=1, show_default=True,
+              help="DeepCache: the full UNet every N-th step, only its outer blocks on the cached "
+                   "feature in between (1 = off; needs an engine folder with the cache graphs).")
+@click.option("--cache-schedule", type=click.Choice(["uniform", "nonuniform"]), default="uniform",
+              show_default=True, help="Where the full steps go: every N-th, or as many placed denser "
+                                      "early (DeepCache's non-uniform schedule).")
 @_backend
 @_threads
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif"]), default="mp4", show_default=True,
@@ -91,14 +97,16 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
              frames: int | None, steps: int | None, scheduler: str | None,
              guidance_interval: str | None, guidance: float | None, seeds: tuple[int, ...],
              num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
-             latent: Path | None, backend: str, threads: int | None, fmt: str, fps: float | None,
-             timings: bool, force: bool, quiet: bool) -> None:
+             latent: Path | None, cache_interval: int, cache_schedule: str, backend: str,
+             threads: int | None, fmt: str, fps: float | None, timings: bool, force: bool,
+             quiet: bool) -> None:
     """Generate videos for --prompt (or --prompts-file) with the model in --engine-dir.
 
     Every prompt is sampled with every seed; the videos run through the networks in batches.
     """
     from .api import Pipeline, Request
     from .atomic import check_writable
+    from .deepcache import check_cache_interval
     from .pipeline import check_guidance, check_steps, check_video_suffix, progress_bar
     from .solvers import check_guidance_interval, check_solver
 
@@ -120,7 +128,10 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     if scheduler is not None:
         check_solver(scheduler)
     interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else None
-    requests = [Request(p, s, frames, steps, guidance, negative_prompt, scheduler, interval)
+    check_cache_interval(cache_interval)
+    requests = [Request(p, s, frames, steps, guidance, negative_prompt, scheduler=scheduler,
+                        guidance_interval=interval, cache_interval=cache_interval,
+                        cache_schedule=cache_schedule)
                 for p in texts for s in seed_list]
     folder = len(requests) > 1 or str(out).endswith(("/", "\\")) or out.is_dir()
     if folder:
@@ -154,6 +165,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
                        + (f" on {v.guidance_interval[0]:g}:{v.guidance_interval[1]:g}"
                           if v.guidance_interval is not None else "") + ", VGT "
                        f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}"
+                       + (f", cache interval {v.cache_interval} ({v.cache_schedule})"
+                          if v.cache_interval > 1 else "")
                        + (f", batches of up to {max(x.batch_size for x in videos)}" if folder else ""),
                        err=True)
         if timings:

@@ -40,10 +40,15 @@ CONTRACT: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vgt": (("sample", "timestep"), ("delta",)),
     "vae_decoder": (("latent",), ("image",)),
     "vae_encoder": (("image",), ("latent",)),
+    # optional, the deep/shallow UNet cache (apla_rt.deepcache): the full UNet with the cached
+    # branch's feature as a second output, and the outer blocks fed that feature
+    "unet_feature": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred", "feature")),
+    "unet_shallow": (("sample", "timestep", "encoder_hidden_states", "feature"), ("noise_pred",)),
 }
 # Inputs a network may have besides the contract's: the VGT's clean source latent (vgt.source).
 OPTIONAL_INPUTS: Mapping[str, tuple[str, ...]] = {"vgt": ("source",)}
-# vgt is absent for a Tune-A-Video run (vgt.kind=none); vae_encoder is only needed to invert.
+# vgt is absent for a Tune-A-Video run (vgt.kind=none); vae_encoder is only needed to invert;
+# the cache graphs exist only in folders exported since they were added.
 REQUIRED_NETWORKS = ("text_encoder", "unet", "vae_decoder")
 DTYPES = ("float32", "float16", "int64", "int32")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .atomic import check_writable, write_file, write_text
-from .errors import InputError
+from .deepcache import FULL_NETWORK, NETWORKS as CACHE_NETWORKS, SHALLOW_NETWORK, FeatureCache
+from .errors import BackendUnavailable, InputError
 from .manifest import Manifest, check_latent, load_npy
 from .runners import Runner, open_runner, ort_cuda_available, select_backend
 from .solvers import (DDIMInversion, check_guidance_interval, check_solver, check_start_timestep,
@@ -164,7 +165,7 @@ class Engine:
     def runner(self, name: str) -> Runner:
         if name not in self.runners:
             threads = self.threads
-            if name == "unet" and self.split_guidance:
+            if name in ("unet", *CACHE_NETWORKS) and self.split_guidance:
                 assert threads is not None
                 threads = threads - 1  # + the second caller = ``threads`` in all
             with self.timings("load"):
@@ -222,17 +223,33 @@ class Engine:
 
     def _run(self, name: str, feeds: dict[str, np.ndarray], preferred: int | None = None) -> np.ndarray:
         """Run a network, splitting dim 0 (batch or frames) into chunks its profile takes."""
+        return self._run_outputs(name, feeds, preferred)[self.runner(name).spec.output_names[0]]
+
+    def _run_outputs(self, name: str, feeds: dict[str, np.ndarray],
+                     preferred: int | None = None) -> dict[str, np.ndarray]:
+        """``_run`` with every output of the network."""
         runner = self.runner(name)
         spec = runner.spec
-        output = spec.output_names[0]
         limit = _dim0_limit(spec.profile, [spec.input(k).dims[0] for k in feeds])
         n = next(iter(feeds.values())).shape[0]
         chunk = min(x for x in (limit, preferred, n) if x is not None)
         if chunk >= n:
-            return runner.run(feeds)[output]
-        parts = [runner.run({k: v[i:i + chunk] for k, v in feeds.items()})[output]
-                 for i in range(0, n, chunk)]
-        return np.concatenate(parts)
+            return runner.run(feeds)
+        parts = [runner.run({k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def check_cache(self) -> None:
+        """The folder has the DeepCache graphs and they can run on this backend; else one line."""
+        missing = [n for n in CACHE_NETWORKS if not self.manifest.has(n)]
+        if missing:
+            raise InputError(f"--cache-interval above 1 needs the DeepCache graphs {', '.join(CACHE_NETWORKS)}, "
+                             f"which the engine folder {self.manifest.root} does not have (exported "
+                             "before them, or with --no-cache-graphs); re-export the run, or use "
+                             "--cache-interval 1")
+        if self.backend == "trt" and any(self.manifest.network(n).engine is None for n in CACHE_NETWORKS):
+            raise BackendUnavailable("--cache-interval above 1: the engine folder has no TensorRT engine "
+                                     f"for {', '.join(CACHE_NETWORKS)}; re-export with TensorRT, or use "
+                                     "--backend ort-cuda / ort-cpu")
 
     def encode_text(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> text embeddings (n, seq, hidden) float32."""
@@ -242,14 +259,15 @@ class Engine:
 
     def predict_noise(self, z: np.ndarray, t: int, text: np.ndarray,
                       guidance: float | np.ndarray | None, use_vgt: bool = True,
-                      source: np.ndarray | None = None
+                      source: np.ndarray | None = None, cache: FeatureCache | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(eps_hat, eps_theta, delta) for z (n, c, f, h, w).
 
         With guidance, ``text`` is (2n, ...) = [n uncond rows, n cond rows] and ``guidance``
         a scale or one scale per video (n,); without, ``text`` is (n, ...) and ``guidance``
         None. ``source``: the clean latents (n, ...; float32, contiguous), given only to a
-        VGT that reads them (``vgt_reads_source``)."""
+        VGT that reads them (``vgt_reads_source``). ``cache``: this sampling run's DeepCache
+        (``apla_rt.deepcache``): the full graph with the feature, or the shallow one on it."""
         n = z.shape[0]
         guided = guidance is not None
         b = 2 * n if guided else n
@@ -260,11 +278,20 @@ class Engine:
                  "timestep": np.full((b,), t, dtype=np.int64)}
         if self._pinned_text is not text:
             feeds["encoder_hidden_states"] = text
-        with self.timings("unet"):
+        name, feature = "unet", None
+        if cache is not None:
+            feature = cache.feature_for(b)
+            name = FULL_NETWORK if feature is None else SHALLOW_NETWORK
+            if feature is not None:
+                feeds["feature"] = feature
+        with self.timings("unet" if feature is None else "unet shallow"):
             if guided and self.split_guidance:
-                eps = self._run_halves(feeds, text)
+                outs = self._run_halves(feeds, text, name)
             else:
-                eps = self._run("unet", feeds)
+                outs = self._run_outputs(name, feeds)
+        eps = outs["noise_pred"]
+        if cache is not None:
+            cache.record(outs.get("feature"))
         if guided:
             scale = np.asarray(guidance, dtype=np.float32)
             scale = scale.reshape((-1,) + (1,) * (z.ndim - 1)) if scale.ndim else scale
@@ -281,44 +308,48 @@ class Engine:
             delta = np.zeros_like(eps_theta)
         return eps_theta + delta, eps_theta, delta
 
-    def _run_halves(self, feeds: dict[str, np.ndarray], text: np.ndarray) -> np.ndarray:
-        """The UNet on the uncond and the cond half of a guidance batch, the first on a
-        helper thread."""
+    def _run_halves(self, feeds: dict[str, np.ndarray], text: np.ndarray,
+                    name: str = "unet") -> dict[str, np.ndarray]:
+        """The UNet (graph ``name``) on the uncond and the cond half of a guidance batch, the
+        first on a helper thread; every output, the halves concatenated."""
         n = text.shape[0] // 2
         halves = [{**{k: v[i * n:(i + 1) * n] for k, v in feeds.items()},
                    "encoder_hidden_states": text[i * n:(i + 1) * n]} for i in range(2)]
-        self.runner("unet")  # opened here, never by both threads at once
+        self.runner(name)  # opened here, never by both threads at once
         if self._halves is None:
             self._halves = ThreadPoolExecutor(1, thread_name_prefix="apla-unet-half")
-        first = self._halves.submit(self._run, "unet", halves[0])
+        first = self._halves.submit(self._run_outputs, name, halves[0])
         try:
-            second = self._run("unet", halves[1])
+            second = self._run_outputs(name, halves[1])
         finally:
-            eps_u = first.result()
-        return np.concatenate([eps_u, second])
+            uncond = first.result()
+        return {k: np.concatenate([uncond[k], second[k]]) for k in second}
 
     @contextlib.contextmanager
-    def _text_pinned(self, text: np.ndarray) -> Iterator[None]:
-        """Give the UNet ``text`` once for the whole loop (on a GPU it stays there)."""
-        runner = self.runner("unet")
-        limit = _dim0_limit(runner.spec.profile, ["batch"])
-        if (limit is not None and limit < text.shape[0]) or self.split_guidance:
+    def _text_pinned(self, text: np.ndarray, names: tuple[str, ...] = ("unet",)) -> Iterator[None]:
+        """Give the UNet graphs ``names`` ``text`` once for the whole loop (on a GPU it stays there)."""
+        runners = [self.runner(name) for name in names]
+        limits = [_dim0_limit(r.spec.profile, ["batch"]) for r in runners]
+        if any(x is not None and x < text.shape[0] for x in limits) or self.split_guidance:
             yield  # the guidance batch is split: feed the text per call
             return
-        runner.set_constant("encoder_hidden_states", text)
+        for runner in runners:
+            runner.set_constant("encoder_hidden_states", text)
         self._pinned_text = text
         try:
             yield
         finally:
             self._pinned_text = None
-            runner.set_constant("encoder_hidden_states", None)
+            for runner in runners:
+                runner.set_constant("encoder_hidden_states", None)
 
     def sample(self, start: np.ndarray, text: np.ndarray, steps: int, guidance: float | np.ndarray,
                use_vgt: bool = True, callback: StepCallback | None = None,
                source: np.ndarray | None = None, *, scheduler: str = "ddim",
                start_timestep: int | None = None,
                guidance_interval: tuple[float, float] | None = None,
-               solver_options: Mapping[str, Any] | None = None) -> np.ndarray:
+               solver_options: Mapping[str, Any] | None = None, cache_interval: int = 1,
+               cache_schedule: str = "uniform") -> np.ndarray:
         """Sample from ``start`` (n, c, f, h, w) with classifier-free guidance and
         ``scheduler`` (``apla_rt.solvers``); ``text`` (2n, ...) as in ``predict_noise``;
         ``guidance`` one scale or one per video; ``source`` the clean latents (n, ...) a
@@ -326,13 +357,18 @@ class Engine:
         inverted latent's; None: seeded noise's, T - 1). ``guidance_interval`` (lo, hi):
         step i of ``steps`` is guided iff lo <= i / steps < hi; the others run the UNet on
         the conditional rows only (None: every step is guided). ``solver_options``: see
-        ``make_solver`` (``karras_sigmas``)."""
+        ``make_solver`` (``karras_sigmas``). ``cache_interval`` > 1 runs the DeepCache graphs
+        (``apla_rt.deepcache``)."""
         cfg = self.manifest.scheduler
         t0 = noise_timestep(cfg) if start_timestep is None else check_start_timestep(cfg, start_timestep)
         solver = make_solver(check_solver(scheduler), cfg, steps, t0, **(solver_options or {}))
         interval = None if guidance_interval is None else check_guidance_interval(guidance_interval)
+        cache = None
+        if cache_interval > 1:
+            self.check_cache()
+            cache = FeatureCache.plan(solver.steps, cache_interval, cache_schedule)
         return self._walk(start, solver, text, guidance, use_vgt, source, callback,
-                          guided_steps(solver.steps, interval))
+                          guided_steps(solver.steps, interval), cache)
 
     def invert_latents(self, latents: np.ndarray, steps: int, use_vgt: bool = True,
                        callback: StepCallback | None = None) -> np.ndarray:
@@ -345,10 +381,11 @@ class Engine:
 
     def _walk(self, z: np.ndarray, solver: Any, text: np.ndarray,
               guidance: float | np.ndarray | None, use_vgt: bool, source: np.ndarray | None,
-              callback: StepCallback | None, guided: np.ndarray | None = None) -> np.ndarray:
+              callback: StepCallback | None, guided: np.ndarray | None = None,
+              cache: FeatureCache | None = None) -> np.ndarray:
         """The loop both directions share: at each of ``solver.timesteps`` predict the noise
-        (guided where ``guided[i]``, else from the conditional half of ``text``), then
-        ``solver.step``."""
+        (guided where ``guided[i]``, else from the conditional half of ``text``; through the
+        DeepCache graphs with ``cache``), then ``solver.step``."""
         z = np.ascontiguousarray(z, dtype=np.float32)
         if not (use_vgt and self.vgt_reads_source):
             source = None
@@ -358,12 +395,14 @@ class Engine:
         else:
             source = np.ascontiguousarray(source, dtype=np.float32)
         cond_text = np.ascontiguousarray(text[z.shape[0]:]) if guidance is not None else text
-        with self._text_pinned(text):
+        with self._text_pinned(text, CACHE_NETWORKS if cache is not None else ("unet",)):
             for i, t in enumerate(solver.timesteps):
                 if guidance is None or guided is None or guided[i]:
-                    eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source)
+                    eps_hat, _, _ = self.predict_noise(z, int(t), text, guidance, use_vgt, source,
+                                                       cache)
                 else:  # outside the guidance interval: the conditional rows only
-                    eps_hat, _, _ = self.predict_noise(z, int(t), cond_text, None, use_vgt, source)
+                    eps_hat, _, _ = self.predict_noise(z, int(t), cond_text, None, use_vgt, source,
+                                                       cache)
                 with self.timings("ddim"):
                     z = solver.step(eps_hat, int(t), z)
                 if callback is not None:
@@ -468,7 +507,8 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
              latent: str | os.PathLike | None = None, backend: str = "auto",
              threads: int | None = None, fps: float | None = None, force: bool = False,
              progress: bool = False, scheduler: str | None = None,
-             guidance_interval: tuple[float, float] | str | None = None) -> GenerateResult:
+             guidance_interval: tuple[float, float] | str | None = None, cache_interval: int = 1,
+             cache_schedule: str = "uniform") -> GenerateResult:
     """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif).
 
     ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults``
@@ -494,7 +534,8 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
             video, = pipe.generate(prompt, seeds=seed, frames=frames, steps=steps,
                                    guidance=guidance, negative_prompt=negative_prompt,
                                    from_noise=from_noise, latent=latent, callback=callback,
-                                   scheduler=scheduler, guidance_interval=interval)
+                                   scheduler=scheduler, guidance_interval=interval,
+                                   cache_interval=cache_interval, cache_schedule=cache_schedule)
         finally:
             done()
         path = None

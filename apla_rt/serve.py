@@ -4,8 +4,8 @@ One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
 
     POST /generate   JSON {"prompt", "seed"?, "frames"?, "steps"?, "guidance"?,
                      "negative_prompt"?, "scheduler"?: "ddim" | "dpmpp-2m" | "unipc",
-                     "guidance_interval"?: [lo, hi] | "lo:hi",
-                     "format"?: "mp4" | "gif"} -> the video's bytes,
+                     "guidance_interval"?: [lo, hi] | "lo:hi", "cache_interval"?,
+                     "cache_schedule"?, "format"?: "mp4" | "gif"} -> the video's bytes,
                      headers X-Apla-Seed and X-Apla-Batch-Size
     GET  /healthz    200 once the replica's pipeline is open
     GET  /info       the engine folder's summary (JSON)
@@ -45,7 +45,8 @@ APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
 FIELDS = {"prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
           "guidance": (int, float), "negative_prompt": (str,), "format": (str,),
-          "scheduler": (str,), "guidance_interval": (list, str)}
+          "scheduler": (str,), "guidance_interval": (list, str),
+          "cache_interval": (int,), "cache_schedule": (str,)}
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 TIMEOUT_HEADER = "x-apla-timeout-s"
 
@@ -125,7 +126,11 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     seed = data.get("seed")
     request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
                       data.get("frames"), data.get("steps"), data.get("guidance"),
-                      data.get("negative_prompt") or "", data.get("scheduler"), interval)
+                      data.get("negative_prompt") or "", scheduler=data.get("scheduler"),
+                      guidance_interval=interval,
+                      cache_interval=1 if data.get("cache_interval") is None else data["cache_interval"],
+                      cache_schedule=("uniform" if data.get("cache_schedule") is None
+                                      else data["cache_schedule"]))
     pipe.check(request, from_noise=from_noise)
     return request, fmt
 

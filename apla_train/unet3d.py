@@ -21,6 +21,8 @@ releases it is tested against: ``DIFFUSERS_RANGE``, the range setup.py pins
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -217,9 +219,29 @@ class UNet3DConditionModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, fused_attention: bool = False) -> torch.Tensor:
         """``fused_attention`` exports attention as ONNX Runtime's fused op (same result)."""
+        return self.run(sample, timestep, encoder_hidden_states, fused_attention)[0]
+
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+            fused_attention: bool = False, *, branch: int | None = None,
+            feature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(noise_pred, feature) with the cut of a deep/shallow cache (``apla_train.deepcache``).
+
+        ``branch`` b (0 = the outermost skip branch) names the feature entering up block
+        ``len(up_blocks) - 1 - b``. Without ``feature`` this is the full UNet, and with
+        ``branch`` it also returns that feature (b, c, f, h', w'); with ``feature`` it is the
+        shallow pass: conv_in, down blocks 0..b (block b without its downsampler: only its
+        resnet/attention pairs feed the skips), then up blocks from the cut on ``feature``,
+        conv_out. The same code runs both passes, so the shallow pass fed the feature of a
+        full pass on the same inputs repeats that pass's outer blocks op for op."""
         frames = sample.shape[2]
-        up_factor = 2 ** sum(1 for block in self.up_blocks if block.upsamplers)
+        down_blocks: Any = self.down_blocks
+        up_blocks: Any = self.up_blocks
+        up_factor = 2 ** sum(1 for block in up_blocks if block.upsamplers)
         forward_upsample_size = any(s % up_factor for s in sample.shape[-2:])
+        shallow = feature is not None
+        if shallow and branch is None:
+            raise ValueError("the shallow pass needs the branch its feature was cut at")
+        cut = len(up_blocks) - 1 - branch if branch is not None else None
 
         timestep = timestep.reshape(-1).expand(sample.shape[0])
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
@@ -228,27 +250,38 @@ class UNet3DConditionModel(nn.Module):
 
         x = self.conv_in(_fold(sample))
         skips = [x]
-        for block in self.down_blocks:
+        for k, block in enumerate(down_blocks):
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for resnet, attn in zip(block.resnets, attns):
                 x = self._res(resnet, x, temb, frames)
                 if attn is not None:
                     x = self._transformer(attn, x, text, frames, fused_attention)
                 skips.append(x)
+            if shallow and k == branch:
+                break
             for down in block.downsamplers or []:
                 x = down(x)
                 skips.append(x)
 
-        mid = self.mid_block
-        x = self._res(mid.resnets[0], x, temb, frames)
-        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            x = self._transformer(attn, x, text, frames, fused_attention)
-            x = self._res(resnet, x, temb, frames)
+        if shallow:
+            assert feature is not None
+            x = _fold(feature)
+        else:
+            mid = self.mid_block
+            x = self._res(mid.resnets[0], x, temb, frames)
+            for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+                x = self._transformer(attn, x, text, frames, fused_attention)
+                x = self._res(resnet, x, temb, frames)
 
-        for i, block in enumerate(self.up_blocks):
+        cached = None
+        for i, block in enumerate(up_blocks):
+            if cut is not None and i < cut and shallow:
+                continue
+            if i == cut and not shallow:
+                cached = x
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
-            upsample_size = skips[-1].shape[2:] if (i < len(self.up_blocks) - 1 and forward_upsample_size) else None
+            upsample_size = skips[-1].shape[2:] if (i < len(up_blocks) - 1 and forward_upsample_size) else None
             attns = getattr(block, "attentions", None) or [None] * n
             for resnet, attn in zip(block.resnets, attns):
                 x = torch.cat([x, res.pop()], dim=1)
@@ -257,9 +290,11 @@ class UNet3DConditionModel(nn.Module):
                     x = self._transformer(attn, x, text, frames, fused_attention)
             for up in block.upsamplers or []:
                 x = up(x, upsample_size)
+        assert not skips, "the down and up paths took different numbers of skips"
 
         x = self.conv_act(group_norm_over_frames(self.conv_norm_out, x, frames))
-        return _unfold(self.conv_out(x), frames)
+        out = _unfold(self.conv_out(x), frames)
+        return out, (_unfold(cached, frames) if cached is not None else None)
 
 
 def is_trainable_name(name: str, mode: str = "tav", temporal: bool = True) -> bool:

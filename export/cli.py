@@ -21,8 +21,14 @@ from apla_rt.errors import AplaError, reported_to_user
 @click.option("--frames-max", type=int, help="Largest frame count (default max(24, 2x training frames)).")
 @click.option("--dynamo", is_flag=True, help="Use torch's dynamo ONNX exporter instead of TorchScript.")
 @click.option("--threads", type=int, help="CPU threads for torch and ONNX Runtime.")
+@click.option("--cache-branch", type=int, default=0, show_default=True,
+              help="Skip branch of the DeepCache graphs (unet_feature, unet_shallow): 0 = the "
+                   "outermost, the feature entering the last up block.")
+@click.option("--no-cache-graphs", is_flag=True,
+              help="Leave out the DeepCache graphs (apla-rt generate --cache-interval then stays 1).")
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
-def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, threads, force):
+def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, cache_branch, no_cache_graphs,
+         threads, force):
     """Export a training run to ONNX (validated against PyTorch) and TensorRT engines."""
     def disk(err: OSError) -> str:
         return (f"could not write the engine folder: {err.strerror} ({err.filename or out}); "
@@ -43,7 +49,8 @@ def main(run, out, fp16, backend, frames_min, frames_opt, frames_max, dynamo, th
             torch.set_num_threads(threads)
         out = out or Path("engines") / run.resolve().name
         export_run(run, out, fp16=fp16, backend=backend, frames_min=frames_min, frames_opt=frames_opt,
-                   frames_max=frames_max, force=force, dynamo=dynamo, log=lambda m: click.echo(m, err=True))
+                   frames_max=frames_max, force=force, dynamo=dynamo,
+                   cache_branch=None if no_cache_graphs else cache_branch, log=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import nn
 
 from apla_rt.manifest import NetworkSpec, TensorSpec
 from apla_rt.pipeline import DECODE_CHUNK
+from apla_train.deepcache import feature_dims, unet_shallow, unet_with_feature
 
 
 
@@ -39,6 +40,35 @@ class UNetWrapper(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, fused_attention=self.fused_attention)
+
+
+class UNetFeatureWrapper(nn.Module):
+    """The full UNet with a second output, the feature entering the cached skip branch
+    (``apla_train.deepcache``)."""
+
+    def __init__(self, unet: nn.Module, branch: int, fused_attention: bool = False):
+        super().__init__()
+        self.unet = unet
+        self.branch = branch
+        self.fused_attention = fused_attention
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return unet_with_feature(self.unet, sample, timestep, encoder_hidden_states, self.branch,
+                                 self.fused_attention)
+
+
+class UNetShallowWrapper(nn.Module):
+    """The UNet's outer blocks on a cached feature (``apla_train.deepcache``)."""
+
+    def __init__(self, unet: nn.Module, branch: int, fused_attention: bool = False):
+        super().__init__()
+        self.unet = unet
+        self.branch = branch
+        self.fused_attention = fused_attention
+
+    def forward(self, sample, timestep, encoder_hidden_states, feature):
+        return unet_shallow(self.unet, sample, timestep, encoder_hidden_states, feature, self.branch,
+                            self.fused_attention)
 
 
 class VGTWrapper(nn.Module):
@@ -91,6 +121,10 @@ class NetworkExport:
     # shapes for validating the portable ONNX when it has an ort_module and the full shapes
     # would not fit: its decomposed attention materialises (queries x keys) per head
     portable_validate_at: list[dict[str, int]] | None = None
+    # the stem of an external-data file that this network's graphs share with others (the
+    # UNet family: ``unet``, ``unet_feature``, ``unet_shallow`` all point into unet.onnx.data,
+    # whatever the model's size); None: ``<name>.onnx.data``, and only over 2 GB
+    weights: str | None = None
 
     @classmethod
     def build(cls, name: str, module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec],
@@ -162,8 +196,12 @@ def _small_unet_shapes(components, h: int, fmin: int, fmax: int) -> list[dict[st
             {"batch": 2, "frames": small[1], "height": h, "width": h}]
 
 
-def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[NetworkExport]:
-    """The five networks of a run with their contracts; ``frames`` = (min, opt, max)."""
+def network_specs(components, vgt, cfg, frames: tuple[int, int, int],
+                  cache_branch: int | None = None) -> list[NetworkExport]:
+    """The networks of a run with their contracts; ``frames`` = (min, opt, max).
+
+    ``cache_branch`` (an ``apla_train.deepcache`` branch) adds the two DeepCache graphs,
+    ``unet_feature`` and ``unet_shallow``, which share the UNet's weight file."""
     codec = components.codec
     c = codec.latent_channels
     h = cfg.data.size // codec.downsample
@@ -197,6 +235,9 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
                             ort_module=UNetWrapper(components.unet, fused_attention=True),
                             portable_validate_at=_small_unet_shapes(components, h, fmin, fmax)),
     ]
+    if cache_branch is not None:
+        specs[1].weights = "unet"  # one weight file for the three UNet graphs, at any size
+        specs += _cache_specs(components, specs[1], cache_branch, h)
     if vgt is not None:
         vgt_inputs = [_tensor("sample", "float32", ["batch", c, "frames", h, h]),
                       _tensor("timestep", "int64", ["batch"])]
@@ -227,3 +268,27 @@ def network_specs(components, vgt, cfg, frames: tuple[int, int, int]) -> list[Ne
                                      [{"frames": dec_frames[1], "image_height": size, "image_width": size},
                                       {"frames": other, "image_height": size, "image_width": size}], make))
     return specs
+
+
+def _cache_specs(components, unet_spec: NetworkExport, branch: int, h: int) -> list[NetworkExport]:
+    """``unet_feature`` (the UNet + the cached branch's feature) and ``unet_shallow`` (the
+    outer blocks on it): the UNet's inputs, profile, tolerance and validation shapes, and
+    its weight file."""
+    unet = components.unet
+    channels, size = feature_dims(unet, branch, h)
+    spatial: list = ["height", "width"] if size == h else [size, size]
+    feature = _tensor("feature", "float32", ["batch", channels, "frames", *spatial])
+    noise = unet_spec.outputs[0]
+    profile, tolerance = dict(unet_spec.profile), dict(unet_spec.tolerance)
+    assert unet_spec.make_input is not None
+    return [
+        NetworkExport.build("unet_feature", UNetFeatureWrapper(unet, branch), list(unet_spec.inputs),
+                            [noise, feature], profile, tolerance, list(unet_spec.validate_at),
+                            unet_spec.make_input, ort_module=UNetFeatureWrapper(unet, branch, fused_attention=True),
+                            portable_validate_at=unet_spec.portable_validate_at, weights="unet"),
+        NetworkExport.build("unet_shallow", UNetShallowWrapper(unet, branch),
+                            [*unet_spec.inputs, feature], [noise], profile, tolerance,
+                            list(unet_spec.validate_at), unet_spec.make_input,
+                            ort_module=UNetShallowWrapper(unet, branch, fused_attention=True),
+                            portable_validate_at=unet_spec.portable_validate_at, weights="unet"),
+    ]

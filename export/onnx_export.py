@@ -29,10 +29,11 @@ def onnx_opset(dynamo: bool, opset: int = OPSET) -> int:
 
 
 def export_onnx(spec: NetworkExport, sizes: dict[str, int], path: Path, dynamo: bool = False,
-                opset: int = OPSET, ort_flavour: bool = False, store: "WeightStore | None" = None) -> list[Path]:
+                opset: int = OPSET, ort_flavour: bool = False, store: "WeightStore | None" = None,
+                external: bool = False) -> list[Path]:
     """Trace ``spec.module`` (``spec.ort_module`` with ``ort_flavour``) at ``sizes`` and
-    write ``path`` (+ external data over 2 GB, into ``store`` when given: the flavours of a
-    network share one weight file).
+    write ``path`` (+ external data over 2 GB or with ``external``, into ``store`` when
+    given: the flavours of a network, and the UNet's DeepCache graphs, share one weight file).
 
     Returns the files written (the .onnx and, for large models, its .data file).
     """
@@ -66,7 +67,7 @@ def export_onnx(spec: NetworkExport, sizes: dict[str, int], path: Path, dynamo: 
         with _cwd(tmp_dir):  # constant folding reads weights lazily, relative to the graph
             model = clean_graph(model)
         apply_contract(model, spec)
-        return save_onnx(model, path, src_dir=tmp_dir, store=store)
+        return save_onnx(model, path, src_dir=tmp_dir, store=store, external=external)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -190,12 +191,13 @@ def _inline_small(model: onnx.ModelProto, src_dir: Path) -> None:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, src_dir: Path | None = None,
-              store: WeightStore | None = None) -> list[Path]:
-    """Save and check. When the weights pass 2 GB (or ``store`` already holds some) every
+              store: WeightStore | None = None, external: bool = False) -> list[Path]:
+    """Save and check. When the weights pass 2 GB (or ``store`` already holds some, or
+    ``external``) every
     tensor from ``EXTERNAL_MIN_BYTES`` goes to the external-data file (``store``, else
     ``<name>.data``), one tensor in memory at a time; ``src_dir`` is where the graph's
     current external data lives."""
-    large = weight_bytes(model) >= TWO_GB or (store is not None and store.path.exists())
+    large = external or weight_bytes(model) >= TWO_GB or (store is not None and store.path.exists())
     if not large:
         if src_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL
                                        for t in model.graph.initializer):

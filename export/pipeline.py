@@ -27,6 +27,8 @@ from apla_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from apla_rt.schedule import SchedulerConfig
 from apla_rt.solvers import inverted_timestep
 
+from apla_train.deepcache import DEFAULT_BRANCH
+
 from .fp16 import FP16_NETWORKS, export_fp16
 from .networks import network_specs
 from .onnx_export import WeightStore, export_onnx, graph_io, onnx_opset
@@ -139,8 +141,12 @@ def run_start_timestep(run: Path, cfg, scheduler: SchedulerConfig) -> int:
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, backend: str = "auto",
                frames_min: int | None = None, frames_opt: int | None = None, frames_max: int | None = None,
-               force: bool = False, dynamo: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Export a run; returns the manifest. Raises ``AplaError`` on user errors and failures."""
+               force: bool = False, dynamo: bool = False, cache_branch: int | None = DEFAULT_BRANCH,
+               log: Callable[[str], None] = print) -> dict:
+    """Export a run; returns the manifest. Raises ``AplaError`` on user errors and failures.
+
+    ``cache_branch``: the skip branch of the DeepCache graphs (``unet_feature``,
+    ``unet_shallow``; 0 = the outermost), None for no cache graphs."""
     run, out = Path(run), Path(out)
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"unknown backend {backend!r} (auto, onnx or trt)")
@@ -158,7 +164,11 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             trt_reason = reason
     cfg, components, vgt, last = load_run(run)
     frames = frame_profile(cfg, frames_min, frames_opt, frames_max)
-    specs = network_specs(components, vgt, cfg, frames)
+    if cache_branch is not None:
+        from apla_train.deepcache import check_branch
+
+        cache_branch = check_branch(components.unet, cache_branch)
+    specs = network_specs(components, vgt, cfg, frames, cache_branch)
     threads = torch.get_num_threads()
     # what the manifest needs from the models; the specs hold the only references to the
     # networks from here on, and each one's are dropped once it is exported
@@ -171,18 +181,22 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
         networks: dict = {}
         report: dict = {"networks": {}, "frames_profile": list(frames)}
         order = [spec.name for spec in specs]
-        # the UNet last: the smaller networks' modules are freed by the time it is traced
-        for spec in sorted(specs, key=lambda s: s.name == "unet"):
+        # the UNet graphs last: the smaller networks' modules are freed by the time they are traced
+        stores: dict[str, WeightStore] = {}
+        for spec in sorted(specs, key=lambda s: s.name.startswith("unet")):
             flavours = [("", False)] + ([(".ort", True)] if spec.ort_module is not None else [])
-            # both flavours' weights go to one file: the same tensors, stored once
-            store = WeightStore(tmp / f"{spec.name}.onnx.data")
+            # both flavours' weights go to one file: the same tensors, stored once (and the
+            # UNet's DeepCache graphs point into the UNet's file: ``spec.weights``)
+            key = spec.weights or spec.name
+            store = stores.setdefault(key, WeightStore(tmp / f"{key}.onnx.data"))
             entry: dict = {}
             exported = []
             for suffix, ort_flavour in flavours:
                 label = spec.name + suffix
                 started = time.time()
                 files = export_onnx(spec, spec.validate_at[0], tmp / f"{label}.onnx", dynamo=dynamo,
-                                    ort_flavour=ort_flavour, store=store)
+                                    ort_flavour=ort_flavour, store=store,
+                                    external=spec.weights is not None)
                 export_s = time.time() - started
                 _check_graph_io(spec, files[0])
                 shapes = None if ort_flavour else spec.portable_validate_at
@@ -254,6 +268,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             "sample_defaults": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "fps": cfg.sample.fps,
                                 "scheduler": cfg.sample.scheduler},
             "vgt_source": bool(cfg.vgt.source),
+            # apla_rt.deepcache: which graphs make the deep/shallow cache, cut at which branch
+            "deepcache": (None if cache_branch is None else
+                          {"branch": cache_branch, "full": "unet_feature", "shallow": "unet_shallow"}),
             "checkpoint": last.name,
             "checkpoint_sha256": sha256_file(last / "model.safetensors"),
             "config": cfg.to_dict(),

@@ -60,7 +60,7 @@ def validation_plan(name: str, entry: Mapping[str, Any], heads: int = 8) -> dict
         index = SHAPE_SETS.index(which)
         at = {k: tuple(v[index]) for k, v in shapes.items()}
         scores = 0
-        if name == "unet" and not fused:
+        if name.startswith("unet") and not fused:  # unet and its DeepCache graphs
             scores = self_attention_score_bytes(at["sample"], heads)
             if scores > REFERENCE_ATTENTION_LIMIT:
                 raise ValueError(f"{name}: the portable reference would need {scores / 2**30:.0f} GiB "

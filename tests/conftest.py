@@ -237,14 +237,15 @@ def source_run(export_root) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_force_export(ski_engines, novgt_run, export_root):
-    """``--backend onnx --force`` of the VGT-less run over a copy of the main engine folder:
-    (CLI result, folder, snapshot of the folder it replaced)."""
+    """``--backend onnx --force --no-cache-graphs`` of the VGT-less run over a copy of the main
+    engine folder (the layout of a folder exported before the DeepCache graphs): (CLI result,
+    folder, snapshot of the folder it replaced)."""
     from export_helpers import invoke, snapshot
 
     out = export_root / "replaced" / "ski"
     shutil.copytree(ski_engines[0], out)
     before = snapshot(out)
-    result = invoke("--run", novgt_run, "--out", out, "--backend", "onnx", "--force")
+    result = invoke("--run", novgt_run, "--out", out, "--backend", "onnx", "--force", "--no-cache-graphs")
     return result, out, before
 
 

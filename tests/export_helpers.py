@@ -23,7 +23,11 @@ from export.cli import main as export_cli
 PROMPT = "a man is skiing"
 N_FRAMES, SIZE = 4, 32  # 8x8 latents with the tiny preset's 4-pixel patches
 LATENT, HIDDEN, SEQ = 8, 32, 77  # latent side, tiny text encoder width, tokenizer length
-NETWORKS = ["text_encoder", "unet", "vgt", "vae_decoder", "vae_encoder"]
+# a folder without the DeepCache graphs (apla-export --no-cache-graphs, or exported before them)
+BASE_NETWORKS = ["text_encoder", "unet", "vgt", "vae_decoder", "vae_encoder"]
+CACHE_NETWORKS = ["unet_feature", "unet_shallow"]
+NETWORKS = ["text_encoder", "unet", *CACHE_NETWORKS, "vgt", "vae_decoder", "vae_encoder"]
+FEATURE = 64  # channels of the tiny UNet's feature entering its last up block (branch 0)
 
 # The ONNX contract of docs/architecture.md, instantiated for the tiny runs.
 CONTRACT = {
@@ -33,6 +37,16 @@ CONTRACT = {
               "timestep": ("int64", ["batch"]),
               "encoder_hidden_states": ("float32", ["batch", SEQ, HIDDEN])},
              {"noise_pred": ("float32", ["batch", 4, "frames", "height", "width"])}),
+    "unet_feature": ({"sample": ("float32", ["batch", 4, "frames", "height", "width"]),
+                      "timestep": ("int64", ["batch"]),
+                      "encoder_hidden_states": ("float32", ["batch", SEQ, HIDDEN])},
+                     {"noise_pred": ("float32", ["batch", 4, "frames", "height", "width"]),
+                      "feature": ("float32", ["batch", FEATURE, "frames", "height", "width"])}),
+    "unet_shallow": ({"sample": ("float32", ["batch", 4, "frames", "height", "width"]),
+                      "timestep": ("int64", ["batch"]),
+                      "encoder_hidden_states": ("float32", ["batch", SEQ, HIDDEN]),
+                      "feature": ("float32", ["batch", FEATURE, "frames", "height", "width"])},
+                     {"noise_pred": ("float32", ["batch", 4, "frames", "height", "width"])}),
     "vgt": ({"sample": ("float32", ["batch", 4, "frames", LATENT, LATENT]),
              "timestep": ("int64", ["batch"])},
             {"delta": ("float32", ["batch", 4, "frames", LATENT, LATENT])}),

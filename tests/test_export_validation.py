@@ -68,7 +68,8 @@ def test_text_encoder_onnxruntime_matches_pytorch(ski_engines, torch_side, batch
 def test_validation_report_passed_at_traced_and_other_shapes(ski_engines):
     out, _, _ = ski_engines
     report = json.loads((out / "validation.json").read_text())
-    assert sorted(report["networks"]) == sorted([*NETWORKS, "unet.ort"])  # + the fused-attention flavour
+    # + the fused-attention flavours of the UNet graphs
+    assert sorted(report["networks"]) == sorted([*NETWORKS, "unet.ort", "unet_feature.ort", "unet_shallow.ort"])
     for name, result in report["networks"].items():
         assert result["passed"] is True, name
         traced = [c for c in result["checks"] if c["traced"]]
