@@ -2,6 +2,7 @@
 
     python benchmarks/cache_share.py --sd-random [--export-dir DIR] [--size 128 --frames 4]
     python benchmarks/cache_share.py --engine-dir ENGINES   # an apla-export folder's graphs
+    python benchmarks/cache_share.py --flops-only            # FLOPs per branch, no weights
 
 ``--sd-random`` builds a UNet with Stable Diffusion 1.5's config (random weights, seeded; the
 share depends on the architecture and shape, not on the weights), inflated to the temporal
@@ -12,6 +13,8 @@ passes' FLOPs with torch's FlopCounter. ``--export-dir`` then exports the two gr
 CPU runtime's flavour (fused attention) into one shared weight file there and times them in
 ONNX Runtime on the CPU the same way; ``--engine-dir`` times an existing folder's graphs
 (``unet_feature.ort.onnx``, ``unet_shallow.ort.onnx``, and ``unet.ort.onnx``).
+``--flops-only`` builds the SD-1.5-config UNet on torch's meta device (no memory, no
+arithmetic) and counts both passes' FLOPs for every branch at ``--size``/``--frames``.
 Prints one JSON object. Targets: the exported shallow call <= 20 % of a full call.
 """
 
@@ -41,6 +44,34 @@ def _median_seconds(call: Callable[[], Any], repeat: int) -> float:
         call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def flops_by_branch(size: int, frames: int) -> dict:
+    """FLOPs (torch's FlopCounter) of the full and the shallow pass per branch, on the meta
+    device: shapes only, nothing computed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from apla_train.deepcache import unet_shallow, unet_with_feature
+    from apla_train.unet3d import UNet3DConditionModel
+    from benchmarks.make_sd_shaped import SD15_UNET
+
+    out = {}
+    with torch.device("meta"), torch.no_grad():
+        unet = UNet3DConditionModel(UNet2DConditionModel(**SD15_UNET)).eval()
+        h = size // 8
+        sample, t, text = torch.empty(2, 4, frames, h, h), torch.zeros(2, dtype=torch.long), torch.empty(2, 77, 768)
+        for branch in range(len(unet.up_blocks)):
+            full, shallow = FlopCounterMode(display=False), FlopCounterMode(display=False)
+            with full:
+                _, feature = unet_with_feature(unet, sample, t, text, branch)
+            with shallow:
+                unet_shallow(unet, sample, t, text, feature, branch)
+            out[branch] = {"full_gflop": full.get_total_flops() / 1e9, "shallow_gflop": shallow.get_total_flops() / 1e9,
+                           "share": shallow.get_total_flops() / full.get_total_flops(),
+                           "feature_shape": list(feature.shape)}
+    return out
 
 
 def sd_unet(seed: int = 0) -> Any:
@@ -150,19 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd-random", action="store_true", help="SD 1.5's UNet config, random weights")
     p.add_argument("--export-dir", type=Path, help="with --sd-random: export the two graphs here and time them")
     p.add_argument("--engine-dir", type=Path, help="time this engine folder's cache graphs in ONNX Runtime")
+    p.add_argument("--flops-only", action="store_true", help="FLOPs per branch on the meta device, no timing")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (latent: size / 8)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    if not args.sd_random and args.engine_dir is None:
-        p.error("give --sd-random and/or --engine-dir")
+    if not args.sd_random and args.engine_dir is None and not args.flops_only:
+        p.error("give --sd-random, --engine-dir or --flops-only")
     import torch
 
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"size": args.size, "frames": args.frames, "batch": 2, "branch": args.branch,
                               "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    if args.flops_only:
+        result["flops_by_branch"] = flops_by_branch(args.size, args.frames)
     if args.sd_random:
         unet = sd_unet()
         result["torch"] = torch_share(unet, args.size, args.frames, args.repeat, args.branch)
