@@ -213,3 +213,19 @@ def test_serve_request_cache_fields(exported, without_cache):
     with Pipeline.open(without_cache) as pipe:
         with pytest.raises(InputError, match="needs the DeepCache graphs"):
             parse_generate(b'{"prompt": "a", "cache_interval": 2}', pipe, False)
+
+
+def test_cache_share_script_on_the_exported_graphs(exported):
+    """benchmarks/cache_share.py's ONNX Runtime half on the tiny folder: the report's keys and
+    the shallow graph's agreement (its times are benchmark figures, never asserted)."""
+    import subprocess
+    import sys
+
+    _, engine = exported
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_share.py"
+    proc = subprocess.run([sys.executable, str(script), "--engine-dir", str(engine), "--frames", "4",
+                           "--repeat", "1", "--threads", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)["engine_dir_onnxruntime"]
+    assert report["shallow_vs_full_max_abs"] <= 1e-5
+    assert report["full_s"] > 0 and report["shallow_s"] > 0 and report["share"] > 0
