@@ -13,7 +13,7 @@ passes' FLOPs with torch's FlopCounter. ``--export-dir`` then exports the two gr
 CPU runtime's flavour (fused attention) into one shared weight file there and times them in
 ONNX Runtime on the CPU the same way; ``--engine-dir`` times an existing folder's graphs
 (``unet_feature.ort.onnx``, ``unet_shallow.ort.onnx``, and ``unet.ort.onnx``).
-``--flops-only`` builds the SD-1.5-config UNet on torch's meta device (no memory, no
+``--flops-only`` builds the SD-1.5-config UNet (``--tiny``: the tiny preset's) on torch's meta device (no memory, no
 arithmetic) and counts both passes' FLOPs for every branch at ``--size``/``--frames``.
 Prints one JSON object. Targets: the exported shallow call <= 20 % of a full call.
 """
@@ -46,7 +46,7 @@ def _median_seconds(call: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
-def flops_by_branch(size: int, frames: int) -> dict:
+def flops_by_branch(size: int, frames: int, tiny: bool = False) -> dict:
     """FLOPs (torch's FlopCounter) of the full and the shallow pass per branch, on the meta
     device: shapes only, nothing computed."""
     import torch
@@ -55,13 +55,15 @@ def flops_by_branch(size: int, frames: int) -> dict:
 
     from apla_train.deepcache import unet_shallow, unet_with_feature
     from apla_train.unet3d import UNet3DConditionModel
+    from apla_train.components import tiny_unet2d_config
     from benchmarks.make_sd_shaped import SD15_UNET
 
     out = {}
     with torch.device("meta"), torch.no_grad():
-        unet = UNet3DConditionModel(UNet2DConditionModel(**SD15_UNET)).eval()
-        h = size // 8
-        sample, t, text = torch.empty(2, 4, frames, h, h), torch.zeros(2, dtype=torch.long), torch.empty(2, 77, 768)
+        unet = UNet3DConditionModel(UNet2DConditionModel(**(tiny_unet2d_config() if tiny else SD15_UNET))).eval()
+        h = size // (4 if tiny else 8)  # the tiny preset's autoencoder: 4-pixel patches
+        hidden = int(unet.config.cross_attention_dim)
+        sample, t, text = torch.empty(2, 4, frames, h, h), torch.zeros(2, dtype=torch.long), torch.empty(2, 77, hidden)
         for branch in range(len(unet.up_blocks)):
             full, shallow = FlopCounterMode(display=False), FlopCounterMode(display=False)
             with full:
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-dir", type=Path, help="with --sd-random: export the two graphs here and time them")
     p.add_argument("--engine-dir", type=Path, help="time this engine folder's cache graphs in ONNX Runtime")
     p.add_argument("--flops-only", action="store_true", help="FLOPs per branch on the meta device, no timing")
+    p.add_argument("--tiny", action="store_true", help="with --flops-only: the tiny preset's UNet config")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (latent: size / 8)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--branch", type=int, default=0)
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"size": args.size, "frames": args.frames, "batch": 2, "branch": args.branch,
                               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.flops_only:
-        result["flops_by_branch"] = flops_by_branch(args.size, args.frames)
+        result["flops_by_branch"] = flops_by_branch(args.size, args.frames, args.tiny)
     if args.sd_random:
         unet = sd_unet()
         result["torch"] = torch_share(unet, args.size, args.frames, args.repeat, args.branch)
