@@ -15,7 +15,8 @@ ONNX Runtime on the CPU the same way; ``--engine-dir`` times an existing folder'
 (``unet_feature.ort.onnx``, ``unet_shallow.ort.onnx``, and ``unet.ort.onnx``).
 ``--flops-only`` builds the SD-1.5-config UNet (``--tiny``: the tiny preset's) on torch's meta device (no memory, no
 arithmetic) and counts both passes' FLOPs for every branch at ``--size``/``--frames``.
-Prints one JSON object. Targets: the exported shallow call <= 20 % of a full call.
+Prints one JSON object. Target: the exported shallow call <= 20 % of a full call (measured:
+not met, docs/benchmarks.md "DeepCache").
 """
 
 from __future__ import annotations
