@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -271,6 +272,7 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
     connection: raycluster.RayConnection | None = None
+    ray_processes: list[Any] = []
     try:
         connection = raycluster.connect(address)
         for sig in signals:  # ray.init may have installed its own handlers
@@ -286,6 +288,7 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
             f"{options.max_batch}; Ctrl-C stops")
         if ready is not None:
             ready()
+        ray_processes = _descendants()  # to tell, at the stop, whether a signal reached them too
         while not stop.wait(0.5):
             pass
         log("stopping")
@@ -293,29 +296,54 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if connection is not None:
-            _stop(connection, log)
+            _stop(connection, log, ray_processes)
 
 
 STOP_SECONDS = 12.0  # the most a stop takes before what is left of a local instance is killed
 
 
-def _stop(connection: Any, log: Callable[[str], None]) -> None:
-    """Delete the app (joined) or shut Serve down (local), then leave Ray, each step bounded:
-    when a signal to the whole process group has already ended Ray's raylet, Serve's calls
-    wait on it forever. A local instance's processes still running after that are ended."""
+def _stop(connection: Any, log: Callable[[str], None], ray_processes: list[Any]) -> None:
+    """Delete the app (joined) or shut Serve down (local), then leave Ray, each step bounded.
+    A signal to the whole process group (systemd's default) also reaches Ray's own processes:
+    once the raylet is gone Serve's and Ray's calls wait on it forever, so then a local
+    instance's processes that are left are ended by pid and this process exits at once
+    (Ray's exit hook would wait on the raylet too)."""
     from . import raycluster
 
     deadline = time.monotonic() + STOP_SECONDS
-    family = _descendants() if connection.started else []
-    if connection.started:
-        _bounded(serve.shutdown, deadline - 4.0)
-    else:
+    if not connection.started:
         if not _bounded(lambda: serve.delete(APP_NAME), deadline - 2.0):
-            log(f"could not delete the application {APP_NAME!r} in time; `serve delete` or "
-                "`serve status` on the cluster shows it")
-    _bounded(lambda: raycluster.disconnect(connection), deadline)
-    if connection.started:
-        _end(family + _descendants())
+            log(f"could not delete the application {APP_NAME!r} in time; `serve status` on the "
+                "cluster shows it, `serve delete` removes it")
+        if not _bounded(lambda: raycluster.disconnect(connection), deadline):
+            _exit_now(log)
+        return
+    time.sleep(0.5)  # a signal to the whole group has ended some of Ray's processes by now
+    family = _descendants()
+    clean = (_all_running(ray_processes) and _bounded(serve.shutdown, deadline - 6.0)
+             and _bounded(lambda: raycluster.disconnect(connection), deadline - 4.0))
+    _end(family + _descendants())
+    if not clean:
+        _exit_now(log)
+
+
+def _exit_now(log: Callable[[str], None]) -> None:
+    log("stopped (Ray's processes were already ending)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _all_running(processes: list[Any]) -> bool:
+    """Whether every one of ``processes`` is still running (none ended, none a zombie)."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+    except psutil.Error:
+        return False
 
 
 def _bounded(step: Callable[[], Any], until: float) -> bool:
