@@ -12,7 +12,8 @@ own together with every client (tests/serve_helpers.py). In order, on one cluste
 * ``serve run`` on ``apla-rt serve --print-config``'s file serves a request on that cluster.
 
 The head declares a node dead after 3 missed health checks 1 s apart (Ray's default: 5, 3 s
-apart), so the test does not wait on Ray's default detection time.
+apart), so the test does not wait on Ray's default detection time; and Serve's proxy (on the head
+only: both nodes share 127.0.0.1 here) spreads requests over both nodes' replicas.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from serve_helpers import (TOKEN, Namespace, call, child_env, family, free_port,
                            ray_node, serve_cmd, start, stop, wait_healthy)
 
 HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-          "RAY_health_check_failure_threshold": "3"}
+          "RAY_health_check_failure_threshold": "3",
+          # Serve's proxy prefers replicas on its own node; with the one proxy on the head that
+          # would send every request to the head's replica, and losing the worker would test little
+          "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
 LOAD_CLIENTS, REQUEST_TIMEOUT_S = 3, 30
 
 
@@ -59,7 +63,7 @@ def cluster(tmp_path_factory):
     finally:
         for proc in (worker, head):
             if proc is not None:
-                stop(proc)
+                stop(proc, seconds=5)
         kill_all(members)
         for out in (head_log, worker_log):
             if out is not None:
