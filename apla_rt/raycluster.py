@@ -125,13 +125,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             failure = err
         logged = said()
     if failure is not None:
-        err = failure
         if ray.is_initialized():
             ray.shutdown()
-        if _is_auth_error(err) or any(marker in logged.lower() for marker in _REFUSED):
+        if _is_auth_error(failure) or any(marker in logged.lower() for marker in _REFUSED):
             raise AplaError(_auth_help(target, source)) from None
-        first = " ".join(str(err).split())[:300]
-        raise AplaError(f"cannot join the Ray cluster at {target} ({type(err).__name__}: {first}); "
+        first = " ".join(str(failure).split())[:300]
+        raise AplaError(f"cannot join the Ray cluster at {target} ({type(failure).__name__}: {first}); "
                         "start it (ray start --head) or leave out --address and RAY_ADDRESS "
                         "for a local instance") from None
     return RayConnection(target, False, source)
@@ -156,7 +155,7 @@ def _captured_stderr() -> Iterator[Callable[[], str]]:
 def _refresh_ray_config() -> None:
     """Make an already-imported Ray re-read ``RAY_AUTH_MODE`` (its config is cached)."""
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
     except ImportError:  # an older Ray without token authentication
         return
     Config.initialize("")

@@ -141,7 +141,7 @@ def _cli_error(folder: Path, *args: str) -> str:
 def test_bad_input_is_a_400_with_the_cli_message(server):
     url, folder = server[0], server[1]
     long_prompt = "ski " * 100
-    cases = [
+    cases: list[tuple[dict | bytes, str]] = [
         ({"prompt": "a man", "frames": 99}, _cli_error(folder, "--prompt", "a man", "--frames", "99")),
         ({"prompt": long_prompt}, _cli_error(folder, "--prompt", long_prompt)),
         ({"prompt": "a man", "steps": 0}, _cli_error(folder, "--prompt", "a man", "--steps", "0")),

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -173,7 +174,7 @@ def _lose_the_worker_under_load(ns: Namespace, url: str, worker: subprocess.Pope
             if stop_load.is_set():
                 return
             sent = time.monotonic()
-            record = {"client": i, "sent": sent}
+            record: dict[str, Any] = {"client": i, "sent": sent}
             try:
                 status, headers, body = call(ns, url + "/generate",
                                              {"prompt": "a man is skiing", "seed": 100 * i + n, "steps": 2},
