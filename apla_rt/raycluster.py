@@ -90,8 +90,10 @@ def _auth_help(address: str, source: str | None) -> str:
 
 
 def _is_auth_error(err: BaseException) -> bool:
-    from ray.exceptions import AuthenticationError
-
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray before token authentication (2.52)
+        AuthenticationError = ()  # type: ignore[assignment,misc]
     if isinstance(err, AuthenticationError):
         return True
     text = str(err).lower()
