@@ -225,9 +225,11 @@ def test_sigterm_to_the_whole_group_stops_the_shared_server_leaving_no_process(s
     _stops_leaving_nothing(proc, log, signal.SIGTERM, group=True)
 
 
-@pytest.mark.parametrize("sig,group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["SIGINT-group", "SIGTERM-main"])
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False)], ids=["SIGTERM-main"])
 def test_the_cli_server_stops_on_a_signal_leaving_no_process(exported, namespace, tmp_path, sig, group):
+    """The graceful path (Serve and Ray shut down in turn). SIGINT and SIGTERM share one
+    handler; SIGINT to the whole group (Ctrl-C) takes the group path tested above and is left
+    out here to save a server start (add ``(signal.SIGINT, True)`` to run it)."""
     _, folder = exported
     port = free_port()
     (tmp_path / "home").mkdir()

@@ -8,7 +8,7 @@ own together with every client (tests/serve_helpers.py). In order, on one cluste
   nodes; the worker node is then killed (every process of it, SIGKILL) under a bounded load:
   every request is answered within its timeout (200, or an error status with a one-line body),
   Serve restarts the lost replica on the head, later requests succeed; the figures are printed
-  (docs/reliability.md); SIGTERM stops the server and leaves the head running;
+  (docs/reliability.md); SIGINT stops the server and leaves the head running;
 * ``serve run`` on ``apla-rt serve --print-config``'s file serves a request on that cluster.
 
 The head declares a node dead after 3 missed health checks 1 s apart (Ray's default: 5, 3 s
@@ -146,7 +146,7 @@ def test_joins_spreads_over_both_nodes_and_survives_losing_one(cluster, exported
 
         members = family(server)
         started = time.monotonic()
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGINT)  # Ctrl-C
         assert server.wait(15) == 0, log.read_text()[-3000:]
         assert time.monotonic() - started <= 15
         _, alive = psutil.wait_procs([p for p in members if p.pid != server.pid], timeout=5)
