@@ -14,7 +14,8 @@ One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
 is a 503 with ``Retry-After``; a request that outlives its timeout (``timeout_s``, or the
 smaller ``X-Apla-Timeout-S`` header) is a 504. Videos are encoded in memory: the server
 writes nothing to disk. ``build_app`` is also the import path for ``serve run`` with a
-config file (docs/serving.md).
+config file (docs/serving.md); ``serve_config`` writes that file (``--print-config``), and
+``run_server`` joins a cluster or starts a local instance through ``apla_rt.raycluster``.
 """
 
 from __future__ import annotations
@@ -119,16 +120,6 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     return request, fmt
 
 
-def _node_id() -> str | None:
-    """The Ray node this replica runs on (``GET /info``), where Ray says."""
-    try:
-        import ray
-
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:
-        return None
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
 
@@ -216,6 +207,16 @@ class AplaServer:
         videos = await asyncio.to_thread(self.pipe.run, requests, from_noise=self.settings.from_noise)
         self.batch_seconds = time.perf_counter() - started
         return videos
+
+
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (``GET /info``), where Ray says."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return None
 
 
 def deployment_options(o: ServeOptions) -> dict[str, Any]:
