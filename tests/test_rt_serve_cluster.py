@@ -153,6 +153,10 @@ def test_joins_spreads_over_both_nodes_and_survives_losing_one(cluster, exported
         assert not alive, alive
         assert "Traceback" not in log.read_text()
         assert head.poll() is None and any(p.name() == "raylet" for p in family(head))  # still up
+        try:  # its application is gone (Serve's proxy, part of the cluster, may still answer)
+            assert call(ns, url + "/healthz", timeout=10)[0] == 404
+        except OSError:
+            pass
         _wait_for_nodes(ns, tmp, address, 1)
     finally:
         stop(server)
