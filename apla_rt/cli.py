@@ -284,27 +284,42 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
               show_default=True, help="A request unanswered after this long gets 504.")
 @click.option("--from-noise", is_flag=True,
               help="Start every video from its seed's noise instead of the inverted clip.")
+@click.option("--address", default=None, metavar="HOST:PORT|auto",
+              help="Join this Ray cluster (default: RAY_ADDRESS, else a local instance); "
+                   "token authentication as Ray documents (RAY_AUTH_TOKEN, ~/.ray/auth_token).")
+@click.option("--proxy-location", type=click.Choice(["EveryNode", "HeadOnly"]), default="EveryNode",
+              show_default=True, help="Where Serve runs its HTTP proxies.")
+@click.option("--print-config", is_flag=True,
+              help="Print the Serve config file for these options (serve run / serve deploy) and exit.")
 @_backend
 @_threads
 @_user_errors
 def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
           batch_wait_ms: float, max_queue: int, num_gpus: float, num_cpus: float,
-          timeout_s: float, from_noise: bool, backend: str, threads: int | None) -> None:
+          timeout_s: float, from_noise: bool, address: str | None, proxy_location: str,
+          print_config: bool, backend: str, threads: int | None) -> None:
     """Serve the model in --engine-dir over HTTP with Ray Serve (pip install -e ".[serve]").
 
-    Joins the Ray cluster at RAY_ADDRESS if set, else starts a local one; SIGINT or SIGTERM
-    stops the server (and the local Ray instance)."""
+    Joins the Ray cluster at --address or RAY_ADDRESS if given, else starts a local one on
+    127.0.0.1; SIGINT or SIGTERM deletes the app (and stops the local Ray instance)."""
     from .manifest import Manifest
 
     _check_threads(threads)
     Manifest.open(engine_dir).verify()  # a broken folder fails here, in one line
     try:
-        from .serve import ServeOptions, run_server
+        from .serve import ServeOptions, run_server, serve_config
     except ImportError as err:
         raise AplaError(f"apla-rt serve needs Ray Serve ({err}); pip install -e \".[serve]\"") from None
     options = ServeOptions(str(engine_dir.resolve()), replicas, max_batch, batch_wait_ms, max_queue,
                            num_gpus, num_cpus, backend, threads, from_noise, timeout_s)
-    run_server(options, host, port, log=lambda line: click.echo(line, err=True))
+    if print_config:
+        import yaml
+
+        click.echo(yaml.safe_dump(serve_config(options, host, port, proxy_location), sort_keys=False),
+                   nl=False)
+        return
+    run_server(options, host, port, log=lambda line: click.echo(line, err=True), address=address,
+               proxy_location=proxy_location)
 
 
 def _dims(dims: tuple[Any, ...]) -> str:

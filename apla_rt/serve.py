@@ -16,18 +16,19 @@ One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
 is a 503 with ``Retry-After``; a request that outlives its timeout (``timeout_s``, or the
 smaller ``X-Apla-Timeout-S`` header) is a 504. Videos are encoded in memory: the server
 writes nothing to disk. ``build_app`` is also the import path for ``serve run`` with a
-config file (docs/serving.md).
+config file (docs/serving.md); ``serve_config`` writes that file (``--print-config``), and
+``run_server`` joins a cluster or starts a local instance through ``apla_rt.raycluster``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -150,6 +151,7 @@ class AplaServer:
         batcher: Any = self.generate_batch  # Serve's batch wrapper
         batcher.set_max_batch_size(o.max_batch)
         batcher.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
+        self.node_id = _node_id()
         self.in_flight = 0  # accepted /generate requests not yet answered
         self.batch_seconds = 1.0  # the last batch's duration, for Retry-After
 
@@ -167,7 +169,7 @@ class AplaServer:
         if path == "/healthz" and method == "GET":
             return JSONResponse({"ok": True})
         if path == "/info" and method == "GET":
-            return JSONResponse({**self.pipe.summary(), "pid": os.getpid(),
+            return JSONResponse({**self.pipe.summary(), "pid": os.getpid(), "node_id": self.node_id,
                                  "serve": asdict(self.settings)})
         if path == "/generate" and method == "POST":
             return await self._generate(http)
@@ -223,10 +225,19 @@ class AplaServer:
         return videos
 
 
-def build_app(args: dict[str, Any]) -> Any:
-    """The Serve application for ``ServeOptions(**args)`` (also ``serve run``'s import path:
-    ``apla_rt.serve:build_app``)."""
-    o = ServeOptions(**args).check()
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (``GET /info``), where Ray says."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return None
+
+
+def deployment_options(o: ServeOptions) -> dict[str, Any]:
+    """The ``AplaServer`` deployment's Serve options for ``o``: what ``build_app`` applies and
+    ``--print-config`` writes under ``deployments``."""
     actor: dict[str, Any] = {"num_cpus": o.num_cpus}
     if o.num_gpus:
         actor["num_gpus"] = o.num_gpus
@@ -237,52 +248,162 @@ def build_app(args: dict[str, Any]) -> Any:
     # (its 503 has no Retry-After) that only a flood of that many requests per replica reaches.
     ongoing = o.max_batch + o.max_queue + 8
     replicas = (o.autoscaling_config or {}).get("max_replicas", o.replicas)
-    return AplaServer.options(  # type: ignore[attr-defined]
-        **scale, ray_actor_options=actor, max_ongoing_requests=ongoing,
-        max_queued_requests=ongoing * int(replicas),
-    ).bind(asdict(o))
+    return {**scale, "ray_actor_options": actor, "max_ongoing_requests": ongoing,
+            "max_queued_requests": ongoing * int(replicas)}
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application for ``ServeOptions(**args)`` (also ``serve run``'s import path:
+    ``apla_rt.serve:build_app``)."""
+    o = ServeOptions(**args).check()
+    return AplaServer.options(**deployment_options(o)).bind(asdict(o))  # type: ignore[attr-defined]
+
+
+def serve_config(options: ServeOptions, host: str, port: int,
+                 proxy_location: str = "EveryNode") -> dict[str, Any]:
+    """The Serve config file (``serve run`` / ``serve deploy`` / KubeRay's ``serveConfigV2``)
+    that runs what ``apla-rt serve`` with the same options runs."""
+    o = options.check()
+    args = {k: v for k, v in asdict(o).items()
+            if v != ServeOptions.__dataclass_fields__[k].default or k == "engine_dir"}
+    return {"proxy_location": proxy_location,
+            "http_options": {"host": host, "port": port},
+            "applications": [{"name": APP_NAME, "route_prefix": "/",
+                              "import_path": "apla_rt.serve:build_app", "args": args,
+                              "deployments": [{"name": "AplaServer", **deployment_options(o)}]}]}
 
 
 def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str], None],
-               ready: Callable[[], None] | None = None) -> None:
-    """Start (or join, with ``RAY_ADDRESS``) Ray, run the app on ``host:port`` and block until
-    SIGINT or SIGTERM; then delete the app, and stop the local Ray instance if this started it."""
-    import ray
+               ready: Callable[[], None] | None = None, address: str | None = None,
+               proxy_location: str = "EveryNode") -> None:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``; see ``apla_rt.raycluster``) or
+    start a local Ray instance, run the app on ``host:port`` and block until SIGINT or SIGTERM.
+    Then delete the app (a cluster joined keeps running) or, on a local instance, stop Serve and
+    Ray and end whatever process of theirs is left: within ``STOP_SECONDS`` in all, also when
+    the signal reached Ray's processes too (a whole process group stopped at once)."""
+    from . import raycluster
 
     options.check()
-    address = os.environ.get("RAY_ADDRESS") or None
     stop = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
-    started_ray = address is None
+    connection: raycluster.RayConnection | None = None
+    ray_processes: list[Any] = []
     try:
-        try:
-            ray.init(address=address or "local", include_dashboard=False if started_ray else None,
-                     logging_level=logging.WARNING, log_to_driver=False)
-        except ConnectionError as err:
-            raise AplaError(f"cannot join the Ray cluster at RAY_ADDRESS={address} ({err}); start "
-                            "it (ray start --head) or unset RAY_ADDRESS for a local one") from None
+        connection = raycluster.connect(address)
         for sig in signals:  # ray.init may have installed its own handlers
             signal.signal(sig, lambda *_: stop.set())
         if stop.is_set():
             return
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         if not stop.is_set():
             serve.run(build_app(asdict(options)), name=APP_NAME, route_prefix="/", blocking=False)
+        where = f"the Ray cluster at {connection.address}" if connection.address else "a local Ray instance"
         log(f"serving {options.engine_dir} on http://{host}:{port} (POST /generate, GET /healthz, "
-            f"GET /info); {options.replicas} replica(s), batches of up to {options.max_batch}; "
-            "Ctrl-C stops")
+            f"GET /info) on {where}; {options.replicas} replica(s), batches of up to "
+            f"{options.max_batch}; Ctrl-C stops")
         if ready is not None:
             ready()
+        ray_processes = _descendants()  # to tell, at the stop, whether a signal reached them too
         while not stop.wait(0.5):
             pass
         log("stopping")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if ray.is_initialized():
-            if started_ray:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
-            ray.shutdown()
+        if connection is not None:
+            _stop(connection, log, ray_processes)
+
+
+STOP_SECONDS = 12.0  # the most a stop takes before what is left of a local instance is killed
+
+
+def _stop(connection: Any, log: Callable[[str], None], ray_processes: list[Any]) -> None:
+    """Delete the app (joined) or shut Serve down (local), then leave Ray, each step bounded.
+    A signal to the whole process group (systemd's default) also reaches Ray's own processes:
+    once the raylet is gone Serve's and Ray's calls wait on it forever, so then a local
+    instance's processes that are left are ended by pid and this process exits at once
+    (Ray's exit hook would wait on the raylet too)."""
+    from . import raycluster
+
+    deadline = time.monotonic() + STOP_SECONDS
+    if not connection.started:
+        if not _bounded(lambda: serve.delete(APP_NAME), deadline - 2.0):
+            log(f"could not delete the application {APP_NAME!r} in time; `serve status` on the "
+                "cluster shows it, `serve delete` removes it")
+        if not _bounded(lambda: raycluster.disconnect(connection), deadline):
+            _exit_now(log)
+        return
+    time.sleep(0.5)  # a signal to the whole group has ended some of Ray's processes by now
+    family = _descendants()
+    clean = (_all_running(ray_processes) and _bounded(serve.shutdown, deadline - 6.0)
+             and _bounded(lambda: raycluster.disconnect(connection), deadline - 4.0))
+    _end(family + _descendants())
+    if not clean:
+        _exit_now(log)
+
+
+def _exit_now(log: Callable[[str], None]) -> None:
+    log("stopped (Ray's processes were already ending)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _all_running(processes: list[Any]) -> bool:
+    """Whether every one of ``processes`` is still running (none ended, none a zombie)."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+    except psutil.Error:
+        return False
+
+
+def _bounded(step: Callable[[], Any], until: float) -> bool:
+    """Run ``step`` on a daemon thread; whether it finished before the monotonic ``until``."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:  # a cluster half gone: the rest of the stop still runs
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(max(0.0, until - time.monotonic()))
+
+
+def _descendants() -> list[Any]:
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _end(processes: list[Any], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to those of ``processes`` still running."""
+    if not processes:
+        return
+    import psutil
+
+    for p in processes:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
