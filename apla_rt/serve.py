@@ -20,11 +20,9 @@ config file (docs/serving.md).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
-import secrets
 import signal
 import threading
 import time
@@ -37,12 +35,10 @@ from starlette.responses import JSONResponse, Response
 
 from .api import Pipeline, Request, Video
 from .errors import AplaError, InputError
+from .requests import CONTENT_TYPES, decode_object, parse_request
 
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
-FIELDS = {"prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
-          "guidance": (int, float), "negative_prompt": (str,), "format": (str,)}
-CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 TIMEOUT_HEADER = "x-apla-timeout-s"
 
 
@@ -86,35 +82,7 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     A request without a seed gets a random one (reported in ``X-Apla-Seed``)."""
     if len(body) > MAX_BODY_BYTES:
         raise InputError(f"the request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"the request body is not JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise InputError("the request body must be a JSON object")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: "
-                         f"{', '.join(FIELDS)}")
-    if "prompt" not in data:
-        raise InputError("Missing option '--prompt': the request needs a \"prompt\"")
-    for key, value in data.items():
-        if value is None and key != "prompt":
-            continue
-        kinds = FIELDS[key]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise InputError(f"--{key.replace('_', '-')} must be "
-                             f"{'text' if kinds == (str,) else 'a number' if float in kinds else 'an integer'}"
-                             f", got {value!r}")
-    if not data["prompt"].strip():
-        raise InputError("--prompt must not be empty")
-    fmt = data.get("format") or "mp4"
-    if fmt not in CONTENT_TYPES:
-        raise InputError(f"format must be mp4 or gif, got {fmt!r}")
-    seed = data.get("seed")
-    request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
-                      data.get("frames"), data.get("steps"), data.get("guidance"),
-                      data.get("negative_prompt") or "")
+    request, fmt = parse_request(decode_object(body, "the request body"))
     pipe.check(request, from_noise=from_noise)
     return request, fmt
 
