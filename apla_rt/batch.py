@@ -259,9 +259,10 @@ class BatchResult:
     made: int
 
 
-def init_ray(address: str | None, num_cpus: int, num_gpus: float) -> bool:
+def init_ray(address: str | None, num_cpus: int) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance on
-    127.0.0.1 with ``num_cpus``; whether this started Ray (and so must stop it)."""
+    127.0.0.1 with ``num_cpus`` (and the GPUs Ray finds); whether this started Ray (and so
+    must stop it). The shared Ray-connection module replaces this on merge."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -274,8 +275,7 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: float) -> bool:
                             "start --head) or leave out --address and RAY_ADDRESS for a local "
                             "one") from None
         return False
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus if num_gpus else None,
-             include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)  # type: ignore[arg-type]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)  # type: ignore[arg-type]
     return True
 
 
@@ -288,10 +288,10 @@ def _results(options: BatchOptions, todo: list[Job]) -> Iterator[list[dict[str, 
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    ds = ray.data.from_items([{"line": j.line, "spec": j.spec()} for j in todo],
+    items = ray.data.from_items([{"line": j.line, "spec": j.spec()} for j in todo],
                              override_num_blocks=max(1, -(-len(todo) // options.max_batch)))
     per_actor_cpus = options.threads or 1
-    ds = ds.map_batches(Generator, batch_size=options.max_batch, batch_format="numpy",
+    ds = items.map_batches(Generator, batch_size=options.max_batch, batch_format="numpy",
                         fn_constructor_kwargs={"engine_dir": str(options.engine_dir),
                                                "backend": options.backend,
                                                "threads": options.threads,
@@ -319,7 +319,7 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
     if not p.todo:
         return BatchResult(out, len(p.jobs), skipped, 0)
     by_line = {j.line: j for j in p.todo}
-    started = init_ray(options.address, options.actors * (options.threads or 1), options.num_gpus)
+    started = init_ray(options.address, options.actors * (options.threads or 1))
     import ray
 
     made = 0
