@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -323,8 +324,9 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
     import ray
 
     made = 0
+    previous = _sigterm_interrupts()
     try:
-        for rows in _results(options, p.todo):
+        for rows in _user_error_of_actor(_results(options, p.todo)):
             for row in rows:  # each video under its final name first, then the index
                 job = by_line[row["line"]]
                 data: bytes = row["data"]
@@ -341,9 +343,41 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
             log(f"{skipped + made}/{len(p.jobs)} videos (a batch of {len(rows)}: "
                 f"{', '.join(by_line[r['line']].name for r in rows)})")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
     return BatchResult(out, len(p.jobs), skipped, made)
+
+
+def _sigterm_interrupts() -> Any:
+    """SIGTERM ends the job as Ctrl-C does (the local Ray instance is stopped on the way
+    out); the previous handler, or None off the main thread."""
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _user_error_of_actor(rows: Iterator[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+    """An ``AplaError`` raised in an actor (an engine folder it cannot open, ...) as the
+    one-line error it is, not Ray's wrapped traceback."""
+    try:
+        yield from rows
+    except AplaError:
+        raise
+    except Exception as err:
+        seen: Any = err
+        for _ in range(8):
+            seen = getattr(seen, "cause", None) or seen.__cause__
+            if seen is None:
+                break
+            if isinstance(seen, AplaError):
+                raise AplaError(f"an actor failed: {seen}") from None
+        raise
 
 
 def _remove_stale_temporaries(out: Path, jobs: list[Job]) -> None:

@@ -303,7 +303,6 @@ def _dims(dims: tuple[Any, ...]) -> str:
 @click.option("--force", is_flag=True,
               help="Make every video again, also over another job's folder.")
 @click.option("--quiet", is_flag=True, help="No progress lines, no summary line.")
-@_user_errors
 def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: int,
           num_gpus: float, max_batch: int, from_noise: bool, no_vgt: bool, backend: str,
           threads: int | None, force: bool, quiet: bool) -> None:
@@ -313,15 +312,18 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
     that exist and match their sha256 in index.json."""
     from .batch import BatchOptions, run_batch
 
-    _check_threads(threads)
-    try:
-        import ray.data  # noqa: F401
-    except ImportError as err:
-        raise AplaError(f"apla-rt batch needs Ray Data ({err}); pip install -e \".[batch]\"") from None
+    with reported_to_user(interrupted="nothing was written"):
+        _check_threads(threads)
+        try:
+            import ray.data  # noqa: F401
+        except ImportError as err:
+            raise AplaError(f"apla-rt batch needs Ray Data ({err}); pip install -e \".[batch]\"") from None
     options = BatchOptions(str(engine_dir), str(jobs), str(out), address, actors, num_gpus,
                            threads, max_batch, backend, from_noise, not no_vgt, force)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    result = run_batch(options, log)
+    with reported_to_user(interrupted=f"the videos indexed in {out / 'index.json'} are kept; "
+                                      "the same command resumes"):
+        result = run_batch(options, log)
     if not quiet:
         click.echo(f"wrote {result.made} video(s) to {result.out} ({result.skipped} already "
                    f"there, {result.total} lines) and index.json", err=True)
