@@ -289,8 +289,11 @@ def _results(options: BatchOptions, todo: list[Job]) -> Iterator[list[dict[str, 
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    # One line per input block: Ray Data bundles blocks up to ``batch_size`` lines for a
+    # task, so each task is one batch and its output one block that the driver gets as soon
+    # as that batch is done (larger input blocks would hold several batches' videos back).
     items = ray.data.from_items([{"line": j.line, "spec": j.spec()} for j in todo],
-                             override_num_blocks=max(1, -(-len(todo) // options.max_batch)))
+                                override_num_blocks=len(todo))
     per_actor_cpus = options.threads or 1
     ds = items.map_batches(Generator, batch_size=options.max_batch, batch_format="numpy",
                         fn_constructor_kwargs={"engine_dir": str(options.engine_dir),

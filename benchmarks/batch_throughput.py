@@ -8,7 +8,8 @@ the machine falls on both alike; the report gives the medians and every round. T
 job starts its own local Ray instance (in a network namespace of its own where the machine
 allows it, tests/netns.py); its stderr progress lines are timed as they arrive, which splits
 its wall time into start-up (Ray, the actors' pipelines: until the first batch is written)
-and the rest. Both commands make the same videos (from noise, seeds 0..N-1, 4 prompts) into
+and a steady state (videos/min from the first written batch to the last); ``generate``'s
+steady state is its ``--timings`` total less its ``load`` stage. Both commands make the same videos (from noise, seeds 0..N-1, 4 prompts) into
 fresh folders under ``--work``.
 """
 
@@ -33,23 +34,33 @@ from netns import isolated, netns_status  # noqa: E402
 PROMPTS = ["a man is skiing", "a panda is skiing", "a dog is skiing", "a man"]
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
-    """(wall seconds, seconds until the first stderr progress line 'N/M videos', stderr)."""
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, list[tuple[float, int]], str]:
+    """(wall seconds, [(seconds since start, videos done)] for each 'N/M videos' progress
+    line as it arrived, stderr)."""
     start = time.perf_counter()
-    first = None
+    progress = []
     lines = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
+    assert proc.stdout is not None
+    for line in proc.stdout:
         lines.append(line)
-        if first is None and " videos (a batch of " in line:
-            first = time.perf_counter() - start
+        if " videos (a batch of " in line:
+            progress.append((time.perf_counter() - start, int(line.split("/")[0])))
     rc = proc.wait()
     wall = time.perf_counter() - start
     if rc != 0:
         raise SystemExit(f"{cmd[:4]} failed ({rc}):\n{''.join(lines)[-2000:]}")
-    return wall, first, "".join(lines)
+    return wall, progress, "".join(lines)
+
+
+def stage_seconds(table: str, stage: str) -> float:
+    """A stage's seconds in ``--timings``' table."""
+    for line in table.splitlines():
+        parts = line.split()
+        if parts and " ".join(parts[:-3] if stage != "total" else parts[:-1]) == stage:
+            return float(parts[-3] if stage != "total" else parts[-1])
+    raise SystemExit(f"no {stage!r} in the timings table:\n{table}")
 
 
 def main() -> None:
@@ -81,7 +92,7 @@ def main() -> None:
                           "--threads", str(args.actor_threads), "--from-noise", "--out"])
     gen_cmd = [sys.executable, "-m", "apla_rt.cli", "generate", "--engine-dir", args.engine_dir,
                "--prompts-file", str(prompts), "--from-noise", "--seed", "0", "--steps",
-               str(args.steps), "--threads", str(args.threads), "--quiet", "--out"]
+               str(args.steps), "--threads", str(args.threads), "--quiet", "--timings", "--out"]
     rounds = []
     for r in range(args.rounds):
         order = ["batch", "generate"] if r % 2 == 0 else ["generate", "batch"]
@@ -90,12 +101,21 @@ def main() -> None:
             out = work / f"{which}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = (batch_cmd if which == "batch" else gen_cmd) + [str(out) + "/"]
-            wall, first, _ = timed(cmd, env)
+            wall, progress, text = timed(cmd, env)
             made = len([p for p in out.iterdir() if p.suffix == ".mp4"])
             assert made == n, (which, made)
-            result[which] = {"wall_s": round(wall, 2), "videos_per_min": round(60 * n / wall, 1)}
-            if which == "batch" and first is not None:
-                result[which]["first_batch_s"] = round(first, 2)
+            row = {"wall_s": round(wall, 2), "videos_per_min": round(60 * n / wall, 1)}
+            if which == "batch" and len(progress) >= 2:
+                # Steady state: from the first written batch to the last one.
+                (t0, k0), (t1, k1) = progress[0], progress[-1]
+                row["first_batch_s"] = round(t0, 2)
+                row["steady_videos_per_min"] = round(60 * (k1 - k0) / (t1 - t0), 1)
+            if which == "generate":
+                # Steady state: the run's own time less opening the engines (``load``).
+                work_s = stage_seconds(text, "total") - stage_seconds(text, "load")
+                row["load_s"] = round(stage_seconds(text, "load"), 2)
+                row["steady_videos_per_min"] = round(60 * n / work_s, 1)
+            result[which] = row
         rounds.append(result)
         print(json.dumps({"round": r, **result}), flush=True)
 
@@ -108,11 +128,14 @@ def main() -> None:
         "generate_threads": args.threads, "rounds": rounds,
         "median_videos_per_min": {"batch": med("batch", "videos_per_min"),
                                   "generate": med("generate", "videos_per_min")},
+        "median_steady_videos_per_min": {"batch": med("batch", "steady_videos_per_min"),
+                                         "generate": med("generate", "steady_videos_per_min")},
         "median_wall_s": {"batch": med("batch", "wall_s"), "generate": med("generate", "wall_s")},
         "median_batch_first_batch_s": med("batch", "first_batch_s"),
+        "median_generate_load_s": med("generate", "load_s"),
     }
-    report["ratio_batch_over_generate"] = round(report["median_videos_per_min"]["batch"]
-                                                / report["median_videos_per_min"]["generate"], 3)
+    for key in ("median_videos_per_min", "median_steady_videos_per_min"):
+        report[key]["ratio"] = round(report[key]["batch"] / report[key]["generate"], 3)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
