@@ -1,8 +1,8 @@
 """``apla-rt batch``: many videos from a JSONL jobs file as a resumable Ray Data job.
 
 Each line of the jobs file is one video, with the fields of a ``serve`` request
-(``apla_rt.requests``) and a required ``seed``. Every line is checked before anything runs.
-The job is a ``map_batches`` over ``Generator``, a callable class of which each actor opens
+(``apla_rt.request_fields``) and a required ``seed``. Every line is checked before anything
+runs. The job is a ``map_batches`` over ``Generator``, a callable class of which each actor opens
 one ``Pipeline`` and runs its batched ``run`` on up to ``max_batch`` lines at a time,
 returning the encoded videos' bytes.
 
@@ -48,7 +48,7 @@ from .atomic import check_writable, write_bytes, write_text
 from .errors import AplaError, InputError
 from .manifest import Manifest
 from .pipeline import Engine
-from .requests import decode_object, parse_request
+from .request_fields import decode_object, parse_request
 
 INDEX = "index.json"
 INDEX_FORMAT = "apla-batch/1"

@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 
 from .api import Pipeline, Request, Video
 from .errors import AplaError, InputError
-from .requests import CONTENT_TYPES, decode_object, parse_request
+from .request_fields import CONTENT_TYPES, decode_object, parse_request
 
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
