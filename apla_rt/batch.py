@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -323,8 +324,12 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
     if not p.todo:
         return BatchResult(out, len(p.jobs), skipped, 0)
     by_line = {j.line: j for j in p.todo}
+    clock = time.perf_counter()
     started = init_ray(options.address, options.actors * (options.threads or 1))
     import ray
+
+    log(f"Ray {'started' if started else 'joined'} in {time.perf_counter() - clock:.1f} s; "
+        f"{options.actors} actor(s) open the engine folder")
 
     made = 0
     previous = _sigterm_interrupts()

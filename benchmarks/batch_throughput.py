@@ -105,6 +105,10 @@ def main() -> None:
             made = len([p for p in out.iterdir() if p.suffix == ".mp4"])
             assert made == n, (which, made)
             row = {"wall_s": round(wall, 2), "videos_per_min": round(60 * n / wall, 1)}
+            if which == "batch":
+                ray_line = [x for x in text.splitlines() if x.startswith("Ray started in ")]
+                if ray_line:
+                    row["ray_start_s"] = float(ray_line[0].split()[3])
             if which == "batch" and len(progress) >= 2:
                 # Steady state: from the first written batch to the last one.
                 (t0, k0), (t1, k1) = progress[0], progress[-1]
@@ -133,6 +137,7 @@ def main() -> None:
         "median_wall_s": {"batch": med("batch", "wall_s"), "generate": med("generate", "wall_s")},
         "median_batch_first_batch_s": med("batch", "first_batch_s"),
         "median_generate_load_s": med("generate", "load_s"),
+        "median_batch_ray_start_s": med("batch", "ray_start_s"),
     }
     for key in ("median_videos_per_min", "median_steady_videos_per_min"):
         report[key]["ratio"] = round(report[key]["batch"] / report[key]["generate"], 3)
