@@ -1,4 +1,4 @@
-"""``apla-rt batch`` on the session's exported tiny run: 12 lines from noise (2 steps), 2
+"""``apla-rt batch`` on the session's exported tiny run: 12 lines from noise (10 steps), 2
 actors of 1 thread, batches of 2. The job runs as a subprocess in a network namespace of its
 own (tests/netns.py); it is killed with SIGKILL (its process group) after some videos and
 rerun: the rerun makes only what is missing, a tampered video again, and every video equals
@@ -27,12 +27,13 @@ from netns import isolated  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a man is skiing", "a panda is skiing", "a dog is skiing", "a man"]
 LINES = 12
+STEPS = 10  # enough that the job is still running when the test kills it after 2 videos
 
 
 def job_lines() -> list[dict]:
     lines = []
     for i in range(LINES):
-        line: dict = {"prompt": PROMPTS[i % 4], "seed": 100 + i, "steps": 2}
+        line: dict = {"prompt": PROMPTS[i % 4], "seed": 100 + i, "steps": STEPS}
         if i % 3 == 0:
             line["format"] = "gif"
         if i == 5:
@@ -117,7 +118,7 @@ def resumed(exported, jobs, tmp_path_factory):
     try:
         deadline = time.monotonic() + 150
         while len(index_videos(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         stop_session(proc)
     first_log = log.read_text(errors="replace")
@@ -146,15 +147,15 @@ def test_each_video_equals_the_library_one_at_a_time(resumed):
     assert sorted(v["line"] for v in videos) == list(range(1, LINES + 1))
     assert len(files(out)) == LINES and not [p for p in out.iterdir() if p.name.startswith(".")]
     with Pipeline.open(resumed["folder"], "ort", threads=1) as pipe:
-        other, = pipe.generate(PROMPTS[0], seeds=1, from_noise=True, steps=2)
+        other, = pipe.generate(PROMPTS[0], seeds=1, from_noise=True, steps=STEPS)
         for entry in videos:
             line = lines[entry["line"] - 1]
             path = out / entry["file"]
             assert path.suffix == "." + line.get("format", "mp4")
             assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
             assert entry["prompt"] == line["prompt"] and entry["seed"] == line["seed"]
-            assert entry["settings"]["steps"] == 2 and entry["settings"]["from_noise"] is True
-            want, = pipe.generate(line["prompt"], seeds=line["seed"], from_noise=True, steps=2,
+            assert entry["settings"]["steps"] == STEPS and entry["settings"]["from_noise"] is True
+            want, = pipe.generate(line["prompt"], seeds=line["seed"], from_noise=True, steps=STEPS,
                                   guidance=line.get("guidance"),
                                   negative_prompt=line.get("negative_prompt", ""))
             assert entry["settings"]["guidance"] == want.guidance
