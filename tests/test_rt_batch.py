@@ -161,15 +161,15 @@ def test_each_video_equals_the_library_one_at_a_time(resumed):
             assert entry["settings"]["guidance"] == want.guidance
             if path.suffix == ".gif":  # FFmpeg's gif encoder: the same frames, the same bytes
                 assert path.read_bytes() == want.encode("gif"), entry
-            else:  # H.264 at 32 px (crf 17, ~27 dB): as close to the library's frames as the
-                # library's own mp4 of them, and far from another seed's video. (The bytes are
-                # not compared: libx264 in this process has encoded the same frames to
-                # different bytes after other encodes and decodes.)
+            else:  # H.264 of 32 px noise-like frames (~20 dB): as close to the library's
+                # frames as the library's own mp4 of them (measured within 0.1 dB), and far
+                # from another seed's video (~4.5 dB). The bytes are not compared: libx264
+                # has encoded the same frames to different bytes in one process.
                 got = read_video(path)
                 assert got.shape == want.frames.shape == (4, 32, 32, 3)
                 own = psnr(read_video_bytes(want.encode("mp4"), read_video), want.frames)
-                assert psnr(got, want.frames) > own - 1.0 and own > 25, entry
-                assert psnr(got, other.frames) < 12, entry
+                assert own > 15 and psnr(got, want.frames) > own - 0.5, entry
+                assert psnr(got, other.frames) < own - 10, entry
 
 
 def read_video_bytes(data: bytes, read_video) -> np.ndarray:
