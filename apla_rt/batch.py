@@ -180,9 +180,10 @@ def plan(options: BatchOptions) -> Plan:
     options.check()
     manifest = Manifest.open(options.engine_dir)
     engine_id = engine_identity(manifest)
-    # A pipeline that opens no network: what ``Pipeline.check`` needs (tokenizer, manifest).
-    checker = Pipeline(Engine.open(manifest, "ort" if options.backend == "auto" else options.backend,
-                                   networks=()), options.use_vgt, options.max_batch)
+    # A pipeline that opens no network (so the backend does not matter, and the driver needs
+    # no GPU): what ``Pipeline.check`` needs, the tokenizer and the manifest.
+    checker = Pipeline(Engine.open(manifest, "ort-cpu", networks=()), options.use_vgt,
+                       options.max_batch)
     jobs = read_jobs(options, checker, engine_id)
     job_id = hashlib.sha256("\n".join(j.name for j in jobs).encode()).hexdigest()
     out = Path(options.out)
