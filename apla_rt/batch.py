@@ -269,16 +269,17 @@ def init_ray(address: str | None, num_cpus: int) -> bool:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is not None:
         try:
-            ray.init(address=address, **quiet)  # type: ignore[arg-type]
+            ray.init(address=address, **quiet)
         except ConnectionError as err:
             raise AplaError(f"cannot join the Ray cluster at {address} ({err}); start it (ray "
                             "start --head) or leave out --address and RAY_ADDRESS for a local "
                             "one") from None
         return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)  # type: ignore[arg-type]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", **quiet)
     return True
 
 

@@ -317,7 +317,8 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
         try:
             import ray.data  # noqa: F401
         except ImportError as err:
-            raise AplaError(f"apla-rt batch needs Ray Data ({err}); pip install -e \".[batch]\"") from None
+            raise AplaError(f"apla-rt batch needs Ray Data ({err}); "
+                            "pip install -e \".[batch]\"") from None
     options = BatchOptions(str(engine_dir), str(jobs), str(out), address, actors, num_gpus,
                            threads, max_batch, backend, from_noise, not no_vgt, force)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))

@@ -9,8 +9,8 @@ job starts its own local Ray instance (in a network namespace of its own where t
 allows it, tests/netns.py); its stderr progress lines are timed as they arrive, which splits
 its wall time into start-up (Ray, the actors' pipelines: until the first batch is written)
 and a steady state (videos/min from the first written batch to the last); ``generate``'s
-steady state is its ``--timings`` total less its ``load`` stage. Both commands make the same videos (from noise, seeds 0..N-1, 4 prompts) into
-fresh folders under ``--work``.
+steady state is its ``--timings`` total less its ``load`` stage. Both commands make the same
+videos (from noise, seeds 0..N-1, 4 prompts) into fresh folders under ``--work``.
 """
 
 from __future__ import annotations
