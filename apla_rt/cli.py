@@ -1,4 +1,4 @@
-"""``apla-rt``: thin click commands over ``apla_rt.api`` (generate, invert, serve, info).
+"""``apla-rt``: thin click commands over ``apla_rt.api`` (generate, invert, serve, batch, info).
 
 Every ``AplaError`` is printed as ``error: <one line>`` on stderr with exit code 2 and no
 traceback; outputs are never replaced without ``--force``.
@@ -324,6 +324,56 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
 
 def _dims(dims: tuple[Any, ...]) -> str:
     return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+@main.command(context_settings=_CONTEXT)
+@_engine_dir
+@click.option("--jobs", required=True, type=click.Path(path_type=Path),
+              help="JSONL file, one video a line: {\"prompt\", \"seed\", \"frames\"?, "
+                   "\"steps\"?, \"guidance\"?, \"negative_prompt\"?, \"format\"?} (docs/batch.md).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the videos (NNNNN-HASH.FORMAT) and index.json; a rerun resumes.")
+@click.option("--address", help="Ray cluster to join (HOST:PORT or auto; default: RAY_ADDRESS, "
+                                "else a local Ray instance on 127.0.0.1).")
+@click.option("--actors", type=click.IntRange(1), default=1, show_default=True,
+              help="Ray actors, each with its own open pipeline.")
+@click.option("--num-gpus", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="GPUs per actor (Ray's num_gpus; fractions share a GPU).")
+@click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Lines one batched generate takes (a kill loses at most these per actor).")
+@click.option("--from-noise", is_flag=True,
+              help="Start every video from its seed's noise instead of the inverted clip.")
+@click.option("--no-vgt", is_flag=True, help="Leave out the VGT perturbation (Tune-A-Video).")
+@_backend
+@_threads
+@click.option("--force", is_flag=True,
+              help="Make every video again, also over another job's folder.")
+@click.option("--quiet", is_flag=True, help="No progress lines, no summary line.")
+def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: int,
+          num_gpus: float, max_batch: int, from_noise: bool, no_vgt: bool, backend: str,
+          threads: int | None, force: bool, quiet: bool) -> None:
+    """Generate every line of --jobs as a resumable Ray Data job (pip install -e ".[batch]").
+
+    Every line is checked before anything runs; a rerun into the same --out skips the videos
+    that exist and match their sha256 in index.json."""
+    from .batch import BatchOptions, run_batch
+
+    with reported_to_user(interrupted="nothing was written"):
+        _check_threads(threads)
+        try:
+            import ray.data  # noqa: F401
+        except ImportError as err:
+            raise AplaError(f"apla-rt batch needs Ray Data ({err}); "
+                            "pip install -e \".[batch]\"") from None
+    options = BatchOptions(str(engine_dir), str(jobs), str(out), address, actors, num_gpus,
+                           threads, max_batch, backend, from_noise, not no_vgt, force)
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    with reported_to_user(interrupted=f"the videos indexed in {out / 'index.json'} are kept; "
+                                      "the same command resumes"):
+        result = run_batch(options, log)
+    if not quiet:
+        click.echo(f"wrote {result.made} video(s) to {result.out} ({result.skipped} already "
+                   f"there, {result.total} lines) and index.json", err=True)
 
 
 @main.command(context_settings=_CONTEXT)

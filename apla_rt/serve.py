@@ -23,10 +23,8 @@ config file (docs/serving.md); ``serve_config`` writes that file (``--print-conf
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -40,15 +38,10 @@ from starlette.responses import JSONResponse, Response
 
 from .api import Pipeline, Request, Video
 from .errors import AplaError, InputError
-from .solvers import check_guidance_interval, check_solver
+from .request_fields import CONTENT_TYPES, decode_object, parse_request
 
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
-FIELDS = {"prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
-          "guidance": (int, float), "negative_prompt": (str,), "format": (str,),
-          "scheduler": (str,), "guidance_interval": (list, str),
-          "cache_interval": (int,), "cache_schedule": (str,)}
-CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 TIMEOUT_HEADER = "x-apla-timeout-s"
 
 
@@ -92,46 +85,7 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     A request without a seed gets a random one (reported in ``X-Apla-Seed``)."""
     if len(body) > MAX_BODY_BYTES:
         raise InputError(f"the request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"the request body is not JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise InputError("the request body must be a JSON object")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: "
-                         f"{', '.join(FIELDS)}")
-    if "prompt" not in data:
-        raise InputError("Missing option '--prompt': the request needs a \"prompt\"")
-    for key, value in data.items():
-        if value is None and key != "prompt":
-            continue
-        kinds = FIELDS[key]
-        if key == "guidance_interval":
-            continue  # checked as the CLI's --guidance-interval below
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise InputError(f"--{key.replace('_', '-')} must be "
-                             f"{'text' if kinds == (str,) else 'a number' if float in kinds else 'an integer'}"
-                             f", got {value!r}")
-    if not data["prompt"].strip():
-        raise InputError("--prompt must not be empty")
-    fmt = data.get("format") or "mp4"
-    if fmt not in CONTENT_TYPES:
-        raise InputError(f"format must be mp4 or gif, got {fmt!r}")
-    if data.get("scheduler") is not None:
-        check_solver(data["scheduler"])
-    interval = data.get("guidance_interval")
-    if interval is not None:
-        interval = check_guidance_interval(interval)
-    seed = data.get("seed")
-    request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
-                      data.get("frames"), data.get("steps"), data.get("guidance"),
-                      data.get("negative_prompt") or "", scheduler=data.get("scheduler"),
-                      guidance_interval=interval,
-                      cache_interval=1 if data.get("cache_interval") is None else data["cache_interval"],
-                      cache_schedule=("uniform" if data.get("cache_schedule") is None
-                                      else data["cache_schedule"]))
+    request, fmt = parse_request(decode_object(body, "the request body"))
     pipe.check(request, from_noise=from_noise)
     return request, fmt
 
