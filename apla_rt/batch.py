@@ -35,7 +35,6 @@ import glob
 import hashlib
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from .atomic import check_writable, write_bytes, write_text
 from .errors import AplaError, InputError
 from .manifest import Manifest
 from .pipeline import Engine
+from .raycluster import connect, disconnect
 from .request_fields import decode_object, parse_request
 
 INDEX = "index.json"
@@ -101,7 +101,15 @@ class Job:
         r = self.request
         return json.dumps({"prompt": r.prompt, "seed": r.seed, "frames": r.frames, "steps": r.steps,
                            "guidance": r.guidance, "negative_prompt": r.negative_prompt,
-                           "format": self.fmt})
+                           "format": self.fmt, **sampling_fields(r)})
+
+
+def sampling_fields(request: Request) -> dict[str, Any]:
+    """The request's solver, guidance interval and cache settings as JSON values."""
+    interval = request.guidance_interval
+    return {"scheduler": request.scheduler,
+            "guidance_interval": None if interval is None else [float(x) for x in interval],
+            "cache_interval": int(request.cache_interval), "cache_schedule": request.cache_schedule}
 
 
 @dataclass
@@ -125,7 +133,8 @@ def video_name(line: int, request: Request, fmt: str, options: BatchOptions, eng
                 "steps": request.steps,
                 "guidance": None if request.guidance is None else float(request.guidance),
                 "negative_prompt": request.negative_prompt, "format": fmt,
-                "from_noise": options.from_noise, "vgt": options.use_vgt, "engine": engine_id}
+                "from_noise": options.from_noise, "vgt": options.use_vgt, "engine": engine_id,
+                **sampling_fields(request)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return f"{line:05d}-{digest[:12]}.{fmt}"
 
@@ -247,6 +256,12 @@ class Generator:
         for video, (_, fmt) in zip(videos, parsed):
             data.append(video.encode(fmt))
             meta.append(json.dumps({"frames": int(video.frames.shape[0]), "steps": video.steps,
+                                    "scheduler": video.scheduler,
+                                    "start_timestep": video.start_timestep,
+                                    "guidance_interval": (None if video.guidance_interval is None
+                                                          else list(video.guidance_interval)),
+                                    "cache_interval": video.cache_interval,
+                                    "cache_schedule": video.cache_schedule,
                                     "guidance": video.guidance, "negative_prompt": video.negative_prompt,
                                     "format": fmt, "vgt": video.vgt, "from_noise": self.from_noise,
                                     "batch_size": video.batch_size}))
@@ -260,27 +275,6 @@ class BatchResult:
     total: int
     skipped: int  # already made, sha256 checked
     made: int
-
-
-def init_ray(address: str | None, num_cpus: int) -> bool:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance on
-    127.0.0.1 with ``num_cpus`` (and the GPUs Ray finds); whether this started Ray (and so
-    must stop it). The shared Ray-connection module replaces this on merge."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if address is not None:
-        try:
-            ray.init(address=address, **quiet)
-        except ConnectionError as err:
-            raise AplaError(f"cannot join the Ray cluster at {address} ({err}); start it (ray "
-                            "start --head) or leave out --address and RAY_ADDRESS for a local "
-                            "one") from None
-        return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", **quiet)
-    return True
 
 
 def _results(options: BatchOptions, todo: list[Job]) -> Iterator[list[dict[str, Any]]]:
@@ -327,10 +321,8 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
         return BatchResult(out, len(p.jobs), skipped, 0)
     by_line = {j.line: j for j in p.todo}
     clock = time.perf_counter()
-    started = init_ray(options.address, options.actors * (options.threads or 1))
-    import ray
-
-    log(f"Ray {'started' if started else 'joined'} in {time.perf_counter() - clock:.1f} s; "
+    connection = connect(options.address, num_cpus=options.actors * (options.threads or 1))
+    log(f"Ray {'started' if connection.started else 'joined'} in {time.perf_counter() - clock:.1f} s; "
         f"{options.actors} actor(s) open the engine folder")
 
     made = 0
@@ -344,9 +336,11 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
                 meta = row["meta"]
                 p.entries[job.line] = {
                     "line": job.line, "prompt": job.request.prompt, "seed": int(job.request.seed),
-                    "settings": {k: meta[k] for k in ("frames", "steps", "guidance",
-                                                       "negative_prompt", "format", "from_noise",
-                                                       "vgt")},
+                    "settings": {k: meta[k] for k in ("frames", "steps", "scheduler",
+                                                       "start_timestep", "guidance",
+                                                       "guidance_interval", "cache_interval",
+                                                       "cache_schedule", "negative_prompt",
+                                                       "format", "from_noise", "vgt")},
                     "file": job.name, "sha256": hashlib.sha256(data).hexdigest()}
             made += len(rows)
             write_index(out, p, options, jobs_file)
@@ -355,8 +349,7 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if started:
-            ray.shutdown()
+        disconnect(connection)
     return BatchResult(out, len(p.jobs), skipped, made)
 
 
