@@ -107,7 +107,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     from .api import Pipeline, Request
     from .atomic import check_writable
     from .deepcache import check_cache_interval
-    from .pipeline import check_guidance, check_steps, check_video_suffix, progress_bar
+    from .pipeline import check_guidance, check_steps
+    from .oneshot import check_video_suffix, progress_bar
     from .solvers import check_guidance_interval, check_solver
 
     _check_threads(threads)
@@ -249,7 +250,7 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
            threads: int | None, timings: bool, force: bool, quiet: bool) -> None:
     """DDIM-invert VIDEO into a start latent for `generate --latent` (its timestep goes
     beside it in NAME.json)."""
-    from .pipeline import invert as run_invert
+    from .oneshot import invert as run_invert
 
     _check_threads(threads)
     result = run_invert(video, engine_dir, out, steps=steps, frames=frames, start=start,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import time
@@ -45,7 +44,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .atomic import check_writable, write_file, write_text
 from .deepcache import FULL_NETWORK, NETWORKS as CACHE_NETWORKS, SHALLOW_NETWORK, FeatureCache
 from .errors import BackendUnavailable, InputError
 from .manifest import Manifest, check_latent, load_npy
@@ -53,7 +51,6 @@ from .runners import Runner, open_runner, ort_cuda_available, select_backend
 from .solvers import (DDIMInversion, check_guidance_interval, check_solver, check_start_timestep,
                       guided_steps, make_solver, noise_timestep)
 from .tokenizer import ClipTokenizer
-from .video import WRITE_SUFFIXES, write_video
 
 MAX_STEPS = 1000
 DECODE_CHUNK = 8  # frames per VAE call (also capped by the VAE's profile)
@@ -434,20 +431,7 @@ def images_to_frames(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------- generate
-
-
-@dataclass
-class GenerateResult:
-    frames: np.ndarray  # uint8 (f, H, W, 3)
-    latents: np.ndarray  # final latents (1, c, f, h, w)
-    start: np.ndarray  # the start latent
-    path: Path | None
-    timings: Timings
-    backend: str
-    vgt: bool  # whether the VGT perturbation was added
-    steps: int = 0  # the DDIM steps and guidance actually used
-    guidance: float = 0.0
+# --------------------------------------------------------------------------- start latents
 
 
 def start_latent(manifest: Manifest, frames: int | None, seed: int, from_noise: bool,
@@ -488,130 +472,3 @@ def check_start_frames(z: np.ndarray, frames: int | None, manifest: Manifest, wh
                          "drop --frames or pass --from-noise")
     check_frames(z.shape[2], manifest, "the latent's frame count")
     return z
-
-
-def progress_bar(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
-    """(step callback, close) of a tqdm bar over ``total`` steps; (None, no-op) when disabled."""
-    if not enabled:
-        return None, lambda: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-    return (lambda i, t: bar.update(1)), bar.close
-
-
-def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike | None = None, *,
-             frames: int | None = None, steps: int | None = None, guidance: float | None = None,
-             seed: int = 0,
-             negative_prompt: str = "", use_vgt: bool = True, from_noise: bool = False,
-             latent: str | os.PathLike | None = None, backend: str = "auto",
-             threads: int | None = None, fps: float | None = None, force: bool = False,
-             progress: bool = False, scheduler: str | None = None,
-             guidance_interval: tuple[float, float] | str | None = None, cache_interval: int = 1,
-             cache_schedule: str = "uniform") -> GenerateResult:
-    """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif).
-
-    ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults``
-    in the manifest, else its config's ``sample`` section). One ``Pipeline`` call.
-    """
-    from .api import Pipeline
-
-    if steps is not None:
-        steps = check_steps(steps)
-    if guidance is not None:
-        guidance = check_guidance(guidance)
-    if scheduler is not None:
-        check_solver(scheduler)
-    interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else None
-    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
-        raise InputError("--prompt and --negative-prompt must be text")
-    if out is not None:
-        check_video_suffix(out)
-        check_writable(out, force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt) as pipe:
-        callback, done = progress_bar(progress, steps or pipe.default_steps(), "sample")
-        try:
-            video, = pipe.generate(prompt, seeds=seed, frames=frames, steps=steps,
-                                   guidance=guidance, negative_prompt=negative_prompt,
-                                   from_noise=from_noise, latent=latent, callback=callback,
-                                   scheduler=scheduler, guidance_interval=interval,
-                                   cache_interval=cache_interval, cache_schedule=cache_schedule)
-        finally:
-            done()
-        path = None
-        if out is not None:
-            with pipe.timings("video write"):
-                path = write_video(out, video.frames, fps=fps or video.fps, force=force)
-        return GenerateResult(video.frames, video.latents, video.start, path, pipe.timings,
-                              pipe.describe(), video.vgt, video.steps, video.guidance)
-
-
-def check_video_suffix(out: str | os.PathLike) -> None:
-    if Path(out).suffix.lower() not in WRITE_SUFFIXES:
-        raise InputError(f"cannot write {out}: unknown extension {Path(out).suffix!r}; "
-                         "use .mp4 or .gif")
-
-
-# --------------------------------------------------------------------------- invert
-
-
-@dataclass
-class InvertResult:
-    latent: np.ndarray  # (1, c, f, h, w)
-    clean: np.ndarray  # the VAE encoder's latents of the frames
-    path: Path | None
-    timings: Timings
-    backend: str
-    source_path: Path | None = None  # the clean latents, written for a vgt.source VGT
-    steps: int = 0  # the DDIM steps used
-    timestep: int = 0  # the timestep the latent belongs to (also in NAME.json beside it)
-    timestep_path: Path | None = None
-
-
-def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-           *, steps: int | None = None, frames: int | None = None, start: int | None = None,
-           stride: int | None = None, use_vgt: bool = True, backend: str = "auto",
-           threads: int | None = None, force: bool = False, progress: bool = False) -> InvertResult:
-    """DDIM-invert a video with the engine folder's predictor; save the latent to ``out`` (.npy).
-
-    ``steps`` defaults to the run's inversion steps; frames as in ``Pipeline.invert``. Where
-    the model's VGT reads the clean source latent (``vgt.source``), the clip's clean latents
-    are saved next to ``out`` as ``NAME.source.npy``: ``generate --latent out`` reads them.
-    The latent's timestep goes beside it as ``NAME.json`` (``{"timestep", "inversion_steps"}``).
-    """
-    from .api import Pipeline, source_path_for, timestep_path_for
-
-    if steps is not None:
-        steps = check_steps(steps)
-    if out is not None:
-        check_writable(out, force)
-        check_writable(timestep_path_for(out), force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, for_inversion=True) as pipe:
-        if out is not None and pipe.vgt_reads_source:
-            check_writable(source_path_for(out), force)
-        steps = steps or pipe.default_inversion_steps()
-        callback, done = progress_bar(progress, steps, "invert")
-        try:
-            inverted = pipe.invert(video, steps=steps, frames=frames, start=start, stride=stride,
-                                   callback=callback)
-        finally:
-            done()
-        assert inverted.clean is not None  # invert always keeps the clip's clean latents
-        assert inverted.timestep is not None
-        path = source = stamp = None
-        if out is not None:
-            if pipe.vgt_reads_source:
-                source = _save_npy(source_path_for(out), inverted.clean, force)
-            stamp = write_text(timestep_path_for(out), json.dumps(
-                {"timestep": inverted.timestep, "inversion_steps": steps}) + "\n", force=force)
-            path = _save_npy(out, inverted.start, force)
-        return InvertResult(inverted.start, inverted.clean, path, pipe.timings, pipe.describe(),
-                            source, steps, inverted.timestep, stamp)
-
-
-def _save_npy(out: str | os.PathLike, array: np.ndarray, force: bool) -> Path:
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-
-    return write_file(out, save, force=force)

@@ -186,7 +186,7 @@ def export(run: Path, engines: Path, backend: str) -> dict[str, Any]:
 def generate(engines: Path, backend: str, steps: int, threads: int | None, keep: dict) -> dict[str, Any]:
     import numpy as np
 
-    from apla_rt.pipeline import generate as rt_generate
+    from apla_rt.oneshot import generate as rt_generate
 
     result = rt_generate(engines, PROMPT, None, steps=steps, backend=backend, threads=threads)
     out: dict[str, Any] = {"backend": result.backend, "stages": result.timings.as_dict()}

@@ -83,7 +83,7 @@ def worker_torch(args: argparse.Namespace) -> dict:
 def worker_rt(args: argparse.Namespace) -> dict:
     for name in ("torch", "apla_train", "export"):
         sys.modules[name] = None  # type: ignore[assignment]  # prove the runtime needs none
-    from apla_rt.pipeline import generate
+    from apla_rt.oneshot import generate
 
     result = generate(args.engine_dir, args.prompt, latent=args.start, steps=args.steps,
                       guidance=args.guidance, negative_prompt=args.negative_prompt,

@@ -106,7 +106,7 @@ def worker_bare(args: argparse.Namespace) -> dict:
 def worker_generate(args: argparse.Namespace) -> dict:
     for name in ("torch", "apla_train", "export"):
         sys.modules[name] = None  # type: ignore[assignment]  # the runtime needs none of them
-    from apla_rt.pipeline import generate
+    from apla_rt.oneshot import generate
 
     result = generate(args.engine_dir, args.prompt, args.out_video, steps=args.steps,
                       threads=args.threads, backend="ort", force=True)

@@ -31,20 +31,18 @@ import numpy as np
 from apla_rt.atomic import write_file
 from apla_rt.errors import BackendUnavailable, ConfigError, IntegrityError
 from apla_rt.gpu import trt_available
-from apla_rt.manifest import is_int, sha256_file
+from apla_rt.manifest import sha256_file
 
 from .fp16 import FP16_TOLERANCE as FP16_ONNX_TOLERANCE
+from .trt_plan import SHAPE_SETS, Shape, Shapes, profile_shapes, validation_plan
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-Shape = tuple[int, ...]
-Shapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 FeedMetadata = dict[str, tuple[np.dtype, Shape]]  # input name -> (dtype, shape)
 
 ENGINE_SUFFIX = ".plan"
 TIMING_CACHE_NAME = "timing.cache"  # one tactic timing cache per engine folder
-SHAPE_SETS = ("min", "opt", "max")
 
 # TensorRT layer types (trt.LayerType member names) always computed and stored in FP32.
 DEFAULT_FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
@@ -92,62 +90,6 @@ def engine_filename(network_name: str) -> str:
 def timing_cache_path(engine_dir: str | os.PathLike) -> Path:
     """The tactic timing cache shared by every engine of a folder."""
     return Path(engine_dir) / TIMING_CACHE_NAME
-
-
-def _dim_ranges(profile: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
-    if not isinstance(profile, Mapping):
-        raise ConfigError(f"profile must map dim names to [min, opt, max], got {profile!r}")
-    ranges: dict[str, tuple[int, int, int]] = {}
-    for dim, rng in profile.items():
-        if (not isinstance(rng, (list, tuple)) or len(rng) != 3
-                or not all(is_int(v) for v in rng)):
-            raise ConfigError(f"profile[{dim!r}] must be three integers [min, opt, max], got {rng!r}")
-        lo, opt, hi = (int(v) for v in rng)
-        if lo < 1:
-            raise ConfigError(f"profile[{dim!r}] = {list(rng)}: every size must be >= 1")
-        if not lo <= opt <= hi:
-            raise ConfigError(f"profile[{dim!r}] = {list(rng)}: need min <= opt <= max")
-        ranges[str(dim)] = (lo, opt, hi)
-    return ranges
-
-
-def profile_shapes(inputs: list[dict], profile: dict[str, list[int]]) -> Shapes:
-    """Min/opt/max shapes per input from a manifest network's ``inputs`` and ``profile``.
-
-    ``inputs`` are ``{"name", "dtype", "dims"}`` with dims mixing fixed integers and dim
-    names; ``profile`` gives ``[min, opt, max]`` per dim name. Raises ``ConfigError`` for a
-    named dim without a range, a range that is not ``1 <= min <= opt <= max``, or a bad dim.
-    """
-    ranges = _dim_ranges(profile)
-    shapes: Shapes = {}
-    for entry in inputs:
-        if not isinstance(entry, Mapping) or "name" not in entry or "dims" not in entry:
-            raise ConfigError(f"manifest input {entry!r} needs a 'name' and 'dims'")
-        name, dims = str(entry["name"]), entry["dims"]
-        if name in shapes:
-            raise ConfigError(f"manifest input {name!r} is listed twice")
-        if not isinstance(dims, (list, tuple)):
-            raise ConfigError(f"input {name!r}: dims must be a list, got {dims!r}")
-        lo: list[int] = []
-        opt: list[int] = []
-        hi: list[int] = []
-        for dim in dims:
-            if is_int(dim):
-                if int(dim) < 1:
-                    raise ConfigError(f"input {name!r}: fixed dim {dim} must be >= 1")
-                size = (int(dim),) * 3
-            elif isinstance(dim, str):
-                if dim not in ranges:
-                    raise ConfigError(f"input {name!r}: dim {dim!r} has no range in the profile; "
-                                      f"add \"{dim}\": [min, opt, max]")
-                size = ranges[dim]
-            else:
-                raise ConfigError(f"input {name!r}: dim {dim!r} is neither an integer nor a name")
-            lo.append(size[0])
-            opt.append(size[1])
-            hi.append(size[2])
-        shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-    return shapes
 
 
 def check_network_inputs(network_inputs: Mapping[str, Sequence[int]], shapes: Shapes) -> None:
@@ -481,7 +423,6 @@ def build_all(
     require_trt()
     import tensorrt as trt
 
-    from .trt_plan import validation_plan
 
     engine_dir = Path(engine_dir)
     out = copy.deepcopy(manifest)

@@ -25,7 +25,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .trt import SHAPE_SETS, Shapes, profile_shapes
+from apla_rt.errors import ConfigError
+from apla_rt.manifest import is_int
+
+Shape = tuple[int, ...]
+Shapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+SHAPE_SETS = ("min", "opt", "max")
 
 CHECK_SHAPE_SETS = ("min", "opt")
 # One score tensor a reference may materialise; above this the plan refuses the reference.
@@ -69,3 +74,59 @@ def validation_plan(name: str, entry: Mapping[str, Any], heads: int = 8) -> dict
         checks.append({"which": which, "shapes": at, "reference_score_bytes": scores})
     return {"network": name, "reference": reference, "fused_reference": fused, "checks": checks,
             "skipped": [w for w in SHAPE_SETS if w not in CHECK_SHAPE_SETS]}
+
+
+def _dim_ranges(profile: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+    if not isinstance(profile, Mapping):
+        raise ConfigError(f"profile must map dim names to [min, opt, max], got {profile!r}")
+    ranges: dict[str, tuple[int, int, int]] = {}
+    for dim, rng in profile.items():
+        if (not isinstance(rng, (list, tuple)) or len(rng) != 3
+                or not all(is_int(v) for v in rng)):
+            raise ConfigError(f"profile[{dim!r}] must be three integers [min, opt, max], got {rng!r}")
+        lo, opt, hi = (int(v) for v in rng)
+        if lo < 1:
+            raise ConfigError(f"profile[{dim!r}] = {list(rng)}: every size must be >= 1")
+        if not lo <= opt <= hi:
+            raise ConfigError(f"profile[{dim!r}] = {list(rng)}: need min <= opt <= max")
+        ranges[str(dim)] = (lo, opt, hi)
+    return ranges
+
+
+def profile_shapes(inputs: list[dict], profile: dict[str, list[int]]) -> Shapes:
+    """Min/opt/max shapes per input from a manifest network's ``inputs`` and ``profile``.
+
+    ``inputs`` are ``{"name", "dtype", "dims"}`` with dims mixing fixed integers and dim
+    names; ``profile`` gives ``[min, opt, max]`` per dim name. Raises ``ConfigError`` for a
+    named dim without a range, a range that is not ``1 <= min <= opt <= max``, or a bad dim.
+    """
+    ranges = _dim_ranges(profile)
+    shapes: Shapes = {}
+    for entry in inputs:
+        if not isinstance(entry, Mapping) or "name" not in entry or "dims" not in entry:
+            raise ConfigError(f"manifest input {entry!r} needs a 'name' and 'dims'")
+        name, dims = str(entry["name"]), entry["dims"]
+        if name in shapes:
+            raise ConfigError(f"manifest input {name!r} is listed twice")
+        if not isinstance(dims, (list, tuple)):
+            raise ConfigError(f"input {name!r}: dims must be a list, got {dims!r}")
+        lo: list[int] = []
+        opt: list[int] = []
+        hi: list[int] = []
+        for dim in dims:
+            if is_int(dim):
+                if int(dim) < 1:
+                    raise ConfigError(f"input {name!r}: fixed dim {dim} must be >= 1")
+                size = (int(dim),) * 3
+            elif isinstance(dim, str):
+                if dim not in ranges:
+                    raise ConfigError(f"input {name!r}: dim {dim!r} has no range in the profile; "
+                                      f"add \"{dim}\": [min, opt, max]")
+                size = ranges[dim]
+            else:
+                raise ConfigError(f"input {name!r}: dim {dim!r} is neither an integer nor a name")
+            lo.append(size[0])
+            opt.append(size[1])
+            hi.append(size[2])
+        shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+    return shapes

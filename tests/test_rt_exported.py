@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import IntegrityError
-from apla_rt.pipeline import Engine, generate, invert
+from apla_rt.pipeline import Engine
+from apla_rt.oneshot import generate, invert
 from apla_rt.schedule import DDIMSchedule, ddim_step
 from apla_rt.video import read_video
 

@@ -13,7 +13,8 @@ import pytest
 from rt_fakes import C, LAT, FakeNets, numpy_engine
 
 from apla_rt.errors import InputError
-from apla_rt.pipeline import Timings, generate, images_to_frames, invert
+from apla_rt.pipeline import Timings, images_to_frames
+from apla_rt.oneshot import generate, invert
 from apla_rt.video import read_video
 
 ROOT = Path(__file__).resolve().parents[1]

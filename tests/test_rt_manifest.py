@@ -15,7 +15,7 @@ from rt_fakes import C, FRAMES, HIDDEN, LAT, PATCH, SEQ, edit_manifest
 from apla_rt import manifest as M
 from apla_rt.errors import InputError, IntegrityError
 from apla_rt.manifest import Manifest
-from apla_rt.pipeline import generate
+from apla_rt.oneshot import generate
 from apla_rt.schedule import SchedulerConfig
 
 

@@ -16,7 +16,8 @@ from rt_fakes import (C, HIDDEN, LAT, PATCH, SEQ, FakeNets, edit_manifest, make_
 from apla_rt.api import start_timestep_of
 from apla_rt.errors import BackendUnavailable
 from apla_rt.manifest import Manifest
-from apla_rt.pipeline import Engine, generate
+from apla_rt.pipeline import Engine
+from apla_rt.oneshot import generate
 from apla_rt.runners import select_backend
 
 

@@ -147,7 +147,7 @@ def test_serve_request_fields(fake_engine):
 def test_exported_multistep_solver_matches_reference_sampler(exported, reference):
     import torch
 
-    from apla_rt.pipeline import generate
+    from apla_rt.oneshot import generate
     from apla_train.components import encode_prompts
     from apla_train.sampling import ddim_sample
 
@@ -172,7 +172,7 @@ def test_every_solver_reconstructs_the_training_clip(exported):
     """From the DDIM-inverted latent with the training prompt and the run's guidance. Measured
     on the session's run (6 training steps, 2 inversion steps, 32 px): 19.8 dB for every
     solver at 2 steps, 21.3-21.7 dB at 5 and 10."""
-    from apla_rt.pipeline import generate
+    from apla_rt.oneshot import generate
     from apla_rt.video import psnr, read_video
 
     run, engine = exported
