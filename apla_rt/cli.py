@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from .errors import AplaError, reported_to_user
+from .cpu_precision import PRECISION_HELP, PRECISIONS
 from .runners import BACKEND_HELP, BACKENDS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -45,6 +46,15 @@ _threads = click.option("--threads", type=int, default=None,
                              "(docs/benchmarks.md).")
 
 
+_precision = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+                          show_default=True, help=PRECISION_HELP)
+
+
+def _notes(lines: Any) -> None:
+    for line in lines:  # a bf16 check that missed: that network runs fp32
+        click.echo(f"note: {line}", err=True)
+
+
 def _check_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise AplaError(f"--threads must be at least 1, got {threads}")
@@ -74,6 +84,7 @@ def _check_threads(threads: int | None) -> None:
               help="Start from seeded Gaussian noise instead of the inverted training clip.")
 @click.option("--latent", type=click.Path(path_type=Path), help="Start from this latent (.npy).")
 @_backend
+@_precision
 @_threads
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif"]), default="mp4", show_default=True,
               help="Video format in an --out folder.")
@@ -85,8 +96,8 @@ def _check_threads(threads: int | None) -> None:
 def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | None, out: Path,
              frames: int | None, steps: int | None, guidance: float | None, seeds: tuple[int, ...],
              num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
-             latent: Path | None, backend: str, threads: int | None, fmt: str, fps: float | None,
-             timings: bool, force: bool, quiet: bool) -> None:
+             latent: Path | None, backend: str, precision: str, threads: int | None, fmt: str,
+             fps: float | None, timings: bool, force: bool, quiet: bool) -> None:
     """Generate videos for --prompt (or --prompts-file) with the model in --engine-dir.
 
     Every prompt is sampled with every seed; the videos run through the networks in batches.
@@ -119,7 +130,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     else:
         check_video_suffix(out)
         check_writable(out, force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt) as pipe:
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt, precision=precision) as pipe:
+        _notes(pipe.engine.notes)
         for r in requests:
             pipe.check(r, from_noise=from_noise, latent=latent)
         batches = -(-len(requests) // pipe.max_batch)
@@ -131,7 +143,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
             done()
         with pipe.timings("video write"):
             if folder:
-                written = _write_folder(out, names, videos, fps, force)
+                ran = {"backend": pipe.describe(), "precision": pipe.describe_precision()}
+                written = _write_folder(out, names, videos, fps, force, ran)
             else:
                 written = [_save(videos[0], out, fps or videos[0].fps, force)]
         if not quiet:
@@ -139,7 +152,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
             where = (f"{len(videos)} videos and index.json to {out}" if folder else f"{written[0]}")
             click.echo(f"wrote {where}: {v.frames.shape[0]} frames of {v.frames.shape[2]}x"
                        f"{v.frames.shape[1]}, {v.steps} steps, guidance {v.guidance:g}, VGT "
-                       f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}"
+                       f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}, precision "
+                       f"{pipe.describe_precision()}"
                        + (f", batches of up to {max(x.batch_size for x in videos)}" if folder else ""),
                        err=True)
         if timings:
@@ -177,7 +191,7 @@ def _save(video: Any, out: Path, fps: float, force: bool) -> Path:
 
 
 def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | None,
-                  force: bool) -> list[Path]:
+                  force: bool, ran: dict[str, str] | None = None) -> list[Path]:
     """The videos under ``out`` and ``index.json`` (prompt, seed, file, sha256), written last."""
     import hashlib
 
@@ -192,7 +206,7 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                       "negative_prompt": video.negative_prompt, "steps": video.steps,
                       "guidance": video.guidance, "frames": int(video.frames.shape[0]),
-                      "vgt": video.vgt})
+                      "vgt": video.vgt, **(ran or {})})
     write_text(out / "index.json", json.dumps(index, indent=2) + "\n", force=force)
     return paths
 
@@ -209,13 +223,14 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
 @click.option("--stride", type=int, help="Read every N-th frame (default: the run's).")
 @click.option("--no-vgt", is_flag=True, help="Invert without the VGT perturbation.")
 @_backend
+@_precision
 @_threads
 @click.option("--timings", is_flag=True, help="Print the time spent per stage.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @_user_errors
 def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: int | None,
-           start: int | None, stride: int | None, no_vgt: bool, backend: str,
+           start: int | None, stride: int | None, no_vgt: bool, backend: str, precision: str,
            threads: int | None, timings: bool, force: bool, quiet: bool) -> None:
     """DDIM-invert VIDEO into a start latent for `generate --latent`."""
     from .pipeline import invert as run_invert
@@ -223,7 +238,8 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
     _check_threads(threads)
     result = run_invert(video, engine_dir, out, steps=steps, frames=frames, start=start,
                         stride=stride, use_vgt=not no_vgt, backend=backend, threads=threads,
-                        force=force, progress=not quiet)
+                        force=force, progress=not quiet, precision=precision)
+    _notes(result.notes)
     if not quiet:
         extra = f" and {result.source_path}" if result.source_path is not None else ""
         click.echo(f"wrote {result.path}{extra}: latent {list(result.latent.shape)}, "
@@ -254,11 +270,13 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
 @click.option("--from-noise", is_flag=True,
               help="Start every video from its seed's noise instead of the inverted clip.")
 @_backend
+@_precision
 @_threads
 @_user_errors
 def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
           batch_wait_ms: float, max_queue: int, num_gpus: float, num_cpus: float,
-          timeout_s: float, from_noise: bool, backend: str, threads: int | None) -> None:
+          timeout_s: float, from_noise: bool, backend: str, precision: str,
+          threads: int | None) -> None:
     """Serve the model in --engine-dir over HTTP with Ray Serve (pip install -e ".[serve]").
 
     Joins the Ray cluster at RAY_ADDRESS if set, else starts a local one; SIGINT or SIGTERM
@@ -272,7 +290,8 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
     except ImportError as err:
         raise AplaError(f"apla-rt serve needs Ray Serve ({err}); pip install -e \".[serve]\"") from None
     options = ServeOptions(str(engine_dir.resolve()), replicas, max_batch, batch_wait_ms, max_queue,
-                           num_gpus, num_cpus, backend, threads, from_noise, timeout_s)
+                           num_gpus, num_cpus, backend, threads, from_noise, timeout_s,
+                           precision=precision)
     run_server(options, host, port, log=lambda line: click.echo(line, err=True))
 
 
