@@ -76,42 +76,51 @@ def runtime_side(args: argparse.Namespace, cache: Path, log: Callable[[str], Non
     kinds = [("ort", "fp32"), ("openvino", "fp32")] + ([("openvino", "bf16")] if why is None else [])
     ids = openvino_runner.prompt_token_ids(manifest)
     steps_t = manifest.scheduler.num_train_timesteps
-    out: dict[str, Any] = {"bf16_unavailable": why, "networks": {}, "startup": {}, "generate": {}}
+    out: dict[str, Any] = {"bf16_unavailable": why, "networks": {}, "generate": {}}
     names = [n for n in NETWORKS if manifest.has(n)]
     for name in names:
         spec = manifest.network(name)
+        assert spec.onnx is not None, f"{name} has no portable ONNX file"
+        onnx = spec.onnx
         feeds = seeded_feeds(spec, 0, ids if "input_ids" in spec.input_names else None, steps_t)
         row: dict[str, Any] = {"shape": {k: list(v.shape) for k, v in feeds.items()}}
-        runners = {}
-        for backend, precision in kinds:
+        seeds = [seeded_feeds(spec, seed, ids if "input_ids" in spec.input_names else None, steps_t)
+                 for seed in range(100, 100 + args.tolerance_seeds)]
+        outputs: dict[str, list[Any]] = {}
+        r: Any
+        for backend, precision in kinds:  # one at a time: SD-size networks are GBs each
             label = f"{backend}-{precision}"
             if backend == "openvino":  # cold: empty model cache; warm: the blob just written
                 for state in ("cold", "warm"):
                     start = time.perf_counter()
-                    r = openvino_runner.OvRunner(spec, spec.onnx, precision, args.threads, 1,
+                    r = openvino_runner.OvRunner(spec, onnx, precision, args.threads, 1,
                                                  openvino_runner.model_cache_dir(f"{name}-{precision}"))
                     row[f"{label}_start_{state}_s"] = time.perf_counter() - start
                     row[f"{label}_from_cache_{state}"] = r.loaded_from_cache
+                    if state == "cold":
+                        r.close()
+                        del r
             else:
                 start = time.perf_counter()
                 r = open_runner(manifest, name, "ort", args.threads)
                 row[f"{label}_start_s"] = time.perf_counter() - start
-            runners[label] = r
             row[f"{label}_call_s"] = timed(lambda: r.run(feeds), args.warmup, args.repeat)
-        if "openvino-bf16" in runners:
+            if label in ("ort-fp32", "openvino-bf16"):
+                outputs[label] = [r.run(f) for f in seeds]
+            r.close()
+            del r
+        if "openvino-bf16" in outputs:
             worst = {"max_abs": 0.0, "rel_rms": 0.0}
-            for seed in range(100, 100 + args.tolerance_seeds):
-                f = seeded_feeds(spec, seed, ids if "input_ids" in spec.input_names else None, steps_t)
-                errs = compare_outputs(runners["ort-fp32"].run(f), runners["openvino-bf16"].run(f))
+            for ref, got in zip(outputs["ort-fp32"], outputs["openvino-bf16"]):
+                errs = compare_outputs(ref, got)
                 worst = {k: max(worst[k], errs[k]) for k in worst}
             row["bf16_error"] = worst
-        for r in runners.values():
-            r.close()
         out["networks"][name] = row
         log(f"{name:<13} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items() if k != "shape"))
     start_latent = np.load(args.start)
-    ref_frames = ref_latents = None
+    ref_frames: Any = None
+    ref_latents: Any = None
     for backend, precision in kinds:
         label = f"{backend}-{precision}"
         started = time.perf_counter()

@@ -73,6 +73,7 @@ def _feeds(manifest: Manifest, name: str, seed: int) -> dict[str, np.ndarray]:
 def test_openvino_fp32_matches_onnxruntime(manifest, name):
     ort = open_runner(manifest, name, "ort", threads=2)
     ov = open_runner(manifest, name, "openvino", threads=2, precision="fp32")
+    assert isinstance(ov, openvino_runner.OvRunner)
     assert ov.backend == "openvino-cpu" and ov.precision == "fp32"
     for seed in (0, 1):
         feeds = _feeds(manifest, name, seed)
@@ -135,8 +136,9 @@ def test_tampered_file_is_refused(exported, tmp_path):
 
 
 def test_model_cache_second_open_loads_the_blob(manifest, fresh_cache):
-    spec = manifest.network("unet")
-    sha = manifest.files[manifest.rel(spec.onnx)]
+    onnx = manifest.network("unet").onnx
+    assert onnx is not None
+    sha = manifest.files[manifest.rel(onnx)]
     first = open_runner(manifest, "unet", "openvino", threads=2, precision="fp32")
     folder = fresh_cache / "openvino" / sha
     assert list(folder.glob("*.blob")), "OpenVINO wrote no compiled blob"
@@ -183,7 +185,11 @@ def test_check_miss_falls_back_to_fp32_with_one_line(exported, monkeypatch, fres
     monkeypatch.setattr(cpu_precision, "BF16_TOLERANCE", {"max_abs": 0.0, "rel_rms": 0.0})
     calls = []
     real = openvino_runner.bf16_check
-    monkeypatch.setattr(openvino_runner, "bf16_check", lambda *a: calls.append(a[1].name) or real(*a))
+    def counted(*a):
+        calls.append(a[1].name)
+        return real(*a)
+
+    monkeypatch.setattr(openvino_runner, "bf16_check", counted)
     with Pipeline.open(exported[1], "openvino", 2, precision="bf16") as pipe:
         networks = sorted(pipe.engine.runners)
         # a zero tolerance is met only by an exact output: where the CPU really runs bf16 every
@@ -206,7 +212,11 @@ def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
     calls: list[str] = []
     verdict = {"passed": True, "worst": {"max_abs": 0.0, "rel_rms": 0.0},
                "tolerance": dict(cpu_precision.BF16_TOLERANCE), "checks": 2}
-    monkeypatch.setattr(openvino_runner, "bf16_check", lambda *a: calls.append(a[1].name) or dict(verdict))
+    def counted(*a):
+        calls.append(a[1].name)
+        return dict(verdict)
+
+    monkeypatch.setattr(openvino_runner, "bf16_check", counted)
     nets = ("unet", "vgt")
 
     def open_bf16() -> list[str]:
@@ -226,7 +236,8 @@ def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
     assert set(key) == {"cpu_model", "cpu_flags", "openvino", "sha256", "network", "tolerance"}
     assert key["cpu_model"] == WITH_BF16.model and key["openvino"] == openvino_runner.ov_version()
     m = Manifest.open(exported[1])
-    assert key["sha256"] == m.files[m.rel(m.network(key["network"]).onnx)]
+    onnx = m.network(key["network"]).onnx
+    assert onnx is not None and key["sha256"] == m.files[m.rel(onnx)]
     # another CPU (flags), another OpenVINO version, another tolerance: checked again
     fake_cpu(monkeypatch, CpuInfo(WITH_BF16.model, WITH_BF16.flags | {"amx_tile"}))
     assert open_bf16() == ["unet", "unet", "vgt", "vgt"]
