@@ -41,7 +41,7 @@ _engine_dir = click.option("--engine-dir", required=True, type=click.Path(path_t
 _backend = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                         help=BACKEND_HELP)
 _threads = click.option("--threads", type=int, default=None,
-                        help="CPU threads for ONNX Runtime (default: its own choice); with 2 "
+                        help="CPU threads for ONNX Runtime or OpenVINO (default: its own choice); with 2 "
                              "or more, generate runs the UNet's two guidance halves side by side "
                              "(docs/benchmarks.md).")
 

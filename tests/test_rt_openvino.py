@@ -205,6 +205,10 @@ def test_check_miss_falls_back_to_fp32_with_one_line(exported, monkeypatch, fres
         summary = pipe.summary()
         assert summary["precision_notes"] == pipe.engine.notes
     assert len(VerdictCache(fresh_cache)._read()) == len(networks)
+    with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:  # cached verdicts
+        assert sorted(calls) == networks
+        assert {line.split()[4] for line in pipe.engine.notes} == missed
+        assert all(pipe.engine.precisions()[n] == "fp32" for n in missed)
 
 
 def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
