@@ -63,14 +63,13 @@ def timed(fn: Callable[[], Any], warmup: int, repeat: int) -> float:
 # --------------------------------------------------------------------------- runtime side
 
 
-def runtime_side(args: argparse.Namespace, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from apla_rt import Pipeline, cpu_precision, openvino_runner
     from apla_rt.cpu_precision import compare_outputs, seeded_feeds
     from apla_rt.manifest import Manifest
     from apla_rt.runners import open_runner
     from apla_rt.video import psnr
 
-    os.environ[cpu_precision.CACHE_ENV] = str(cache)
     manifest = Manifest.open(args.engine_dir)
     why = cpu_precision.bf16_unavailable(cpu_precision.probe_cpu(), openvino_runner.ov_capabilities())
     kinds = [("ort", "fp32"), ("openvino", "fp32")] + ([("openvino", "bf16")] if why is None else [])
@@ -239,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     import openvino
 
     from apla_rt import Pipeline, openvino_runner
+    from apla_rt.cpu_precision import CACHE_ENV
 
     machine = {**lscpu(), "openvino": openvino.__version__, "onnxruntime": onnxruntime.__version__,
                "openvino_cpu_capabilities": list(openvino_runner.ov_capabilities()),
@@ -255,7 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         args.start = str(Path(tmp) / "start.npy")
         args.workdir = tmp
         np.save(args.start, start)
-        result: dict[str, Any] = {"machine": machine, **runtime_side(args, Path(tmp) / "cache", print)}
+        old = os.environ.get(CACHE_ENV)
+        os.environ[CACHE_ENV] = str(Path(tmp) / "cache")  # cold starts: an empty model cache
+        try:
+            result: dict[str, Any] = {"machine": machine, **runtime_side(args, print)}
+        finally:
+            if old is None:
+                os.environ.pop(CACHE_ENV)
+            else:
+                os.environ[CACHE_ENV] = old
         if not args.no_torch and args.run:
             cmd = [sys.executable, __file__, "--torch-worker", "--engine-dir", args.engine_dir,
                    "--run", args.run, "--threads", str(args.threads), "--repeat", str(args.repeat),

@@ -328,3 +328,28 @@ def test_cli_says_backend_and_precision(exported, tmp_path):
 def test_unknown_precision_in_the_api(exported):
     with pytest.raises(AplaError, match="--precision must be one of"):
         Pipeline.open(exported[1], precision="fp16")
+
+
+def test_cpu_backends_benchmark_runs(exported, tmp_path):
+    """benchmarks/cpu_backends.py end to end on the tiny run (one call each, no PyTorch side)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_backends.py"
+    spec = importlib.util.spec_from_file_location("cpu_backends", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "report.json"
+    assert bench.main(["--engine-dir", str(exported[1]), "--repeat", "1", "--warmup", "0",
+                       "--steps", "1", "--tolerance-seeds", "1", "--no-torch", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["model"] and "flags" in report["machine"]
+    unet = report["networks"]["unet"]
+    assert unet["ort-fp32_call_s"] > 0 and unet["openvino-fp32_from_cache_warm"] is True
+    assert unet["openvino-fp32_from_cache_cold"] is False
+    gen = report["generate"]
+    assert gen["openvino-fp32"]["latent_rmse_vs_ort_fp32"] <= FP32_TOL
+    if report["bf16_unavailable"] is None:
+        assert gen["openvino-bf16"]["psnr_db_vs_ort_fp32"] >= TINY_BF16_PSNR_DB
+        assert 0 < unet["bf16_error"]["rel_rms"] <= cpu_precision.BF16_TOLERANCE["rel_rms"]
