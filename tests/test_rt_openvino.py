@@ -353,3 +353,12 @@ def test_cpu_backends_benchmark_runs(exported, tmp_path):
     if report["bf16_unavailable"] is None:
         assert gen["openvino-bf16"]["psnr_db_vs_ort_fp32"] >= TINY_BF16_PSNR_DB
         assert 0 < unet["bf16_error"]["rel_rms"] <= cpu_precision.BF16_TOLERANCE["rel_rms"]
+
+
+def test_openvino_invert_matches_onnxruntime(exported):
+    run, engine = exported
+    latents = {}
+    for backend in ("ort-cpu", "openvino"):
+        with Pipeline.open(engine, backend, 2, for_inversion=True, precision="fp32") as pipe:
+            latents[backend] = pipe.invert(run / "sample.mp4", steps=2, stride=1).start
+    assert float(np.abs(latents["openvino"] - latents["ort-cpu"]).max()) <= FP32_TOL
