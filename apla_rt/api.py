@@ -153,9 +153,10 @@ class Pipeline:
     @classmethod
     def open(cls, engine_dir: str | os.PathLike, backend: str = "auto", threads: int | None = None,
              *, use_vgt: bool = True, max_batch: int | None = None, for_inversion: bool = False,
-             timings: Timings | None = None) -> "Pipeline":
+             timings: Timings | None = None, precision: str = "auto") -> "Pipeline":
         """Open and verify the networks ``generate`` needs (``for_inversion``: those ``invert``
-        needs, the UNet set up for batch 1); the others open on first use."""
+        needs, the UNet set up for batch 1); the others open on first use. ``precision``:
+        "auto", "fp32" or "bf16" (``apla_rt.cpu_precision``)."""
         names: tuple[str, ...] = INVERT_NETWORKS if for_inversion else GENERATE_NETWORKS
         if not use_vgt:
             names = tuple(n for n in names if n != "vgt")
@@ -163,7 +164,7 @@ class Pipeline:
                                     or threads < 1):
             raise InputError(f"--threads must be at least 1, got {threads!r}")
         engine = Engine.open(engine_dir, backend, names, threads, timings,
-                             guidance_batch=not for_inversion)
+                             guidance_batch=not for_inversion, precision=precision)
         try:
             return cls(engine, use_vgt, max_batch)
         except BaseException:
@@ -231,6 +232,9 @@ class Pipeline:
     def describe(self) -> str:
         return self.engine.describe()
 
+    def describe_precision(self) -> str:
+        return self.engine.describe_precision()
+
     def summary(self) -> dict[str, Any]:
         """What the engine folder holds and how this pipeline samples it (JSON-ready)."""
         m = self.manifest
@@ -244,6 +248,7 @@ class Pipeline:
                                        for name, spec in m.networks.items()},
             "vgt": self.vgt, "vgt_reads_source": self.vgt_reads_source,
             "max_batch": self.max_batch, "backend": self.describe(),
+            "precision": self.describe_precision(), "precision_notes": list(self.engine.notes),
             "checkpoint_sha256": m.checkpoint_sha256, "versions": m.versions,
         }
         out["start_timestep"] = self.start_timestep() if shape is not None else None

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from .errors import AplaError, reported_to_user
+from .cpu_precision import PRECISION_HELP, PRECISIONS
 from .runners import BACKEND_HELP, BACKENDS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -40,9 +41,18 @@ _engine_dir = click.option("--engine-dir", required=True, type=click.Path(path_t
 _backend = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                         help=BACKEND_HELP)
 _threads = click.option("--threads", type=int, default=None,
-                        help="CPU threads for ONNX Runtime (default: its own choice); with 2 "
+                        help="CPU threads for ONNX Runtime or OpenVINO (default: its own choice); with 2 "
                              "or more, generate runs the UNet's two guidance halves side by side "
                              "(docs/benchmarks.md).")
+
+
+_precision = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+                          show_default=True, help=PRECISION_HELP)
+
+
+def _notes(lines: Any) -> None:
+    for line in lines:  # a bf16 check that missed: that network runs fp32
+        click.echo(f"note: {line}", err=True)
 
 
 def _check_threads(threads: int | None) -> None:
@@ -85,6 +95,7 @@ def _check_threads(threads: int | None) -> None:
               show_default=True, help="Where the full steps go: every N-th, or as many placed denser "
                                       "early (DeepCache's non-uniform schedule).")
 @_backend
+@_precision
 @_threads
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif"]), default="mp4", show_default=True,
               help="Video format in an --out folder.")
@@ -98,8 +109,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
              guidance_interval: str | None, guidance: float | None, seeds: tuple[int, ...],
              num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
              latent: Path | None, cache_interval: int, cache_schedule: str, backend: str,
-             threads: int | None, fmt: str, fps: float | None, timings: bool, force: bool,
-             quiet: bool) -> None:
+             precision: str, threads: int | None, fmt: str, fps: float | None, timings: bool,
+             force: bool, quiet: bool) -> None:
     """Generate videos for --prompt (or --prompts-file) with the model in --engine-dir.
 
     Every prompt is sampled with every seed; the videos run through the networks in batches.
@@ -142,7 +153,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     else:
         check_video_suffix(out)
         check_writable(out, force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt) as pipe:
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt, precision=precision) as pipe:
+        _notes(pipe.engine.notes)
         for r in requests:
             pipe.check(r, from_noise=from_noise, latent=latent)
         batches = -(-len(requests) // pipe.max_batch)
@@ -154,7 +166,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
             done()
         with pipe.timings("video write"):
             if folder:
-                written = _write_folder(out, names, videos, fps, force)
+                ran = {"backend": pipe.describe(), "precision": pipe.describe_precision()}
+                written = _write_folder(out, names, videos, fps, force, ran)
             else:
                 written = [_save(videos[0], out, fps or videos[0].fps, force)]
         if not quiet:
@@ -165,7 +178,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
                        f"{v.start_timestep}, guidance {v.guidance:g}"
                        + (f" on {v.guidance_interval[0]:g}:{v.guidance_interval[1]:g}"
                           if v.guidance_interval is not None else "") + ", VGT "
-                       f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}"
+                       f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}, precision "
+                       f"{pipe.describe_precision()}"
                        + (f", cache interval {v.cache_interval} ({v.cache_schedule})"
                           if v.cache_interval > 1 else "")
                        + (f", batches of up to {max(x.batch_size for x in videos)}" if folder else ""),
@@ -205,7 +219,7 @@ def _save(video: Any, out: Path, fps: float, force: bool) -> Path:
 
 
 def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | None,
-                  force: bool) -> list[Path]:
+                  force: bool, ran: dict[str, str] | None = None) -> list[Path]:
     """The videos under ``out`` and ``index.json`` (prompt, seed, file, sha256), written last."""
     import hashlib
 
@@ -223,7 +237,7 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
                       "scheduler": video.scheduler, "start_timestep": video.start_timestep,
                       "guidance_interval": (list(video.guidance_interval)
                                             if video.guidance_interval is not None else None),
-                      "vgt": video.vgt})
+                      "vgt": video.vgt, **(ran or {})})
     write_text(out / "index.json", json.dumps(index, indent=2) + "\n", force=force)
     return paths
 
@@ -240,13 +254,14 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
 @click.option("--stride", type=int, help="Read every N-th frame (default: the run's).")
 @click.option("--no-vgt", is_flag=True, help="Invert without the VGT perturbation.")
 @_backend
+@_precision
 @_threads
 @click.option("--timings", is_flag=True, help="Print the time spent per stage.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @_user_errors
 def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: int | None,
-           start: int | None, stride: int | None, no_vgt: bool, backend: str,
+           start: int | None, stride: int | None, no_vgt: bool, backend: str, precision: str,
            threads: int | None, timings: bool, force: bool, quiet: bool) -> None:
     """DDIM-invert VIDEO into a start latent for `generate --latent` (its timestep goes
     beside it in NAME.json)."""
@@ -255,7 +270,8 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
     _check_threads(threads)
     result = run_invert(video, engine_dir, out, steps=steps, frames=frames, start=start,
                         stride=stride, use_vgt=not no_vgt, backend=backend, threads=threads,
-                        force=force, progress=not quiet)
+                        force=force, progress=not quiet, precision=precision)
+    _notes(result.notes)
     if not quiet:
         extra = f" and {result.source_path}" if result.source_path is not None else ""
         click.echo(f"wrote {result.path}{extra}: latent {list(result.latent.shape)}, "
@@ -293,12 +309,13 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
 @click.option("--print-config", is_flag=True,
               help="Print the Serve config file for these options (serve run / serve deploy) and exit.")
 @_backend
+@_precision
 @_threads
 @_user_errors
 def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
           batch_wait_ms: float, max_queue: int, num_gpus: float, num_cpus: float,
           timeout_s: float, from_noise: bool, address: str | None, proxy_location: str,
-          print_config: bool, backend: str, threads: int | None) -> None:
+          print_config: bool, backend: str, precision: str, threads: int | None) -> None:
     """Serve the model in --engine-dir over HTTP with Ray Serve (pip install -e ".[serve]").
 
     Joins the Ray cluster at --address or RAY_ADDRESS if given, else starts a local one on
@@ -312,7 +329,8 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
     except ImportError as err:
         raise AplaError(f"apla-rt serve needs Ray Serve ({err}); pip install -e \".[serve]\"") from None
     options = ServeOptions(str(engine_dir.resolve()), replicas, max_batch, batch_wait_ms, max_queue,
-                           num_gpus, num_cpus, backend, threads, from_noise, timeout_s)
+                           num_gpus, num_cpus, backend, threads, from_noise, timeout_s,
+                           precision=precision)
     if print_config:
         import yaml
 

@@ -29,8 +29,9 @@ class GenerateResult:
     timings: Timings
     backend: str
     vgt: bool  # whether the VGT perturbation was added
-    steps: int = 0  # the DDIM steps and guidance actually used
+    steps: int = 0  # the steps and guidance actually used
     guidance: float = 0.0
+    notes: tuple[str, ...] = ()  # bf16 checks that missed (those networks ran fp32)
 
 
 def progress_bar(enabled: bool, total: int, desc: str) -> tuple[StepCallback | None, Callable[[], None]]:
@@ -51,7 +52,7 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
              threads: int | None = None, fps: float | None = None, force: bool = False,
              progress: bool = False, scheduler: str | None = None,
              guidance_interval: tuple[float, float] | str | None = None, cache_interval: int = 1,
-             cache_schedule: str = "uniform") -> GenerateResult:
+             cache_schedule: str = "uniform", precision: str = "auto") -> GenerateResult:
     """Sample a video for ``prompt`` from an engine folder; write it to ``out`` (mp4/gif).
 
     ``steps`` and ``guidance`` default to the run's sampling settings (``sample_defaults``
@@ -69,7 +70,7 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
     if out is not None:
         check_video_suffix(out)
         check_writable(out, force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt) as pipe:
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, precision=precision) as pipe:
         callback, done = progress_bar(progress, steps or pipe.default_steps(), "sample")
         try:
             video, = pipe.generate(prompt, seeds=seed, frames=frames, steps=steps,
@@ -84,7 +85,8 @@ def generate(engine_dir: str | os.PathLike, prompt: str, out: str | os.PathLike 
             with pipe.timings("video write"):
                 path = write_video(out, video.frames, fps=fps or video.fps, force=force)
         return GenerateResult(video.frames, video.latents, video.start, path, pipe.timings,
-                              pipe.describe(), video.vgt, video.steps, video.guidance)
+                              f"{pipe.describe()}, precision {pipe.describe_precision()}",
+                              video.vgt, video.steps, video.guidance, tuple(pipe.engine.notes))
 
 
 def check_video_suffix(out: str | os.PathLike) -> None:
@@ -107,12 +109,14 @@ class InvertResult:
     steps: int = 0  # the DDIM steps used
     timestep: int = 0  # the timestep the latent belongs to (also in NAME.json beside it)
     timestep_path: Path | None = None
+    notes: tuple[str, ...] = ()  # bf16 checks that missed (those networks ran fp32)
 
 
 def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike | None = None,
            *, steps: int | None = None, frames: int | None = None, start: int | None = None,
            stride: int | None = None, use_vgt: bool = True, backend: str = "auto",
-           threads: int | None = None, force: bool = False, progress: bool = False) -> InvertResult:
+           threads: int | None = None, force: bool = False, progress: bool = False,
+           precision: str = "auto") -> InvertResult:
     """DDIM-invert a video with the engine folder's predictor; save the latent to ``out`` (.npy).
 
     ``steps`` defaults to the run's inversion steps; frames as in ``Pipeline.invert``. Where
@@ -125,7 +129,8 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
     if out is not None:
         check_writable(out, force)
         check_writable(timestep_path_for(out), force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, for_inversion=True) as pipe:
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, for_inversion=True,
+                       precision=precision) as pipe:
         if out is not None and pipe.vgt_reads_source:
             check_writable(source_path_for(out), force)
         steps = steps or pipe.default_inversion_steps()
@@ -144,8 +149,9 @@ def invert(video: str | os.PathLike, engine_dir: str | os.PathLike, out: str | o
             stamp = write_text(timestep_path_for(out), json.dumps(
                 {"timestep": inverted.timestep, "inversion_steps": steps}) + "\n", force=force)
             path = _save_npy(out, inverted.start, force)
-        return InvertResult(inverted.start, inverted.clean, path, pipe.timings, pipe.describe(),
-                            source, steps, inverted.timestep, stamp)
+        return InvertResult(inverted.start, inverted.clean, path, pipe.timings,
+                            f"{pipe.describe()}, precision {pipe.describe_precision()}", source,
+                            steps, inverted.timestep, stamp, tuple(pipe.engine.notes))
 
 
 def _save_npy(out: str | os.PathLike, array: np.ndarray, force: bool) -> Path:

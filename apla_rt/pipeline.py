@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from . import cpu_precision
+from .cpu_precision import check_precision
 from .deepcache import FULL_NETWORK, NETWORKS as CACHE_NETWORKS, SHALLOW_NETWORK, FeatureCache
 from .errors import BackendUnavailable, InputError
 from .manifest import Manifest, check_latent, load_npy
@@ -132,7 +134,7 @@ class Engine:
     """An opened engine folder: manifest, runners (opened on first use), tokenizer."""
 
     manifest: Manifest
-    backend: str  # "ort" or "trt"
+    backend: str  # "ort", "ort-cuda", "trt" or "openvino"
     backend_reason: str
     threads: int | None = None
     timings: Timings = field(default_factory=Timings)
@@ -141,32 +143,51 @@ class Engine:
     _pinned_text: np.ndarray | None = None
     guidance_batch: bool = True  # the UNet will run on guidance batches of 2 (generate)
     _halves: ThreadPoolExecutor | None = None  # see ``split_guidance``
+    precision: str = "fp32"  # requested: "auto", "fp32" or "bf16" (apla_rt.cpu_precision)
+    notes: list[str] = field(default_factory=list)  # one line each: a bf16 check that missed
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike | Manifest, backend: str = "auto",
              networks: tuple[str, ...] = ("text_encoder", "unet", "vgt", "vae_decoder"),
              threads: int | None = None, timings: Timings | None = None,
-             guidance_batch: bool = True) -> "Engine":
-        """Open ``networks`` (those the folder has; vgt is optional) with ``backend``;
-        ``guidance_batch=False`` where the UNet only ever runs on batch 1 (inversion)."""
+             guidance_batch: bool = True, precision: str = "auto") -> "Engine":
+        """Open ``networks`` (those the folder has; vgt is optional) with ``backend`` in
+        ``precision`` (apla_rt.cpu_precision: bf16 runs on OpenVINO only, ``auto`` picks it
+        there); ``guidance_batch=False`` where the UNet only ever runs on batch 1 (inversion)."""
+        precision = check_precision(precision)
         timings = timings or Timings()
         with timings("load"):
             manifest = engine_dir if isinstance(engine_dir, Manifest) else Manifest.open(engine_dir)
             present = tuple(n for n in networks if manifest.has(n) or n != "vgt")
+            if precision == "bf16" and backend == "auto":
+                backend = "openvino"
             chosen, why = select_backend(backend, manifest, present)
-            engine = cls(manifest, chosen, why, threads, timings, guidance_batch=guidance_batch)
+            if precision == "bf16":
+                if chosen != "openvino":
+                    raise InputError(f"--precision bf16 runs on --backend openvino only (backend "
+                                     f"{backend} computes in fp32); drop --backend or use openvino")
+                from . import openvino_runner
+
+                cpu_precision.require_bf16(cpu_precision.probe_cpu(), openvino_runner.ov_capabilities())
+            engine = cls(manifest, chosen, why, threads, timings, guidance_batch=guidance_batch,
+                         precision=precision)
         for name in present:
             engine.runner(name)  # times its own loading
         return engine
 
     def runner(self, name: str) -> Runner:
         if name not in self.runners:
-            threads = self.threads
+            threads, streams = self.threads, 1
             if name in ("unet", *CACHE_NETWORKS) and self.split_guidance:
                 assert threads is not None
-                threads = threads - 1  # + the second caller = ``threads`` in all
+                if self.backend == "openvino":
+                    streams = 2  # one OpenVINO stream per half, sharing ``threads``
+                else:
+                    threads = threads - 1  # + the second caller = ``threads`` in all
             with self.timings("load"):
-                self.runners[name] = open_runner(self.manifest, name, self.backend, threads)
+                self.runners[name] = open_runner(self.manifest, name, self.backend, threads,
+                                                 precision=self.precision, streams=streams,
+                                                 notes=self.notes)
         return self.runners[name]
 
     @functools.cached_property
@@ -177,8 +198,9 @@ class Engine:
         second caller makes ``threads``). Small ops parallelise poorly inside one call; two
         calls side by side keep the cores busy (measured in docs/benchmarks.md). The weights
         are not duplicated: an ONNX Runtime session may be run from several threads at once.
+        OpenVINO (``--backend openvino``) does the same with two infer requests on two streams.
         Without ``threads`` ONNX Runtime picks its own thread count and the batch stays whole."""
-        return (self.guidance_batch and self.backend == "ort" and self.threads is not None
+        return (self.guidance_batch and self.backend in ("ort", "openvino") and self.threads is not None
                 and self.threads >= 2 and not ort_cuda_available())
 
     @property
@@ -215,6 +237,19 @@ class Engine:
     def describe(self) -> str:
         kinds = sorted({r.backend for r in self.runners.values()})
         return f"{', '.join(kinds) or self.backend} ({self.backend_reason})"
+
+    def precisions(self) -> dict[str, str]:
+        """What each opened network computes in ("fp32", "fp16" or "bf16")."""
+        return {n: str(getattr(r, "precision", "fp32")) for n, r in self.runners.items()}
+
+    def describe_precision(self) -> str:
+        """"fp32", "bf16", or per precision the networks in it ("bf16 (unet, vgt), fp32 (...)")."""
+        by: dict[str, list[str]] = {}
+        for name, p in self.precisions().items():
+            by.setdefault(p, []).append(name)
+        if len(by) <= 1:
+            return next(iter(by), "fp32")
+        return ", ".join(f"{p} ({', '.join(names)})" for p, names in sorted(by.items()))
 
     # -- networks ------------------------------------------------------------------------
 

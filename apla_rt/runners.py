@@ -26,19 +26,22 @@ from .errors import AplaError, BackendUnavailable, IntegrityError
 from .gpu import cuda_device_count, trt_available
 from .manifest import Manifest, NetworkSpec
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort")
-# What ``select_backend`` chooses: "trt", "ort-cuda", or "ort" (ONNX Runtime on the CPU).
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort", "openvino")
+# What ``select_backend`` chooses: "trt", "ort-cuda", "ort" (ONNX Runtime on the CPU) or
+# "openvino" (OpenVINO's CPU plugin, apla_rt.openvino_runner).
 BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a GPU are usable, "
                 "else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU, else the CPU; "
                 "ort-cpu / ort-cuda: ONNX Runtime on that provider; trt: TensorRT engines; "
-                "ort: ONNX Runtime, CUDA when usable.")
+                "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32 or "
+                "bf16, see --precision; the [openvino] extra).")
 
 
 class Runner(Protocol):
     """What the pipeline needs from a network."""
 
     spec: NetworkSpec
-    backend: str  # "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cuda-fp16" or "tensorrt"
+    backend: str  # "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cuda-fp16", "tensorrt",
+    # "openvino-cpu" or "openvino-cpu-bf16"
 
     def set_constant(self, name: str, value: np.ndarray | None) -> None: ...
 
@@ -100,6 +103,17 @@ def select_backend(requested: str, manifest: Manifest, networks: tuple[str, ...]
     if requested not in BACKENDS:
         raise AplaError(f"unknown backend {requested!r}; use one of {', '.join(BACKENDS)}")
     specs = [manifest.network(n) for n in networks]
+    if requested == "openvino":
+        from .openvino_runner import openvino_status
+
+        missing = [s.name for s in specs if s.onnx is None]
+        if missing:
+            raise BackendUnavailable(f"the engine folder has no portable ONNX file for "
+                                     f"{', '.join(missing)}; re-export the run")
+        ok, why = openvino_status()
+        if not ok:
+            raise BackendUnavailable(f"--backend openvino: {why}")
+        return "openvino", "requested"
     no_engine = [s.name for s in specs if s.engine is None]
     no_onnx = [s.name for s in specs if s.onnx is None]
     if requested in ("ort", "ort-cpu", "ort-cuda") or (requested == "auto" and no_engine):
@@ -127,10 +141,17 @@ def select_backend(requested: str, manifest: Manifest, networks: tuple[str, ...]
     return ("ort-cuda" if ort_cuda_available() else "ort"), why
 
 
-def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None = None) -> Runner:
+def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None = None, *,
+                precision: str = "fp32", streams: int = 1, notes: list[str] | None = None) -> Runner:
     """Verify the network's file against the manifest, then load it with ``backend``
-    ("trt", "ort-cuda" or "ort")."""
+    ("trt", "ort-cuda", "ort" or "openvino"). ``precision``, ``streams`` and ``notes`` are
+    the OpenVINO runner's (``apla_rt.openvino_runner.open_ov_runner``); the others run as
+    their files say."""
     spec = manifest.network(name)
+    if backend == "openvino":
+        from .openvino_runner import open_ov_runner
+
+        return open_ov_runner(manifest, name, threads, precision, streams, notes)
     if backend == "trt":
         from .trt_runner import TrtRunner
 

@@ -37,6 +37,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 
 from .api import Pipeline, Request, Video
+from .cpu_precision import check_precision
 from .errors import AplaError, InputError
 from .request_fields import CONTENT_TYPES, decode_object, parse_request
 
@@ -61,6 +62,7 @@ class ServeOptions:
     from_noise: bool = False
     timeout_s: float = 300.0
     autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces ``replicas``
+    precision: str = "auto"  # apla_rt.cpu_precision; /info says what ran
 
     def check(self) -> "ServeOptions":
         for name, value, low in (("--replicas", self.replicas, 1), ("--max-batch", self.max_batch, 1),
@@ -77,6 +79,7 @@ class ServeOptions:
                                  f"number, got {number!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"--threads must be at least 1, got {self.threads!r}")
+        check_precision(self.precision)
         return self
 
 
@@ -101,7 +104,8 @@ class AplaServer:
     def __init__(self, options: dict[str, Any]):
         self.settings = ServeOptions(**options).check()
         o = self.settings
-        self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, max_batch=o.max_batch)
+        self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, max_batch=o.max_batch,
+                                  precision=o.precision)
         batcher: Any = self.generate_batch  # Serve's batch wrapper
         batcher.set_max_batch_size(o.max_batch)
         batcher.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)

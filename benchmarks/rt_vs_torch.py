@@ -87,7 +87,7 @@ def worker_rt(args: argparse.Namespace) -> dict:
 
     result = generate(args.engine_dir, args.prompt, latent=args.start, steps=args.steps,
                       guidance=args.guidance, negative_prompt=args.negative_prompt,
-                      backend="ort", threads=args.threads)
+                      backend="ort", threads=args.threads, precision="fp32")
     np.save(args.latents, result.latents)
     np.save(args.frames_out, result.frames)
     load_s = result.timings.seconds["load"]

@@ -1,0 +1,234 @@
+"""The runtime's OpenVINO runner (``--backend openvino``): OpenVINO's CPU plugin on the folder's
+portable ONNX graphs (``unet.onnx``; ONNX Runtime's fused-attention ``unet.ort.onnx`` is not
+for it), in fp32 or bf16 (``apla_rt.cpu_precision``).
+
+What the ONNX Runtime runner does, the same way: ``threads`` CPU threads
+(``INFERENCE_NUM_THREADS``); concurrent ``run`` calls (the guidance halves of
+``Engine.split_guidance``) each take an infer request of their own from a pool, on
+``streams`` OpenVINO streams sharing the threads; ``set_constant`` inputs (the text embeddings)
+are set on each request once and stay there for later calls; feeds are checked against the
+manifest; the file is hashed against the manifest while OpenVINO compiles it and the runner is
+handed out only if it matched.
+
+Compiled models are cached (OpenVINO's ``CACHE_DIR``) under the user cache folder, in a folder
+named after the file's sha256 (``cache_dir()/openvino/<sha256>``): a second start loads the
+compiled blob instead of compiling. OpenVINO is imported when a runner is made.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import cpu_precision
+from .cpu_precision import (CHECK_SEEDS, CpuInfo, VerdictCache, bf16_unavailable, cache_dir,
+                            miss_line, run_check, seeded_feeds, verdict_key)
+from .errors import AplaError, BackendUnavailable, IntegrityError
+from .manifest import Manifest, NetworkSpec
+from .runners import OrtRunner, _ConstantsMixin, _onnx_files
+
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailable("OpenVINO is not installed: pip install -e \".[cpu,openvino]\"") from None
+    return openvino
+
+
+def openvino_status() -> tuple[bool, str]:
+    """Whether OpenVINO is importable here; else False and a one-line reason."""
+    try:
+        _openvino()
+    except BackendUnavailable as err:
+        return False, str(err)
+    return True, ""
+
+
+def ov_version() -> str:
+    return str(_openvino().__version__)
+
+
+def ov_capabilities() -> tuple[str, ...]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (``BF16`` where it runs bf16)."""
+    core = _openvino().Core()
+    return tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def model_cache_dir(sha256: str) -> Path:
+    return cache_dir() / "openvino" / sha256
+
+
+class OvRunner(_ConstantsMixin):
+    """One network compiled by OpenVINO's CPU plugin (see the module docstring)."""
+
+    def __init__(self, spec: NetworkSpec, path: Path, precision: str = "fp32",
+                 threads: int | None = None, streams: int = 1, cache: Path | None = None):
+        ov = _openvino()
+        self.spec = spec
+        self.precision = precision
+        self.backend = "openvino-cpu" + ("-bf16" if precision == "bf16" else "")
+        self._constants = {}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
+                                  "NUM_STREAMS": int(streams)}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache)
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as err:  # OpenVINO raises RuntimeError for any graph it cannot read
+            first = " ".join(str(err).split())[:300]
+            raise AplaError(f"OpenVINO {ov.__version__} cannot compile {path.name} ({first}); "
+                            "use --backend ort-cpu or re-export the run") from err
+        self.loaded_from_cache = bool(self._property("LOADED_FROM_CACHE", False))
+        self._in_ports = self._ports(self.compiled.inputs, spec.input_names, "inputs", path)
+        self._out_ports = self._ports(self.compiled.outputs, spec.output_names, "outputs", path)
+        self._pool: queue.SimpleQueue[tuple[Any, dict[str, np.ndarray]]] = queue.SimpleQueue()
+
+    def _property(self, name: str, default: Any) -> Any:
+        try:
+            return self.compiled.get_property(name)
+        except Exception:  # a property this OpenVINO version does not expose
+            return default
+
+    def _ports(self, ports: Any, names: tuple[str, ...], what: str, path: Path) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for i, port in enumerate(ports):
+            for name in names:
+                if name in port.get_names():
+                    found[name] = i
+        if set(found) != set(names):
+            got = sorted(n for p in ports for n in p.get_names())
+            raise IntegrityError(f"{path.name} has {what} {got}, but the manifest lists "
+                                 f"{list(names)}; re-run the export")
+        return found
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ov = _openvino()
+        merged = self._feeds(feeds)
+        try:
+            request, pinned = self._pool.get_nowait()
+        except queue.Empty:
+            request, pinned = self.compiled.create_infer_request(), {}
+        try:
+            given: dict[int, np.ndarray] = {}
+            for name, value in merged.items():
+                port = self._in_ports[name]
+                if name in self._constants and name not in feeds:
+                    # set once per request: the request keeps it for later calls
+                    if pinned.get(name) is not self._constants[name]:
+                        request.set_input_tensor(port, ov.Tensor(self._constants[name], shared_memory=True))
+                        pinned[name] = self._constants[name]
+                else:
+                    given[port] = value
+                    pinned.pop(name, None)
+            request.infer(given, share_inputs=True)
+            out = {name: np.array(request.get_output_tensor(i).data, copy=True)
+                   for name, i in self._out_ports.items()}
+        finally:
+            self._pool.put((request, pinned))
+        return out
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_ov_runner(manifest: Manifest, name: str, threads: int | None = None,
+                   precision: str = "fp32", streams: int = 1, notes: list[str] | None = None,
+                   cpu: CpuInfo | None = None, token_ids: np.ndarray | None = None) -> OvRunner:
+    """Verify the network's portable ONNX file, compile it with OpenVINO in ``precision``
+    ("fp32", "bf16" or "auto"; bf16 and auto go through the cached bf16 check, a miss runs
+    fp32 and appends one line to ``notes``)."""
+    spec = manifest.network(name)
+    path = spec.onnx
+    if path is None:
+        raise BackendUnavailable(f"the engine folder has no portable ONNX file for {name} "
+                                 "(OpenVINO reads unet.onnx, not unet.ort.onnx); re-export the run")
+    sha = manifest.files.get(manifest.rel(path))
+    if sha is None:
+        raise IntegrityError(f"{manifest.rel(path)} is used but has no sha256 in 'files'")
+    cache = model_cache_dir(sha)
+    pending = manifest.verify_in_background(_onnx_files(manifest, spec, path))
+    runner: OvRunner | None = None
+    try:
+        chosen = precision
+        if precision in ("bf16", "auto"):
+            cpu = cpu or cpu_precision.probe_cpu()
+            why = bf16_unavailable(cpu, ov_capabilities())
+            if why is not None:
+                if precision == "bf16":
+                    raise BackendUnavailable(f"--precision bf16: {why}; use --precision fp32 or auto")
+                chosen = "fp32"
+            else:
+                runner, line = _checked_bf16(manifest, spec, path, sha, cache, threads, streams,
+                                             cpu, token_ids)
+                if line is not None and notes is not None:
+                    notes.append(line)
+        if runner is None:
+            runner = OvRunner(spec, path, "fp32" if chosen == "auto" else chosen, threads, streams, cache)
+        pending.wait()
+    except BaseException:
+        pending.wait()  # a file that does not match its hash explains a failed load best
+        if runner is not None:
+            runner.close()
+        raise
+    return runner
+
+
+def _checked_bf16(manifest: Manifest, spec: NetworkSpec, path: Path, sha: str, cache: Path,
+                  threads: int | None, streams: int, cpu: CpuInfo,
+                  token_ids: np.ndarray | None) -> tuple[OvRunner, str | None]:
+    """The bf16 runner if its (cached) check passes, else the fp32 one and the miss line."""
+    verdicts = VerdictCache()
+    key = verdict_key(cpu, ov_version(), sha, spec.name, cpu_precision.BF16_TOLERANCE)
+    verdict = verdicts.get(key)
+    if verdict is not None and verdict.get("passed") is not True:  # a cached miss: fp32 only
+        return OvRunner(spec, path, "fp32", threads, streams, cache), miss_line(spec.name, verdict)
+    bf16 = OvRunner(spec, path, "bf16", threads, streams, cache)
+    if verdict is None:
+        verdict = bf16_check(manifest, spec, path, bf16, threads, token_ids)  # before first use
+        verdicts.put(key, verdict)
+    if verdict.get("passed") is True:
+        return bf16, None
+    bf16.close()
+    return OvRunner(spec, path, "fp32", threads, streams, cache), miss_line(spec.name, verdict)
+
+
+def bf16_check(manifest: Manifest, spec: NetworkSpec, path: Path, bf16: OvRunner,
+               threads: int | None, token_ids: np.ndarray | None) -> dict[str, Any]:
+    """``bf16`` against ONNX Runtime fp32 on the same file, seeded inputs at the opt shape."""
+    if token_ids is None and "input_ids" in spec.input_names:
+        token_ids = prompt_token_ids(manifest)
+    timesteps = int(manifest.scheduler.num_train_timesteps)
+    feeds = [seeded_feeds(spec, s, token_ids, timesteps) for s in CHECK_SEEDS]
+    reference = OrtRunner(spec, path, threads=threads)
+    try:
+        verdict = run_check(reference.run, bf16.run, feeds, cpu_precision.BF16_TOLERANCE)
+    finally:
+        reference.close()
+    return verdict
+
+
+def prompt_token_ids(manifest: Manifest) -> np.ndarray:
+    """Token ids of real prompts (the run's, the empty one and two others) for the text
+    encoder's check."""
+    from .tokenizer import ClipTokenizer
+
+    manifest.verify([manifest.tokenizer_dir])
+    tok = ClipTokenizer.load(manifest.tokenizer_dir, manifest.model_max_length)
+    prompts = ["", manifest.prompt or "a video", "a panda is surfing at sunset", "a red car turns"]
+    return np.asarray(tok(prompts), dtype=np.int64)
