@@ -28,7 +28,7 @@ from .cpu_precision import (CHECK_SEEDS, CpuInfo, VerdictCache, bf16_unavailable
                             miss_line, run_check, seeded_feeds, verdict_key)
 from .errors import AplaError, BackendUnavailable, IntegrityError
 from .manifest import Manifest, NetworkSpec
-from .runners import OrtRunner, _ConstantsMixin, _onnx_files
+from .ort_runner import OrtRunner, _ConstantsMixin, _onnx_files
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 

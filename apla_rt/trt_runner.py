@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import BackendUnavailable, IntegrityError
 from .manifest import NetworkSpec
-from .runners import _ConstantsMixin
+from .ort_runner import _ConstantsMixin
 
 if TYPE_CHECKING:
     import tensorrt as trt
