@@ -46,6 +46,7 @@ import numpy as np
 from .api import Pipeline, Request
 from .atomic import check_writable, write_bytes, write_text
 from .errors import AplaError, InputError
+from .jsonfile import read_text_file
 from .manifest import Manifest
 from .pipeline import Engine
 from .raycluster import connect, disconnect
@@ -143,12 +144,7 @@ def read_jobs(options: BatchOptions, pipe: Pipeline, engine_id: str) -> list[Job
     """Every line of the jobs file checked as ``serve`` checks a request (plus a required
     seed); all bad lines in one ``InputError``, each named by its line number."""
     path = Path(options.jobs)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--jobs {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"--jobs {path} is not a readable UTF-8 text file ({err})") from None
+    text = read_text_file(path, "--jobs")
     jobs: list[Job] = []
     errors: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):

@@ -189,12 +189,9 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
 
 
 def _read_prompts(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AplaError(f"--prompts-file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise AplaError(f"--prompts-file {path} is not a readable UTF-8 text file ({err})") from None
+    from .jsonfile import read_text_file
+
+    text = read_text_file(path, "--prompts-file")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

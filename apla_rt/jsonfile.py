@@ -1,4 +1,4 @@
-"""Reading a JSON object from a file, with a typed one-line error naming the file."""
+"""Reading a user's text or JSON file, with a typed one-line error naming the file."""
 
 from __future__ import annotations
 
@@ -22,3 +22,14 @@ def read_json_object(path: Path, error: type[AplaError] = InputError, *,
     if not isinstance(data, dict):
         raise error(f"{path} does not hold a JSON object")
     return data
+
+
+def read_text_file(path: Path, flag: str) -> str:
+    """The UTF-8 text of the file given as ``flag`` (``--jobs``, ``--prompts-file``); a missing
+    or unreadable file is an ``InputError`` naming both."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{flag} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{flag} {path} is not a readable UTF-8 text file ({err})") from None
