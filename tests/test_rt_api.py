@@ -269,9 +269,10 @@ def test_cli_invert_keeps_the_clean_latent_of_a_vgt_source_model(auto_default_ou
     out = tmp_path / "edit.gif"
     assert run("generate", "--engine-dir", folder, "--prompt", "a car", "--latent", z, "--steps", "2",
                "--out", out, "--quiet").exit_code == 0
+    t = json.loads((tmp_path / "z.json").read_text())["timestep"]  # what invert recorded
     with Pipeline.open(folder, "ort") as pipe:
-        want, = pipe.generate("a car", latent=Latent(np.load(z), clean), steps=2)
-        training, = pipe.generate("a car", latent=Latent(np.load(z), np.load(folder / "source_latent.npy")),
+        want, = pipe.generate("a car", latent=Latent(np.load(z), clean, t), steps=2)
+        training, = pipe.generate("a car", latent=Latent(np.load(z), np.load(folder / "source_latent.npy"), t),
                                   steps=2)
     np.testing.assert_array_equal(read_video(out), read_video(_gif(want, tmp_path)))
     assert float(np.abs(want.latents - training.latents).max()) > 1e-6  # the source matters
