@@ -23,6 +23,7 @@ pytest.importorskip("ray.data")
 psutil = pytest.importorskip("psutil")
 
 from netns import isolated  # noqa: E402
+from serve_helpers import kill_all  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a man is skiing", "a panda is skiing", "a dog is skiing", "a man"]
@@ -72,13 +73,7 @@ def stop_session(proc: subprocess.Popen) -> None:
         pass
     proc.wait(timeout=30)
     for _ in range(3):
-        left = [p for p in children if p.is_running()] + left_in_session(sid)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        kill_all([p for p in children if p.is_running()] + left_in_session(sid))
 
 
 def left_in_session(sid: int) -> list:
