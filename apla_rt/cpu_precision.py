@@ -7,8 +7,11 @@
   openvino``; ``auto`` picks it). Refused in one line on a CPU without bf16 matrix units
   (neither ``amx_bf16`` nor ``avx512_bf16`` in its flags) or where OpenVINO does not report
   BF16 among the CPU's optimisation capabilities.
-* ``auto``: bf16 on the OpenVINO backend where the CPU has the units and the check passed,
-  otherwise fp32. Other backends (``--backend auto`` included) keep their fp32 path.
+* ``auto``: bf16 on the OpenVINO backend where the CPU has AMX (``amx_bf16``) and the check
+  passed, otherwise fp32. ``avx512_bf16`` alone is not enough for ``auto``: on such a CPU
+  (Intel Xeon with avx512_bf16, no AMX) OpenVINO's bf16 UNet call measured 2.2x slower than
+  ONNX Runtime fp32 at SD shape (docs/cpu.md); ``--precision bf16`` still runs it there. Other
+  backends (``--backend auto`` included) keep their fp32 path.
 
 No reduced precision runs unchecked: before a network's first bf16 use on a machine, it is run
 in bf16 and in the exact reference (ONNX Runtime fp32, same file) on seeded inputs at its
@@ -38,8 +41,8 @@ from .errors import BackendUnavailable, InputError
 from .manifest import NetworkSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_HELP = ("auto: bf16 on --backend openvino where the CPU has bf16 units and the bf16 "
-                  "check passed, else fp32; fp32: full precision (the exact reference); bf16: "
+PRECISION_HELP = ("auto: bf16 on --backend openvino where the CPU has AMX and the bf16 check "
+                  "passed, else fp32; fp32: full precision (the exact reference); bf16: "
                   "OpenVINO bf16, refused on a CPU without bf16 units (docs/cpu.md).")
 # A CPU flag either of which gives bf16 dot products in hardware (Linux /proc/cpuinfo names).
 BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
@@ -93,6 +96,16 @@ def bf16_unavailable(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> s
         return (f"OpenVINO's CPU plugin does not report BF16 among this CPU's capabilities "
                 f"({', '.join(ov_capabilities)})")
     return None
+
+
+# What ``auto`` needs before it tries bf16: the matrix units (AMX). Measured on a CPU with
+# avx512_bf16 and no AMX, bf16 was slower than fp32 (docs/cpu.md), so auto keeps fp32 there.
+AUTO_BF16_FLAG = "amx_bf16"
+
+
+def auto_picks_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> bool:
+    """Whether ``--precision auto`` tries bf16 (then still only if its check passes)."""
+    return AUTO_BF16_FLAG in cpu.flags and bf16_unavailable(cpu, ov_capabilities) is None
 
 
 def require_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> None:

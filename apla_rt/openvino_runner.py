@@ -168,11 +168,12 @@ def open_ov_runner(manifest: Manifest, name: str, threads: int | None = None,
         chosen = precision
         if precision in ("bf16", "auto"):
             cpu = cpu or cpu_precision.probe_cpu()
-            why = bf16_unavailable(cpu, ov_capabilities())
-            if why is not None:
-                if precision == "bf16":
-                    raise BackendUnavailable(f"--precision bf16: {why}; use --precision fp32 or auto")
-                chosen = "fp32"
+            capabilities = ov_capabilities()
+            why = bf16_unavailable(cpu, capabilities)
+            if why is not None and precision == "bf16":
+                raise BackendUnavailable(f"--precision bf16: {why}; use --precision fp32 or auto")
+            if precision == "auto" and not cpu_precision.auto_picks_bf16(cpu, capabilities):
+                chosen = "fp32"  # no AMX: bf16 would be slower here (cpu_precision.AUTO_BF16_FLAG)
             else:
                 runner, line = _checked_bf16(manifest, spec, path, sha, cache, threads, streams,
                                              cpu, token_ids)

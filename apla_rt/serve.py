@@ -1,6 +1,8 @@
 """``apla-rt serve``: the ``Pipeline`` behind HTTP on Ray Serve (``pip install -e ".[serve]"``).
 
-One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
+Two deployments: ``AplaServer``, whose replicas each open one ``Pipeline``, and ``AplaIngress``,
+the HTTP ingress on the head node that holds no model and forwards every request to a replica
+through Serve's handle. The app answers
 
     POST /generate   JSON {"prompt", "seed"?, "frames"?, "steps"?, "guidance"?,
                      "negative_prompt"?, "scheduler"?: "ddim" | "dpmpp-2m" | "unipc",
@@ -14,8 +16,10 @@ One deployment (``AplaServer``); each replica opens one ``Pipeline`` and answers
 ``batch_wait_ms`` for more) into one ``Pipeline.run`` on a worker thread. Bad input is a
 400 with the CLI's one-line message; more than ``max_queue`` requests waiting on a replica
 is a 503 with ``Retry-After``; a request that outlives its timeout (``timeout_s``, or the
-smaller ``X-Apla-Timeout-S`` header) is a 504. Videos are encoded in memory: the server
-writes nothing to disk. ``build_app`` is also the import path for ``serve run`` with a
+smaller ``X-Apla-Timeout-S`` header) is a 504. A request whose replica is lost while it runs
+(its process or node died) is sent once more to another replica within what is left of its
+timeout (the answer then carries ``X-Apla-Retried: 1``), else it is a 503; every error is the
+JSON ``{"error": "one line"}``. Videos are encoded in memory: the server writes nothing to disk. ``build_app`` is also the import path for ``serve run`` with a
 config file (docs/serving.md); ``serve_config`` writes that file (``--print-config``), and
 ``run_server`` joins a cluster or starts a local instance through ``apla_rt.raycluster``.
 """
@@ -23,18 +27,21 @@ config file (docs/serving.md); ``serve_config`` writes that file (``--print-conf
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from .api import Pipeline, Request, Video
 from .cpu_precision import check_precision
@@ -44,6 +51,10 @@ from .request_fields import CONTENT_TYPES, decode_object, parse_request
 APP_NAME = "apla"
 MAX_BODY_BYTES = 64 * 1024
 TIMEOUT_HEADER = "x-apla-timeout-s"
+RETRIED_HEADER = "X-Apla-Retried"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it
+RETRY_MIN_S = 1.0  # a lost request is retried only with at least this much of its timeout left
+ANSWER_GRACE_S = 5.0  # what the ingress waits past a request's timeout for the replica's 504
 
 
 @dataclass(frozen=True)
@@ -93,13 +104,118 @@ def parse_generate(body: bytes, pipe: Pipeline, from_noise: bool) -> tuple[Reque
     return request, fmt
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
+@dataclass
+class Reply:
+    """An HTTP answer as a replica hands it to the ingress (plain data, through Ray)."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status, media_type=self.media_type,
+                        headers=self.headers)
+
+
+def _json(status: int, content: Any, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(content).encode(), headers=dict(headers or {}))
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
+    return _json(status, {"error": " ".join(message.split())}, headers)
+
+
+def _route(http: HttpRequest) -> str:
+    """The request's path inside the app: its route prefix taken off, no trailing slash."""
+    path = http.url.path
+    root = http.scope.get("root_path", "")  # the app's route prefix
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
+
+
+def request_budget(timeout_s: float, given: str | None) -> float:
+    """The seconds a request may take: ``timeout_s``, or the smaller ``X-Apla-Timeout-S``
+    header (an unreadable header counts as absent here: the replica answers it with a 400)."""
+    try:
+        value = float(given) if given is not None else math.inf
+    except ValueError:
+        value = math.inf
+    return min(timeout_s, value) if math.isfinite(value) and value > 0 else timeout_s
+
+
+async def forward(send: Callable[[str | None], Any], timeout_s: float, given: str | None,
+                  retries: int = 1, clock: Callable[[], float] = time.monotonic) -> Reply:
+    """``send(timeout_header)`` to a replica (a Serve handle call) and its ``Reply``, bounded:
+    a replica lost mid-request (``RayActorError``: its process or its node died) is retried
+    ``retries`` times on another while at least ``RETRY_MIN_S`` of the request's time is left,
+    the retry told the time that is left; then, or when Serve's queue is full, a 503 with
+    ``Retry-After``; no answer ``ANSWER_GRACE_S`` past the deadline (the replica's own 504
+    should come first) is a 504. Every error is the JSON one-line error."""
+    budget = request_budget(timeout_s, given)
+    deadline = clock() + budget
+    lost = 0
+    while True:
+        response = send(given if lost == 0 else f"{max(deadline - clock(), 0.001):.3f}")
+        try:
+            reply: Reply = await asyncio.wait_for(_awaited(response), deadline - clock() + ANSWER_GRACE_S)
+        except asyncio.TimeoutError:
+            _cancel(response)
+            return _error(504, f"no replica answered within the request's timeout of {budget:g} s")
+        except BackPressureError as err:
+            retry = max(1, math.ceil(err.retry_after_s or 1))
+            return _error(503, f"every replica's queue is full ({err}); retry in {retry} s",
+                          {"Retry-After": str(retry)})
+        except (RayActorError, ReplicaUnavailableError):
+            lost += 1
+            if lost > retries or deadline - clock() < RETRY_MIN_S:
+                again = " (and so was its retry)" if lost > 1 else ""
+                return _error(503, "the replica serving this request was lost (its process or node "
+                                   f"died){again}; Serve is replacing it; retry in 1 s", {"Retry-After": "1"})
+            continue
+        if lost:
+            reply.headers[RETRIED_HEADER] = str(lost)
+        return reply
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def _cancel(response: Any) -> None:
+    cancel = getattr(response, "cancel", None)
+    if cancel is not None:
+        try:
+            cancel()
+        except Exception:  # the replica is gone or done: nothing left to cancel
+            pass
+
+
+@serve.deployment(name="AplaIngress")
+class AplaIngress:
+    """The app's HTTP ingress: no model, one replica on the head node (where Serve's controller
+    and the cluster's control already live, so it is not lost with a worker node). It forwards
+    each request to an ``AplaServer`` replica (``forward``) and turns a replica lost mid-request
+    into a retry or a JSON error; without it, Serve's proxy answers such a request with its own
+    plain-text 500."""
+
+    def __init__(self, options: dict[str, Any], server: Any):
+        self.settings = ServeOptions(**options).check()
+        self.server = server  # a DeploymentHandle to AplaServer
+
+    async def __call__(self, http: HttpRequest) -> Response:
+        path, method = _route(http), http.method
+        body = await http.body() if method == "POST" else b""
+        reply = await forward(lambda header: self.server.answer.remote(path, method, body, header),
+                              self.settings.timeout_s, http.headers.get(TIMEOUT_HEADER))
+        return reply.response()
 
 
 @serve.deployment(name="AplaServer")
 class AplaServer:
-    """One replica: an open ``Pipeline`` and the batching queue in front of it."""
+    """One replica: an open ``Pipeline`` and the batching queue in front of it; it answers what
+    ``AplaIngress`` forwards (``answer``)."""
 
     def __init__(self, options: dict[str, Any]):
         self.settings = ServeOptions(**options).check()
@@ -118,24 +234,20 @@ class AplaServer:
         if not self.pipe.engine.runners:
             raise RuntimeError("the pipeline is closed")
 
-    async def __call__(self, http: HttpRequest) -> Response:
-        path, method = http.url.path, http.method
-        root = http.scope.get("root_path", "")  # the app's route prefix
-        if root and path.startswith(root):
-            path = path[len(root):]
-        path = path.rstrip("/") or "/"
+    async def answer(self, path: str, method: str, body: bytes, timeout_header: str | None) -> Reply:
+        """One HTTP request, as the ingress forwards it (``path`` inside the app)."""
         if path == "/healthz" and method == "GET":
-            return JSONResponse({"ok": True})
+            return _json(200, {"ok": True})
         if path == "/info" and method == "GET":
-            return JSONResponse({**self.pipe.summary(), "pid": os.getpid(), "node_id": self.node_id,
-                                 "serve": asdict(self.settings)})
+            return _json(200, {**self.pipe.summary(), "pid": os.getpid(), "node_id": self.node_id,
+                               "in_flight": self.in_flight, "serve": asdict(self.settings)})
         if path == "/generate" and method == "POST":
-            return await self._generate(http)
+            return await self._generate(body, timeout_header)
         if path in ("/healthz", "/info", "/generate"):
             return _error(405, f"{method} is not allowed on {path}")
         return _error(404, f"no route {path}; use POST /generate, GET /healthz or GET /info")
 
-    async def _generate(self, http: HttpRequest) -> Response:
+    async def _generate(self, body: bytes, timeout_header: str | None) -> Reply:
         o = self.settings
         if self.in_flight >= o.max_batch + o.max_queue:
             waits = math.ceil(self.in_flight / o.max_batch)
@@ -146,8 +258,8 @@ class AplaServer:
         self.in_flight += 1
         try:
             try:
-                timeout = self._timeout(http)
-                request, fmt = parse_generate(await http.body(), self.pipe, o.from_noise)
+                timeout = self._timeout(timeout_header)
+                request, fmt = parse_generate(body, self.pipe, o.from_noise)
             except AplaError as err:
                 return _error(400, str(err))
             try:
@@ -155,15 +267,13 @@ class AplaServer:
             except asyncio.TimeoutError:
                 return _error(504, f"the video took longer than the request's timeout of {timeout:g} s")
             data = await asyncio.to_thread(video.encode, fmt)
-            return Response(data, media_type=CONTENT_TYPES[fmt],
-                            headers={"X-Apla-Seed": str(video.seed),
-                                     "X-Apla-Batch-Size": str(video.batch_size)})
+            return Reply(200, data, CONTENT_TYPES[fmt], {"X-Apla-Seed": str(video.seed),
+                                                         "X-Apla-Batch-Size": str(video.batch_size)})
         finally:
             self.in_flight -= 1
 
-    def _timeout(self, http: HttpRequest) -> float:
+    def _timeout(self, given: str | None) -> float:
         timeout = self.settings.timeout_s
-        given = http.headers.get(TIMEOUT_HEADER)
         if given is not None:
             try:
                 value = float(given)
@@ -202,19 +312,31 @@ def deployment_options(o: ServeOptions) -> dict[str, Any]:
     scale: dict[str, Any] = ({"autoscaling_config": o.autoscaling_config} if o.autoscaling_config
                              else {"num_replicas": o.replicas})
     # The replica answers 503 itself beyond max_batch + max_queue (with Retry-After), so Serve
-    # forwards a little more than that to it; Serve's own queue at the proxy is a second bound
-    # (its 503 has no Retry-After) that only a flood of that many requests per replica reaches.
+    # forwards a little more than that to it; Serve's own queue in the ingress's handle is a
+    # second bound that only a flood of that many requests per replica reaches (the ingress
+    # turns its BackPressureError into the same JSON 503).
     ongoing = o.max_batch + o.max_queue + 8
     replicas = (o.autoscaling_config or {}).get("max_replicas", o.replicas)
     return {**scale, "ray_actor_options": actor, "max_ongoing_requests": ongoing,
             "max_queued_requests": ongoing * int(replicas)}
 
 
+def ingress_options(o: ServeOptions) -> dict[str, Any]:
+    """The ``AplaIngress`` deployment's Serve options: one replica pinned to the head node, no
+    CPU of its own, and room for every request the ``AplaServer`` replicas and their queue
+    hold (beyond that Serve's proxy queues)."""
+    server = deployment_options(o)
+    return {"num_replicas": 1,
+            "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+            "max_ongoing_requests": server["max_ongoing_requests"] + server["max_queued_requests"]}
+
+
 def build_app(args: dict[str, Any]) -> Any:
     """The Serve application for ``ServeOptions(**args)`` (also ``serve run``'s import path:
-    ``apla_rt.serve:build_app``)."""
+    ``apla_rt.serve:build_app``): the ingress bound to the model deployment."""
     o = ServeOptions(**args).check()
-    return AplaServer.options(**deployment_options(o)).bind(asdict(o))  # type: ignore[attr-defined]
+    server = AplaServer.options(**deployment_options(o)).bind(asdict(o))  # type: ignore[attr-defined]
+    return AplaIngress.options(**ingress_options(o)).bind(asdict(o), server)  # type: ignore[attr-defined]
 
 
 def serve_config(options: ServeOptions, host: str, port: int,
@@ -228,7 +350,8 @@ def serve_config(options: ServeOptions, host: str, port: int,
             "http_options": {"host": host, "port": port},
             "applications": [{"name": APP_NAME, "route_prefix": "/",
                               "import_path": "apla_rt.serve:build_app", "args": args,
-                              "deployments": [{"name": "AplaServer", **deployment_options(o)}]}]}
+                              "deployments": [{"name": "AplaServer", **deployment_options(o)},
+                                              {"name": "AplaIngress", **ingress_options(o)}]}]}
 
 
 def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str], None],

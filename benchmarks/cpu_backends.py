@@ -200,7 +200,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
                 text = torch.cat([encode_prompts(components, [""]),
                                   encode_prompts(components, [args.prompt])]).float()
                 z = ddim_sample(components.unet, vgt, start, text, components.scheduler, args.steps_resolved,
-                                args.guidance)
+                                args.guidance, start_timestep=args.start_timestep)
                 frames = decode_video(components.codec, z.float())
                 times.append(time.perf_counter() - t0)
             row["generate_s"] = statistics.median(times)
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
     parser.add_argument("--guidance", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--steps-resolved", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--start-timestep", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_worker:
         print(json.dumps(torch_worker(args)))
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     import openvino
 
     from apla_rt import Pipeline, openvino_runner
+    from apla_rt.api import start_timestep_of
     from apla_rt.cpu_precision import CACHE_ENV
 
     machine = {**lscpu(), "openvino": openvino.__version__, "onnxruntime": onnxruntime.__version__,
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             args.prompt = pipe.manifest.prompt or "a video"
             args.guidance = pipe.default_guidance()
             args.steps_resolved = args.steps or pipe.default_steps()
+            args.start_timestep = start_timestep_of(pipe.manifest)  # the torch side's grid starts there too
         args.start = str(Path(tmp) / "start.npy")
         args.workdir = tmp
         np.save(args.start, start)
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--run", args.run, "--threads", str(args.threads), "--repeat", str(args.repeat),
                    "--warmup", str(args.warmup), "--start", args.start, "--workdir", tmp,
                    "--prompt", args.prompt, "--guidance", str(args.guidance),
-                   "--steps-resolved", str(args.steps_resolved)]
+                   "--steps-resolved", str(args.steps_resolved),
+                   "--start-timestep", str(args.start_timestep)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)

@@ -175,6 +175,30 @@ def test_auto_without_units_keeps_todays_path(exported, monkeypatch):
         assert pipe.describe_precision() == "fp32" and pipe.engine.notes == []
 
 
+AVX512_BF16_ONLY = CpuInfo("Fake Xeon with avx512_bf16, no AMX",
+                           frozenset({"avx2", "avx512f", "avx512_bf16", "avx_vnni"}))
+
+
+def test_auto_without_amx_keeps_fp32_and_runs_no_check(exported, monkeypatch):
+    """bf16 dot products without the matrix units measured slower than fp32 (docs/cpu.md):
+    ``auto`` keeps fp32 there; an explicit ``bf16`` still runs, checked."""
+    checked: list[str] = []
+
+    def fake_check(manifest, spec, *args):
+        checked.append(spec.name)
+        return openvino_runner.OvRunner(spec, args[0], "fp32", 1, 1, args[2]), None
+
+    fake_cpu(monkeypatch, AVX512_BF16_ONLY)
+    monkeypatch.setattr(openvino_runner, "_checked_bf16", fake_check)
+    with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:
+        assert pipe.describe_precision() == "fp32" and pipe.engine.notes == [] and checked == []
+    with Pipeline.open(exported[1], "openvino", 2, precision="bf16") as pipe:
+        assert sorted(checked) == sorted(pipe.engine.runners)  # bf16 asked for: each one checked
+    assert not cpu_precision.auto_picks_bf16(AVX512_BF16_ONLY, ("FP32", "BF16"))
+    assert cpu_precision.auto_picks_bf16(WITH_BF16, ("FP32", "BF16"))
+    assert not cpu_precision.auto_picks_bf16(WITH_BF16, ("FP32",))
+
+
 def test_openvino_without_bf16_capability_is_refused(exported, monkeypatch):
     fake_cpu(monkeypatch, WITH_BF16, ("FP32", "INT8"))
     with pytest.raises(BackendUnavailable, match="does not report BF16"):

@@ -3,7 +3,8 @@
 module's tests, in a network namespace of its own together with the HTTP client
 (tests/serve_helpers.py). A response equals the library's video for the same seed; concurrent
 requests share a batch; bad input is a 400 with the CLI's message, a flood a 503 with
-Retry-After, an expired timeout a 504; a killed replica is replaced; and the server stops on
+Retry-After, an expired timeout a 504; a replica killed mid-request is replaced and the
+request retried; and the server stops on
 SIGINT/SIGTERM, to its main process or its whole process group, within 15 s leaving no
 process. Every request count and wait is bounded."""
 
@@ -180,22 +181,32 @@ def test_a_flood_gets_503_with_retry_after_and_a_short_timeout_504(server):
     assert call(url + "/generate", {"prompt": "a man", "steps": 1})[0] == 200  # still serving
 
 
-def test_a_killed_replica_is_replaced(server):
+SLOW_STEPS = 600  # a request that runs for seconds on the tiny engine
+
+
+def test_a_replica_killed_mid_request_is_replaced_and_the_request_retried(server, library):
+    """The replica is killed (SIGKILL) while a request runs in it: Serve replaces it, and the
+    ingress sends the request once more, so its client gets the video it asked for (the same
+    as the library's for its seed), marked ``X-Apla-Retried: 1``; later requests succeed."""
     url = server[0]
-    pid = json.loads(call(url + "/info")[2])["pid"]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 120
-    status = 0
-    while time.monotonic() < deadline:
-        try:
-            status = call(url + "/generate", {"prompt": "a man", "seed": 1, "steps": 1}, timeout=30)[0]
-        except OSError:
-            status = 0
-        if status == 200:
-            break
-        time.sleep(1)
-    assert status == 200
-    assert json.loads(call(url + "/info")[2])["pid"] != pid
+    body = {"prompt": "a man", "seed": 7, "steps": SLOW_STEPS, "format": "gif"}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(call, url + "/generate", body, {"X-Apla-Timeout-S": "120"}, 150)
+        info: dict = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not pending.done():
+            info = json.loads(call(url + "/info")[2])
+            if info["in_flight"] >= 1:
+                break
+            time.sleep(0.2)
+        assert info.get("in_flight", 0) >= 1 and not pending.done(), info
+        os.kill(info["pid"], signal.SIGKILL)
+        status, headers, data = pending.result()
+    assert status == 200 and headers.get("x-apla-retried") == "1", (status, headers, data[:300])
+    assert headers["x-apla-seed"] == "7"
+    want, = library.generate("a man", seeds=7, from_noise=True, steps=SLOW_STEPS)
+    assert data == want.encode("gif")
+    assert json.loads(call(url + "/info")[2])["pid"] != info["pid"]
     assert all(call(url + "/generate", {"prompt": "a man", "seed": s, "steps": 1})[0] == 200 for s in (2, 3))
 
 

@@ -6,8 +6,9 @@ own together with every client (tests/serve_helpers.py). In order, on one cluste
 * a wrong token is refused with one line naming the variable to set;
 * the server joins with only ``RAY_AUTH_TOKEN`` set, serves, and its two replicas land on both
   nodes; the worker node is then killed (every process of it, SIGKILL) under a bounded load:
-  every request is answered within its timeout (200, or an error status with a one-line body),
-  Serve restarts the lost replica on the head, later requests succeed; the figures are printed
+  every request is answered within its timeout (200, a request that was in the lost replica
+  retried by the ingress, or an error status with a one-line JSON body), Serve restarts the
+  lost replica on the head, later requests succeed; the figures are printed
   (docs/reliability.md); SIGINT stops the server and leaves the head running;
 * ``serve run`` on ``apla-rt serve --print-config``'s file serves a request on that cluster.
 
@@ -42,6 +43,7 @@ HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "
           # would send every request to the head's replica, and losing the worker would test little
           "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
 LOAD_CLIENTS, REQUEST_TIMEOUT_S = 3, 30
+LOAD_STEPS = 20  # long enough that the worker's replica is caught with a request in it
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,19 @@ def _info(ns: Namespace, url: str) -> tuple[int, str]:
     return info["pid"], info["node_id"]
 
 
+def _busy_on(ns: Namespace, url: str, pids: set[int], seconds: float = 20) -> bool:
+    """Until a replica among ``pids`` answers /info with a request in flight (bounded)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            info = json.loads(call(ns, url + "/info", timeout=10)[2])
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            continue
+        if info["pid"] in pids and info["in_flight"] >= 1:
+            return True
+    return False
+
+
 def _replicas(ns: Namespace, url: str, want: int, tries: int = 30) -> dict[int, str]:
     """pid -> node id of the replicas seen by up to ``tries`` /info calls (until ``want``)."""
     seen: dict[int, str] = {}
@@ -137,6 +152,10 @@ def test_joins_spreads_over_both_nodes_and_survives_losing_one(cluster, exported
         print("node loss:", json.dumps(figures))
         (tmp / "node-loss.json").write_text(json.dumps(figures))
         assert figures["unanswered"] == 0, figures
+        assert figures["failed_one_line"] and figures["failed_json"], figures  # the ingress's errors
+        assert figures["killed_while_busy"], figures
+        # the request that was in the lost replica: sent again by the ingress, or a JSON error
+        assert figures["retried"] + figures["failed"] >= 1, figures
         assert figures["recovered_s"] is not None, figures
         later = [call(ns, url + "/generate", {"prompt": "a man", "seed": s, "steps": 1})[0] for s in range(4)]
         assert later == [200] * 4, later
@@ -181,10 +200,12 @@ def _lose_the_worker_under_load(ns: Namespace, url: str, worker: subprocess.Pope
             record: dict[str, Any] = {"client": i, "sent": sent}
             try:
                 status, headers, body = call(ns, url + "/generate",
-                                             {"prompt": "a man is skiing", "seed": 100 * i + n, "steps": 2},
+                                             {"prompt": "a man is skiing", "seed": 100 * i + n,
+                                              "steps": LOAD_STEPS},
                                              headers={"X-Apla-Timeout-S": str(REQUEST_TIMEOUT_S)},
                                              timeout=REQUEST_TIMEOUT_S + 15)
-                record.update(status=status, seconds=time.monotonic() - sent)
+                record.update(status=status, seconds=time.monotonic() - sent,
+                              retried=headers.get("x-apla-retried") == "1")
                 if status != 200:
                     text = body.decode(errors="replace").strip()
                     record.update(one_line="\n" not in text, body=text[:200])
@@ -201,6 +222,9 @@ def _lose_the_worker_under_load(ns: Namespace, url: str, worker: subprocess.Pope
         futures = [pool.submit(client, i) for i in range(LOAD_CLIENTS)]
         time.sleep(4)  # the load is under way
         worker_members = family(worker)
+        worker_replicas = {p.pid for p in worker_members} & set(before)
+        # the kill comes while the worker's replica runs a request (that request is the case)
+        busy = _busy_on(ns, url, worker_replicas)
         worker_nodes = set()
         killed_at.append(time.monotonic())
         kill_all(worker_members)  # the machine is gone: no process of the node survives
@@ -228,10 +252,11 @@ def _lose_the_worker_under_load(ns: Namespace, url: str, worker: subprocess.Pope
             "failed_bodies": sorted({r.get("body", r.get("error", ""))[:120] for r in failed}),
             "failed_one_line": all(r.get("one_line", False) for r in failed),
             "failed_json": all(r.get("json_error", False) for r in failed),
+            "retried": sum(r.get("retried", False) for r in results),
             "answered_after_kill": len(after_kill),
             "slowest_s": round(max(r["seconds"] for r in results), 2),
             "recovered_s": round(recovered_at[0] - killed_at[0], 1) if recovered_at else None,
-            "lost_node": lost_node}
+            "lost_node": lost_node, "killed_while_busy": busy}
 
 
 def test_serve_run_on_the_printed_config_serves(cluster, exported):

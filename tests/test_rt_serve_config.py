@@ -44,8 +44,12 @@ def test_print_config_is_serves_schema_with_the_cli_options(fake_engine):
     assert app.import_path == "apla_rt.serve:build_app" and app.name == "apla" and app.route_prefix == "/"
     assert app.args == {"engine_dir": str(fake_engine.resolve()), "replicas": 3, "max_batch": 2,
                         "max_queue": 5, "num_gpus": 0.5, "from_noise": True}
-    deployment, = app.deployments
+    deployment, ingress = app.deployments
     assert deployment.name == "AplaServer" and deployment.num_replicas == 3
+    assert ingress.name == "AplaIngress" and ingress.num_replicas == 1
+    assert ingress.ray_actor_options.num_cpus == 0  # pinned to the head, holding no CPU
+    assert ingress.ray_actor_options.resources == {"node:__internal_head__": 0.001}
+    assert ingress.max_ongoing_requests >= 3 * 15 + 15  # every request the replicas can hold
     assert (deployment.ray_actor_options.num_cpus, deployment.ray_actor_options.num_gpus) == (1.0, 0.5)
     assert deployment.max_ongoing_requests == 2 + 5 + 8 and deployment.max_queued_requests == 3 * 15
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
@@ -54,17 +58,25 @@ def test_print_config_is_serves_schema_with_the_cli_options(fake_engine):
 
 def test_the_printed_deployment_is_what_build_app_applies(fake_engine):
     """``deployments`` in the file repeats ``build_app``'s options: the same numbers both ways."""
-    from apla_rt.serve import ServeOptions, build_app, deployment_options
+    from apla_rt.serve import ServeOptions, build_app, deployment_options, ingress_options
 
     options = ServeOptions(str(fake_engine), replicas=2, max_batch=3, max_queue=1, num_cpus=0.5)
     app = build_app({"engine_dir": str(fake_engine), "replicas": 2, "max_batch": 3, "max_queue": 1,
                      "num_cpus": 0.5})
-    config = app._bound_deployment._deployment_config
+    ingress = app._bound_deployment
+    assert ingress.name == "AplaIngress"
+    want = ingress_options(options)
+    assert ingress._deployment_config.num_replicas == 1
+    assert ingress._deployment_config.max_ongoing_requests == want["max_ongoing_requests"]
+    assert ingress.ray_actor_options == want["ray_actor_options"]
+    server = ingress.init_args[1]._bound_deployment  # the model deployment, bound as its argument
+    assert server.name == "AplaServer"
+    config = server._deployment_config
     want = deployment_options(options)
     assert config.num_replicas == want["num_replicas"] == 2
     assert config.max_ongoing_requests == want["max_ongoing_requests"]
     assert config.max_queued_requests == want["max_queued_requests"]
-    assert app._bound_deployment.ray_actor_options["num_cpus"] == 0.5
+    assert server.ray_actor_options["num_cpus"] == 0.5
 
 
 def test_the_kuberay_manifest_carries_a_valid_serve_config_and_token_auth():
@@ -75,10 +87,14 @@ def test_the_kuberay_manifest_carries_a_valid_serve_config_and_token_auth():
     schema = _validate(config)
     app, = schema.applications
     assert app.import_path == "apla_rt.serve:build_app"
-    assert app.deployments[0].name == "AplaServer"
-    from apla_rt.serve import ServeOptions
+    from apla_rt.serve import ServeOptions, deployment_options, ingress_options, serve_config
 
-    ServeOptions(**app.args).check()  # the args are build_app's
+    options = ServeOptions(**app.args).check()  # the args are build_app's
+    assert [d.name for d in app.deployments] == ["AplaServer", "AplaIngress"]
+    printed = serve_config(options, "0.0.0.0", 8000)["applications"][0]["deployments"]
+    assert config["applications"][0]["deployments"] == printed  # what --print-config prints
+    assert printed == [{"name": "AplaServer", **deployment_options(options)},
+                       {"name": "AplaIngress", **ingress_options(options)}]
     cluster = spec["rayClusterConfig"]
     assert cluster["authOptions"]["mode"] == "token"
 
