@@ -9,8 +9,9 @@
   BF16 among the CPU's optimisation capabilities.
 * ``auto``: bf16 on the OpenVINO backend where the CPU has AMX (``amx_bf16``) and the check
   passed, otherwise fp32. ``avx512_bf16`` alone is not enough for ``auto``: on such a CPU
-  (Intel Xeon with avx512_bf16, no AMX) OpenVINO's bf16 UNet call measured 2.2x slower than
-  ONNX Runtime fp32 at SD shape (docs/cpu.md); ``--precision bf16`` still runs it there. Other
+  (Intel Xeon with avx512_bf16, no AMX) OpenVINO's bf16 UNet call took 1.1-2.2x the time of
+  ONNX Runtime fp32 at SD shape, and the whole generate 1.3x (two runs, docs/cpu.md);
+  ``--precision bf16`` still runs it there. Other
   backends (``--backend auto`` included) keep their fp32 path.
 
 No reduced precision runs unchecked: before a network's first bf16 use on a machine, it is run

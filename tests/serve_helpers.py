@@ -113,14 +113,18 @@ def start(ns: Namespace, cmd: list[str], env: dict[str, str], log: Path) -> tupl
 
 
 def ray_node(ns: Namespace, env: dict[str, str], log: Path, *, head_port: int | None = None,
-             join: str | None = None, num_cpus: int = 1) -> tuple[subprocess.Popen, IO]:
+             join: str | None = None, num_cpus: int = 1,
+             dashboard_port: int | None = None) -> tuple[subprocess.Popen, IO]:
     """A Ray node (``ray start --block``, node address 127.0.0.1, its own temp dir): a head on
-    ``head_port``, or a worker joining ``join``."""
+    ``head_port`` (its dashboard on 127.0.0.1:``dashboard_port``, else none), or a worker
+    joining ``join``."""
     temp = tempfile.mkdtemp(prefix="aplanode-")
     cmd = [shutil.which("ray") or "ray", "start", "--block", "--node-ip-address", "127.0.0.1",
            "--num-cpus", str(num_cpus), "--temp-dir", temp, "--disable-usage-stats"]
     if join is None:
-        cmd += ["--head", "--port", str(head_port), "--include-dashboard", "false"]
+        cmd += ["--head", "--port", str(head_port)]
+        cmd += (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                 str(dashboard_port)] if dashboard_port else ["--include-dashboard", "false"])
     else:
         cmd += ["--address", join]
     return start(ns, cmd, env, log)
