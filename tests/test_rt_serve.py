@@ -181,7 +181,7 @@ def test_a_flood_gets_503_with_retry_after_and_a_short_timeout_504(server):
     assert call(url + "/generate", {"prompt": "a man", "steps": 1})[0] == 200  # still serving
 
 
-SLOW_STEPS = 600  # a request that runs for seconds on the tiny engine
+SLOW_STEPS = 250  # a request that runs for seconds on the tiny engine
 
 
 def test_a_replica_killed_mid_request_is_replaced_and_the_request_retried(server, library):
