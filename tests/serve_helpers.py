@@ -135,6 +135,18 @@ def serve_cmd(folder: Path, port: int, *args: str) -> list[str]:
             "--port", str(port), *args]
 
 
+def printed_config(folder: Path, port: int, tmp: Path) -> Path:
+    """``apla-rt serve --print-config`` for the Serve-command tests (from noise, batches of 2,
+    half a CPU per replica, the proxy on the head only), written to ``tmp/serve.yaml``."""
+    printed = subprocess.run(serve_cmd(folder, port, "--print-config", "--from-noise", "--num-cpus", "0.5",
+                                       "--max-batch", "2", "--proxy-location", "HeadOnly"),
+                             env=child_env(tmp / "home"), capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    config = tmp / "serve.yaml"
+    config.write_text(printed.stdout)
+    return config
+
+
 def wait_healthy(ns: Namespace, url: str, proc: subprocess.Popen, log: Path, seconds: float = 150) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:

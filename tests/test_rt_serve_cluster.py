@@ -35,7 +35,7 @@ pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
 
 from serve_helpers import (TOKEN, Namespace, call, child_env, family, free_port, kill_all,  # noqa: E402
-                           ray_node, serve_cmd, start, stop, wait_healthy)
+                           printed_config, ray_node, serve_cmd, start, stop, wait_healthy)
 
 HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
           "RAY_health_check_failure_threshold": "3",
@@ -115,6 +115,21 @@ def _busy_on(ns: Namespace, url: str, pids: set[int], seconds: float = 20) -> bo
             continue
         if info["pid"] in pids and info["in_flight"] >= 1:
             return True
+    return False
+
+
+def _computing(proc: psutil.Process, seconds: float = 10, window: float = 0.1) -> bool:
+    """Until ``proc`` burns at least a third of a core over ``window`` seconds (bounded): the
+    replica is inside a denoising step, not between requests."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            before = sum(proc.cpu_times()[:2])
+            time.sleep(window)
+            if sum(proc.cpu_times()[:2]) - before >= window / 3:
+                return True
+    except psutil.NoSuchProcess:
+        pass
     return False
 
 
@@ -223,11 +238,15 @@ def _lose_the_worker_under_load(ns: Namespace, url: str, worker: subprocess.Pope
         time.sleep(4)  # the load is under way
         worker_members = family(worker)
         worker_replicas = {p.pid for p in worker_members} & set(before)
-        # the kill comes while the worker's replica runs a request (that request is the case)
-        busy = _busy_on(ns, url, worker_replicas)
+        # the kill comes while the worker's replica runs a request (that request is the case):
+        # /info says one is in flight, then the replica's process is seen computing, and it is
+        # killed first, at once (a request that ends between /info and the kill would leave
+        # nothing in the lost replica)
+        replica = next(p for p in worker_members if p.pid in worker_replicas)
+        busy = _busy_on(ns, url, worker_replicas) and _computing(replica)
         worker_nodes = set()
         killed_at.append(time.monotonic())
-        kill_all(worker_members)  # the machine is gone: no process of the node survives
+        kill_all([replica, *(p for p in worker_members if p.pid != replica.pid)])  # no process survives
         deadline = killed_at[0] + 90
         while time.monotonic() < deadline and not recovered_at:
             try:
@@ -264,12 +283,7 @@ def test_serve_run_on_the_printed_config_serves(cluster, exported):
     _, folder = exported
     serve_bin = shutil.which("serve")
     assert serve_bin, "Ray's serve command is not installed"
-    printed = subprocess.run(serve_cmd(folder, port, "--print-config", "--from-noise", "--num-cpus", "0.5",
-                                       "--max-batch", "2", "--proxy-location", "HeadOnly"),
-                             env=child_env(tmp / "home"), capture_output=True, text=True, timeout=60)
-    assert printed.returncode == 0, printed.stderr
-    config = tmp / "serve.yaml"
-    config.write_text(printed.stdout)
+    config = printed_config(folder, port, tmp)
     env = child_env(tmp / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
     log = tmp / "serve-run.log"
     proc, out = start(ns, [serve_bin, "run", str(config), "--address", address], env, log)

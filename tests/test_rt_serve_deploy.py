@@ -17,7 +17,7 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("psutil")
 
 from serve_helpers import (TOKEN, Namespace, call, child_env, family, free_port, kill_all,  # noqa: E402
-                           ray_node, serve_cmd, stop, wait_healthy)
+                           printed_config, ray_node, stop, wait_healthy)
 
 
 def test_serve_deploy_takes_the_printed_config(exported, tmp_path):
@@ -31,12 +31,7 @@ def test_serve_deploy_takes_the_printed_config(exported, tmp_path):
     head, log = ray_node(ns, env, tmp_path / "head.log", head_port=gcs, num_cpus=2, dashboard_port=dashboard)
     members: list = []
     try:
-        printed = subprocess.run(serve_cmd(folder, port, "--print-config", "--from-noise", "--num-cpus", "0.5",
-                                           "--max-batch", "2", "--proxy-location", "HeadOnly"),
-                                 env=child_env(tmp_path / "home"), capture_output=True, text=True, timeout=60)
-        assert printed.returncode == 0, printed.stderr
-        config = tmp_path / "serve.yaml"
-        config.write_text(printed.stdout)
+        config = printed_config(folder, port, tmp_path)
         address = f"http://127.0.0.1:{dashboard}"
         deployed = None
         deadline = time.monotonic() + 90  # the dashboard's REST API comes up after the node
