@@ -22,7 +22,7 @@ within ``BF16_TOLERANCE`` (calibrated in docs/cpu.md). The verdict is cached per
 the tolerance make its key); a miss falls back to fp32 with one line saying so.
 
 The cache folder (``cache_dir``) is ``$APLA_CACHE_DIR``, else ``$XDG_CACHE_HOME/apla``, else
-``~/.cache/apla``; it also holds OpenVINO's compiled-model cache (``openvino/<sha256>/``).
+``~/.cache/apla``; it also holds OpenVINO's compiled-model cache (``openvino/<sha256>/<precision>/``).
 """
 
 from __future__ import annotations

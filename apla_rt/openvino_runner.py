@@ -11,8 +11,11 @@ manifest; the file is hashed against the manifest while OpenVINO compiles it and
 handed out only if it matched.
 
 Compiled models are cached (OpenVINO's ``CACHE_DIR``) under the user cache folder, in a folder
-named after the file's sha256 (``cache_dir()/openvino/<sha256>``): a second start loads the
-compiled blob instead of compiling. OpenVINO is imported when a runner is made.
+named after the file's sha256 and the precision (``cache_dir()/openvino/<sha256>/<precision>``):
+a second start loads the compiled blob instead of compiling. One folder per precision because
+OpenVINO 2026.4's blob key leaves the inference precision out: in a shared folder a bf16
+compile loaded the fp32 blob and answered NaN (the VGT) or crashed (the UNet), on an AMX Xeon.
+OpenVINO is imported when a runner is made.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ class OvRunner(_ConstantsMixin):
                                   "NUM_STREAMS": int(streams)}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache is not None:
+        if cache is not None:  # a folder per precision (module docstring)
+            cache = cache / precision
             cache.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache)
         try:

@@ -141,13 +141,41 @@ def test_model_cache_second_open_loads_the_blob(manifest, fresh_cache):
     assert onnx is not None
     sha = manifest.files[manifest.rel(onnx)]
     first = open_runner(manifest, "unet", "openvino", threads=2, precision="fp32")
-    folder = fresh_cache / "openvino" / sha
+    folder = fresh_cache / "openvino" / sha / "fp32"
     assert list(folder.glob("*.blob")), "OpenVINO wrote no compiled blob"
     second = open_runner(manifest, "unet", "openvino", threads=2, precision="fp32")
     assert isinstance(first, openvino_runner.OvRunner) and isinstance(second, openvino_runner.OvRunner)
     assert not first.loaded_from_cache and second.loaded_from_cache
     feeds = _feeds(manifest, "unet", 3)
     np.testing.assert_array_equal(first.run(feeds)["noise_pred"], second.run(feeds)["noise_pred"])
+
+
+@pytest.mark.parametrize("name", ["unet", "vgt"])
+def test_bf16_never_loads_the_fp32_blob(manifest, fresh_cache, name):
+    """fp32, then bf16, of one file with the same cache: OpenVINO 2026.4 names the blob without
+    the precision, and a bf16 compile that loaded the fp32 blob answered NaN or crashed (an
+    AMX Xeon, SD-shaped model). Each precision compiles into a folder of its own and computes
+    what an uncached compile computes."""
+    why = this_cpu_bf16()
+    if why is not None:
+        pytest.skip(f"bf16 does not run here: {why}")
+    spec = manifest.network(name)
+    assert spec.onnx is not None
+    cache = fresh_cache / "openvino" / manifest.files[manifest.rel(spec.onnx)]
+    feeds = _feeds(manifest, name, 4)
+    fp32 = openvino_runner.OvRunner(spec, spec.onnx, "fp32", 2, cache=cache)
+    fp32.run(feeds)
+    bf16 = openvino_runner.OvRunner(spec, spec.onnx, "bf16", 2, cache=cache)
+    assert not bf16.loaded_from_cache
+    assert list((cache / "fp32").glob("*.blob")) and list((cache / "bf16").glob("*.blob"))
+    uncached = openvino_runner.OvRunner(spec, spec.onnx, "bf16", 2)
+    got, want = bf16.run(feeds), uncached.run(feeds)
+    for out in spec.output_names:
+        assert np.isfinite(got[out]).all()
+        np.testing.assert_array_equal(got[out], want[out])
+    again = openvino_runner.OvRunner(spec, spec.onnx, "bf16", 2, cache=cache)
+    assert again.loaded_from_cache
+    np.testing.assert_array_equal(again.run(feeds)[spec.output_names[0]], want[spec.output_names[0]])
 
 
 # --------------------------------------------------------------------------- bf16 decisions
