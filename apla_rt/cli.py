@@ -401,7 +401,7 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
     """Show the networks, dims, profiles, prompt, files and versions of an engine folder."""
     from .api import run_scheduler, start_timestep_of
     from .manifest import Manifest
-    from .runners import select_backend
+    from .runners import auto_cpu_backend, select_backend
     from .solvers import SOLVERS
 
     manifest = Manifest.open(engine_dir)
@@ -443,6 +443,8 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
                                              for d, r in spec.profile.items()))
     try:
         chosen, why = select_backend("auto", manifest, tuple(manifest.networks))
+        if chosen == "ort":  # what --precision auto adds on an AMX CPU
+            chosen, why = auto_cpu_backend(manifest, tuple(manifest.networks)) or (chosen, why)
         out.append(f"backend (auto): {chosen} ({why})")
     except AplaError as err:
         out.append(f"backend (auto): unavailable ({err})")

@@ -49,7 +49,7 @@ from .cpu_precision import check_precision
 from .deepcache import FULL_NETWORK, NETWORKS as CACHE_NETWORKS, SHALLOW_NETWORK, FeatureCache
 from .errors import BackendUnavailable, InputError
 from .manifest import Manifest, check_latent, load_npy
-from .runners import Runner, open_runner, ort_cuda_available, select_backend
+from .runners import Runner, auto_cpu_backend, open_runner, ort_cuda_available, select_backend
 from .solvers import (DDIMInversion, check_guidance_interval, check_solver, check_start_timestep,
                       guided_steps, make_solver, noise_timestep)
 from .tokenizer import ClipTokenizer
@@ -162,6 +162,8 @@ class Engine:
             if precision == "bf16" and backend == "auto":
                 backend = "openvino"
             chosen, why = select_backend(backend, manifest, present)
+            if backend == "auto" and precision == "auto" and chosen == "ort":
+                chosen, why = auto_cpu_backend(manifest, present) or (chosen, why)
             if precision == "bf16":
                 if chosen != "openvino":
                     raise InputError(f"--precision bf16 runs on --backend openvino only (backend "

@@ -106,6 +106,26 @@ def select_backend(requested: str, manifest: Manifest, networks: tuple[str, ...]
     return ("ort-cuda" if ort_cuda_available() else "ort"), why
 
 
+def auto_cpu_backend(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str, str] | None:
+    """("openvino", why) where ``--backend auto --precision auto`` would otherwise run ONNX
+    Runtime on the CPU but this CPU's AMX runs the folder's UNet faster in bf16
+    (``cpu_precision.auto_openvino_reason``); None where it stays on ONNX Runtime."""
+    specs = [manifest.network(n) for n in networks]
+    if "unet" not in networks or any(s.onnx is None for s in specs):
+        return None
+    from . import cpu_precision
+    from .openvino_runner import openvino_status, ov_capabilities
+
+    if not openvino_status()[0]:
+        return None
+    unet = manifest.network("unet")
+    assert unet.onnx is not None
+    size = sum((manifest.root / rel).stat().st_size for rel in _onnx_files(manifest, unet, unet.onnx)
+               if (manifest.root / rel).exists())
+    why = cpu_precision.auto_openvino_reason(cpu_precision.probe_cpu(), ov_capabilities(), size / 2**20)
+    return ("openvino", why) if why else None
+
+
 def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None = None, *,
                 precision: str = "fp32", streams: int = 1, notes: list[str] | None = None) -> Runner:
     """Verify the network's file against the manifest, then load it with ``backend``

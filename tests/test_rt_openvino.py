@@ -227,6 +227,40 @@ def test_auto_without_amx_keeps_fp32_and_runs_no_check(exported, monkeypatch):
     assert not cpu_precision.auto_picks_bf16(WITH_BF16, ("FP32",))
 
 
+def test_default_backend_takes_openvino_bf16_only_for_a_large_unet_on_amx(exported, monkeypatch):
+    """``--backend auto --precision auto`` (every default) runs OpenVINO, bf16 where checked,
+    on an AMX CPU for a UNet of AUTO_OPENVINO_MIN_UNET_MB or more; ONNX Runtime fp32, today's
+    path, for a smaller UNet, without AMX, or with either option given."""
+    checked: list[str] = []
+
+    def fake_check(manifest, spec, *args):
+        checked.append(spec.name)
+        return openvino_runner.OvRunner(spec, args[0], "fp32", 1, 1, args[2]), None
+
+    amx = CpuInfo(WITH_BF16.model, WITH_BF16.flags | {"amx_tile"})
+    monkeypatch.setattr(openvino_runner, "_checked_bf16", fake_check)
+    fake_cpu(monkeypatch, amx)
+    with Pipeline.open(exported[1], threads=2) as pipe:  # the tiny UNet: under the bound
+        assert pipe.engine.backend == "ort" and pipe.describe_precision() == "fp32" and checked == []
+    monkeypatch.setattr(cpu_precision, "AUTO_OPENVINO_MIN_UNET_MB", 0.0)
+    with Pipeline.open(exported[1], threads=2) as pipe:
+        assert pipe.engine.backend == "openvino", pipe.describe()
+        assert "amx_bf16" in pipe.engine.backend_reason
+        assert sorted(checked) == sorted(pipe.engine.runners)  # each network checked before use
+    info = CliRunner().invoke(main, ["info", "--engine-dir", str(exported[1])])
+    assert info.exit_code == 0 and "backend (auto): openvino (amx_bf16 on this CPU" in info.output, info.output
+    checked.clear()
+    for backend, precision in (("ort-cpu", "auto"), ("auto", "fp32")):
+        with Pipeline.open(exported[1], backend, 2, precision=precision) as pipe:
+            assert pipe.engine.backend == "ort" and checked == []
+    fake_cpu(monkeypatch, AVX512_BF16_ONLY)
+    with Pipeline.open(exported[1], threads=2) as pipe:
+        assert pipe.engine.backend == "ort" and checked == []
+    rule = cpu_precision.auto_openvino_reason
+    assert rule(amx, ("FP32", "BF16"), 3400.0) and rule(amx, ("FP32",), 3400.0) is None
+    assert rule(AVX512_BF16_ONLY, ("FP32", "BF16"), 3400.0) is None
+
+
 def test_openvino_without_bf16_capability_is_refused(exported, monkeypatch):
     fake_cpu(monkeypatch, WITH_BF16, ("FP32", "INT8"))
     with pytest.raises(BackendUnavailable, match="does not report BF16"):
