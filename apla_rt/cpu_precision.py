@@ -42,8 +42,8 @@ from .errors import BackendUnavailable, InputError
 from .manifest import NetworkSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_HELP = ("auto: bf16 on --backend openvino where the CPU has AMX and the bf16 check "
-                  "passed, else fp32; fp32: full precision (the exact reference); bf16: "
+PRECISION_HELP = ("auto: bf16 on OpenVINO (--backend openvino, or auto on an AMX CPU for a large "
+                  "UNet) where the CPU has AMX and the bf16 check passed, else fp32; fp32: full precision (the exact reference); bf16: "
                   "OpenVINO bf16, refused on a CPU without bf16 units (docs/cpu.md).")
 # A CPU flag either of which gives bf16 dot products in hardware (Linux /proc/cpuinfo names).
 BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}

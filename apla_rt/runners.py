@@ -33,7 +33,9 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort", "openvino")
 # What ``select_backend`` chooses: "trt", "ort-cuda", "ort" (ONNX Runtime on the CPU) or
 # "openvino" (OpenVINO's CPU plugin, apla_rt.openvino_runner).
 BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a GPU are usable, "
-                "else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU, else the CPU; "
+                "else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU, else the CPU (ONNX "
+                "Runtime; OpenVINO in bf16 on an AMX CPU for a UNet of 100 MB or more with "
+                "--precision auto); "
                 "ort-cpu / ort-cuda: ONNX Runtime on that provider; trt: TensorRT engines; "
                 "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32 or "
                 "bf16, see --precision; the [openvino] extra).")
