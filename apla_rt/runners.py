@@ -112,19 +112,25 @@ def auto_cpu_backend(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str
     """("openvino", why) where ``--backend auto --precision auto`` would otherwise run ONNX
     Runtime on the CPU but this CPU's AMX runs the folder's UNet faster in bf16
     (``cpu_precision.auto_openvino_reason``); None where it stays on ONNX Runtime."""
+    from . import cpu_precision
+
     specs = [manifest.network(n) for n in networks]
     if "unet" not in networks or any(s.onnx is None for s in specs):
         return None
-    from . import cpu_precision
-    from .openvino_runner import openvino_status, ov_capabilities
-
-    if not openvino_status()[0]:
+    cpu = cpu_precision.probe_cpu()
+    if cpu_precision.AUTO_BF16_FLAG not in cpu.flags:  # no AMX: OpenVINO is not even imported
         return None
     unet = manifest.network("unet")
     assert unet.onnx is not None
     size = sum((manifest.root / rel).stat().st_size for rel in _onnx_files(manifest, unet, unet.onnx)
                if (manifest.root / rel).exists())
-    why = cpu_precision.auto_openvino_reason(cpu_precision.probe_cpu(), ov_capabilities(), size / 2**20)
+    if size / 2**20 < cpu_precision.AUTO_OPENVINO_MIN_UNET_MB:
+        return None
+    from .openvino_runner import openvino_status, ov_capabilities
+
+    if not openvino_status()[0]:
+        return None
+    why = cpu_precision.auto_openvino_reason(cpu, ov_capabilities(), size / 2**20)
     return ("openvino", why) if why else None
 
 
