@@ -91,7 +91,7 @@ def test_the_kuberay_manifest_carries_a_valid_serve_config_and_token_auth():
 
     options = ServeOptions(**app.args).check()  # the args are build_app's
     assert [d.name for d in app.deployments] == ["AplaServer", "AplaIngress"]
-    printed = serve_config(options, "0.0.0.0", 8000)["applications"][0]["deployments"]
+    printed = serve_config(options, "127.0.0.1", 8000)["applications"][0]["deployments"]
     assert config["applications"][0]["deployments"] == printed  # what --print-config prints
     assert printed == [{"name": "AplaServer", **deployment_options(options)},
                        {"name": "AplaIngress", **ingress_options(options)}]
