@@ -117,10 +117,15 @@ def auto_picks_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> bo
 AUTO_OPENVINO_MIN_UNET_MB = 100.0
 
 
+def auto_openvino_may_pay(cpu: CpuInfo, unet_mb: float) -> bool:
+    """The part of ``auto_openvino_reason`` that needs no OpenVINO: AMX and a UNet that large."""
+    return AUTO_BF16_FLAG in cpu.flags and unet_mb >= AUTO_OPENVINO_MIN_UNET_MB
+
+
 def auto_openvino_reason(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None,
                          unet_mb: float) -> str | None:
     """Why ``--backend auto --precision auto`` runs OpenVINO here, or None for ONNX Runtime."""
-    if not auto_picks_bf16(cpu, ov_capabilities) or unet_mb < AUTO_OPENVINO_MIN_UNET_MB:
+    if not auto_openvino_may_pay(cpu, unet_mb) or not auto_picks_bf16(cpu, ov_capabilities):
         return None
     return f"{AUTO_BF16_FLAG} on this CPU and a {unet_mb:,.0f} MB UNet: bf16 where its check passed"
 

@@ -117,20 +117,18 @@ def auto_cpu_backend(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str
     specs = [manifest.network(n) for n in networks]
     if "unet" not in networks or any(s.onnx is None for s in specs):
         return None
-    cpu = cpu_precision.probe_cpu()
-    if cpu_precision.AUTO_BF16_FLAG not in cpu.flags:  # no AMX: OpenVINO is not even imported
-        return None
     unet = manifest.network("unet")
     assert unet.onnx is not None
-    size = sum((manifest.root / rel).stat().st_size for rel in _onnx_files(manifest, unet, unet.onnx)
-               if (manifest.root / rel).exists())
-    if size / 2**20 < cpu_precision.AUTO_OPENVINO_MIN_UNET_MB:
+    unet_mb = sum((manifest.root / rel).stat().st_size
+                  for rel in _onnx_files(manifest, unet, unet.onnx) if (manifest.root / rel).exists()) / 2**20
+    cpu = cpu_precision.probe_cpu()
+    if not cpu_precision.auto_openvino_may_pay(cpu, unet_mb):  # OpenVINO is not even imported
         return None
     from .openvino_runner import openvino_status, ov_capabilities
 
     if not openvino_status()[0]:
         return None
-    why = cpu_precision.auto_openvino_reason(cpu, ov_capabilities(), size / 2**20)
+    why = cpu_precision.auto_openvino_reason(cpu, ov_capabilities(), unet_mb)
     return ("openvino", why) if why else None
 
 
