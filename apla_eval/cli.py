@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from apla_rt.atomic import check_writable, write_text
+from apla_rt.folder.atomic import check_writable, write_text
 from apla_rt.errors import AplaError, InputError, VideoError
-from apla_rt.video import read_video
+from apla_rt.media.video import read_video
 
 from .report import evaluate
 

@@ -1,6 +1,6 @@
 """Video metrics without learned weights: pure functions over NumPy arrays.
 
-Frames are uint8 ``(f, h, w, 3)`` RGB, as ``apla_rt.video.read_video`` returns them.
+Frames are uint8 ``(f, h, w, 3)`` RGB, as ``apla_rt.media.video.read_video`` returns them.
 Embeddings are float ``(f, d)``. Wrong shapes or dtypes are caller bugs (``ValueError``);
 user-facing checks (a video too short, a source of another size) belong to the CLI.
 
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from apla_rt.video import psnr as video_psnr
+from apla_rt.media.video import psnr as video_psnr
 
 # Farneback parameters (OpenCV's argument names). Four pyramid levels at scale 0.5 with a
 # 15 px window follow motions of a few tens of pixels per frame at 512 x 512.

@@ -2,7 +2,7 @@
 folders, without torch.
 
 ``from apla_rt import Pipeline`` is the Python API (``apla_rt.api``); it is imported on
-first use, so ``apla_rt.errors`` or ``apla_rt.schedule`` stay cheap to import.
+first use, so ``apla_rt.errors`` or ``apla_rt.sampling.schedule`` stay cheap to import.
 """
 
 from typing import Any

@@ -15,7 +15,7 @@ the UNet's profile takes: half its batch range, two rows per video for guidance)
 matter when starting from noise (``from_noise``); otherwise every video starts from the
 engine folder's inverted training clip, or from ``latent``.
 
-Sampling: ``scheduler`` picks the solver (``apla_rt.solvers``: ddim, dpmpp-2m, unipc; default
+Sampling: ``scheduler`` picks the solver (``apla_rt.sampling.solvers``: ddim, dpmpp-2m, unipc; default
 the run's ``sample.scheduler``); ``guidance_interval=(lo, hi)`` guides step i of N only where
 lo <= i / N < hi (the other steps run the UNet on the conditional rows only, half the cost).
 Every start latent carries the timestep it belongs to: seeded noise T - 1, the engine folder's
@@ -39,16 +39,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .deepcache import check_cache_interval, check_cache_schedule
+from .sampling.deepcache import check_cache_interval, check_cache_schedule
 from .errors import InputError
-from .jsonfile import read_json_object
-from .manifest import Manifest, check_latent, load_npy
-from .pipeline import (Engine, StepCallback, Timings, check_frames, check_guidance,
+from .folder.jsonfile import read_json_object
+from .folder.manifest import Manifest, check_latent, load_npy
+from .engine import (Engine, StepCallback, Timings, check_frames, check_guidance,
                        check_manifest_start_frames, check_start_frames, check_steps,
                        start_latent)
-from .solvers import (check_guidance_interval, check_solver, check_start_timestep,
+from .sampling.solvers import (check_guidance_interval, check_solver, check_start_timestep,
                       inverted_timestep, noise_timestep)
-from .video import video_bytes, read_video, write_video
+from .media.video import video_bytes, read_video, write_video
 
 GENERATE_NETWORKS = ("text_encoder", "unet", "vgt", "vae_decoder")
 INVERT_NETWORKS = ("text_encoder", "unet", "vgt", "vae_encoder")
@@ -97,7 +97,7 @@ class Video:
     scheduler: str = "ddim"  # the solver
     start_timestep: int = 0  # the timestep sampling started at
     guidance_interval: tuple[float, float] | None = None  # None: every step guided
-    cache_interval: int = 1  # DeepCache (apla_rt.deepcache): 1 = off
+    cache_interval: int = 1  # DeepCache (apla_rt.sampling.deepcache): 1 = off
     cache_schedule: str = "uniform"
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
@@ -156,7 +156,7 @@ class Pipeline:
              timings: Timings | None = None, precision: str = "auto") -> "Pipeline":
         """Open and verify the networks ``generate`` needs (``for_inversion``: those ``invert``
         needs, the UNet set up for batch 1); the others open on first use. ``precision``:
-        "auto", "fp32" or "bf16" (``apla_rt.cpu_precision``)."""
+        "auto", "fp32" or "bf16" (``apla_rt.backends.precision``)."""
         names: tuple[str, ...] = INVERT_NETWORKS if for_inversion else GENERATE_NETWORKS
         if not use_vgt:
             names = tuple(n for n in names if n != "vgt")
@@ -281,7 +281,7 @@ class Pipeline:
         """One video per (prompt, seed) pair, in that order; see the module docstring.
 
         ``cache_interval`` N > 1: the full UNet at N-th steps only, its outer blocks on the
-        cached feature in between (DeepCache, ``apla_rt.deepcache``; needs a folder exported
+        cached feature in between (DeepCache, ``apla_rt.sampling.deepcache``; needs a folder exported
         with the cache graphs); ``cache_schedule`` "uniform" or "nonuniform"."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         seed_list = [0] if seeds is None else [seeds] if not isinstance(seeds, Sequence) else list(seeds)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 import click
 
 from .errors import AplaError, reported_to_user
-from .cpu_precision import PRECISION_HELP, PRECISIONS
-from .runners import BACKEND_HELP, BACKENDS
+from .backends.precision import PRECISION_HELP, PRECISIONS
+from .backends.runners import BACKEND_HELP, BACKENDS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -116,11 +116,11 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     Every prompt is sampled with every seed; the videos run through the networks in batches.
     """
     from .api import Pipeline, Request
-    from .atomic import check_writable
-    from .deepcache import check_cache_interval
-    from .pipeline import check_guidance, check_steps
+    from .folder.atomic import check_writable
+    from .sampling.deepcache import check_cache_interval
+    from .engine import check_guidance, check_steps
     from .oneshot import check_video_suffix, progress_bar
-    from .solvers import check_guidance_interval, check_solver
+    from .sampling.solvers import check_guidance_interval, check_solver
 
     _check_threads(threads)
     if fps is not None and not 0 < fps <= 240:
@@ -189,7 +189,7 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
 
 
 def _read_prompts(path: Path) -> list[str]:
-    from .jsonfile import read_text_file
+    from .folder.jsonfile import read_text_file
 
     text = read_text_file(path, "--prompts-file")
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -210,7 +210,7 @@ def _seeds(seeds: tuple[int, ...], num_videos: int | None, from_noise: bool) -> 
 
 
 def _save(video: Any, out: Path, fps: float, force: bool) -> Path:
-    from .video import write_video
+    from .media.video import write_video
 
     return write_video(out, video.frames, fps=fps, force=force)
 
@@ -220,7 +220,7 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
     """The videos under ``out`` and ``index.json`` (prompt, seed, file, sha256), written last."""
     import hashlib
 
-    from .atomic import write_text
+    from .folder.atomic import write_text
 
     out.mkdir(parents=True, exist_ok=True)
     paths, index = [], []
@@ -317,12 +317,12 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
 
     Joins the Ray cluster at --address or RAY_ADDRESS if given, else starts a local one on
     127.0.0.1; SIGINT or SIGTERM deletes the app (and stops the local Ray instance)."""
-    from .manifest import Manifest
+    from .folder.manifest import Manifest
 
     _check_threads(threads)
     Manifest.open(engine_dir).verify()  # a broken folder fails here, in one line
     try:
-        from .serve import ServeOptions, run_server, serve_config
+        from .service.serve import ServeOptions, run_server, serve_config
     except ImportError as err:
         raise AplaError(f"apla-rt serve needs Ray Serve ({err}); pip install -e \".[serve]\"") from None
     options = ServeOptions(str(engine_dir.resolve()), replicas, max_batch, batch_wait_ms, max_queue,
@@ -372,7 +372,7 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
 
     Every line is checked before anything runs; a rerun into the same --out skips the videos
     that exist and match their sha256 in index.json."""
-    from .batch import BatchOptions, run_batch
+    from .service.batch import BatchOptions, run_batch
 
     with reported_to_user(interrupted="nothing was written"):
         _check_threads(threads)
@@ -400,9 +400,9 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
 def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
     """Show the networks, dims, profiles, prompt, files and versions of an engine folder."""
     from .api import run_scheduler, start_timestep_of
-    from .manifest import Manifest
-    from .runners import auto_cpu_backend, select_backend
-    from .solvers import SOLVERS
+    from .folder.manifest import Manifest
+    from .backends.runners import auto_cpu_backend, select_backend
+    from .sampling.solvers import SOLVERS
 
     manifest = Manifest.open(engine_dir)
     if verify:

@@ -1,6 +1,6 @@
 """The CLI's one-call ``generate`` and ``invert``: open an engine folder, run one
 ``apla_rt.api.Pipeline`` call, write the result atomically. Above the API, which is above the
-sampling loop (``apla_rt.pipeline``): each imports only what is below it."""
+sampling loop (``apla_rt.engine``): each imports only what is below it."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Callable
 import numpy as np
 
 from .api import Pipeline, source_path_for, timestep_path_for
-from .atomic import check_writable, write_file, write_text
+from .folder.atomic import check_writable, write_file, write_text
 from .errors import InputError
-from .pipeline import StepCallback, Timings, check_guidance, check_steps
-from .solvers import check_guidance_interval, check_solver
-from .video import WRITE_SUFFIXES, write_video
+from .engine import StepCallback, Timings, check_guidance, check_steps
+from .sampling.solvers import check_guidance_interval, check_solver
+from .media.video import WRITE_SUFFIXES, write_video
 
 
 @dataclass

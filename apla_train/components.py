@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from apla_rt.errors import ConfigError, InputError
-from apla_rt.jsonfile import read_json_object
-from apla_rt.schedule import SchedulerConfig
+from apla_rt.folder.jsonfile import read_json_object
+from apla_rt.sampling.schedule import SchedulerConfig
 
 from .unet3d import UNet3DConditionModel
 

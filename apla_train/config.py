@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from apla_rt.errors import ConfigError
-from apla_rt.solvers import SOLVERS
+from apla_rt.sampling.solvers import SOLVERS
 
 # sample.final_steps="auto" on a CPU: at most this many inversion and sampling steps after
 # training (with an SD-sized model the spec's 50 + 50 take 20-30 min there)
@@ -102,7 +102,7 @@ class SampleConfig:
     steps: int = 50
     guidance: float = 12.5
     inversion_steps: int = 50
-    # the sampling solver (apla_rt.solvers.SOLVERS): what apla-rt generate uses by default
+    # the sampling solver (apla_rt.sampling.solvers.SOLVERS): what apla-rt generate uses by default
     scheduler: str = "ddim"
     fps: float = 8.0
     enabled: bool = True  # sample a video at the end of training

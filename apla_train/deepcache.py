@@ -12,7 +12,7 @@ skip branch is kept; in between, only the outer blocks run, on that feature. Bra
 
 Both are ``UNet3DConditionModel.run`` (one model definition): fed the feature the full pass
 produced from the same inputs, the shallow pass returns the full pass's noise prediction.
-The exported graphs (``export.networks``) and the runtime (``apla_rt.deepcache``) use these.
+The exported graphs (``export.networks``) and the runtime (``apla_rt.sampling.deepcache``) use these.
 """
 
 from __future__ import annotations

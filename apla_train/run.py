@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from apla_rt import atomic
+from apla_rt.folder import atomic
 from apla_rt.errors import AplaError, ConfigError, InputError, OutputExistsError
-from apla_rt.video import read_video
+from apla_rt.media.video import read_video
 
 from . import checkpoint as ckpt
 from .components import SUBFOLDERS, byte_level_clip_tokenizer, load_pretrained, tokenize

@@ -3,7 +3,7 @@
     eps_hat = eps_u + s (eps_c - eps_u) + delta,   delta = VGT(z_t, t)
 
 The UNet runs once per step on the guidance batch [uncond, cond]; the VGT once (it does
-not see the text). The step itself is an ``apla_rt.solvers`` solver (float64 NumPy: ddim,
+not see the text). The step itself is an ``apla_rt.sampling.solvers`` solver (float64 NumPy: ddim,
 dpmpp-2m, unipc over the one grid), the one source of truth shared with the runtime.
 Inversion is DDIM's with the same predictor, the empty prompt and no guidance (spec
 section 5).
@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from apla_rt.schedule import SchedulerConfig
-from apla_rt.solvers import DDIMInversion, make_solver, noise_timestep
+from apla_rt.sampling.schedule import SchedulerConfig
+from apla_rt.sampling.solvers import DDIMInversion, make_solver, noise_timestep
 
 from .components import Codec
 
@@ -25,7 +25,7 @@ from .components import Codec
 def predict_noise_torch(unet, vgt, z: torch.Tensor, t: int, text: torch.Tensor, guidance: float | None,
                         source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """eps_hat, eps_theta and delta for latents z (1, c, f, h, w), with the PyTorch modules;
-    ``apla_rt.pipeline.Engine.predict_noise`` is the same step in NumPy over the exported
+    ``apla_rt.engine.Engine.predict_noise`` is the same step in NumPy over the exported
     networks (the two must agree: tests/test_rt_exported.py).
 
     ``text`` is (2, seq, d) = [uncond, cond] with guidance, or (1, seq, d) without.
@@ -70,7 +70,7 @@ def ddim_sample(unet, vgt, start: torch.Tensor, text: torch.Tensor, scheduler: S
 def ddim_invert(unet, vgt, latents: torch.Tensor, uncond: torch.Tensor, scheduler: SchedulerConfig,
                 steps: int, source: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM inversion of clean latents with the empty prompt and no guidance; the result
-    belongs to ``apla_rt.solvers.inverted_timestep(scheduler, steps)``."""
+    belongs to ``apla_rt.sampling.solvers.inverted_timestep(scheduler, steps)``."""
     run = DDIMInversion(scheduler, steps)
     z = latents.float()
     for t in run.timesteps:

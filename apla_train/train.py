@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from apla_rt import atomic
+from apla_rt.folder import atomic
 from apla_rt.errors import AplaError, InputError, NonFiniteError
-from apla_rt.schedule import alphas_cumprod
-from apla_rt.solvers import inverted_timestep
-from apla_rt.video import psnr, write_video
+from apla_rt.sampling.schedule import alphas_cumprod
+from apla_rt.sampling.solvers import inverted_timestep
+from apla_rt.media.video import psnr, write_video
 
 from . import checkpoint as ckpt
 from .components import Components, build_tiny, encode_prompts, load_pretrained, save_components

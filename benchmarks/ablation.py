@@ -131,7 +131,7 @@ def run_one(clip: Path, clip_name: str, method: Method, s: Settings, runs: Path,
     import torch
 
     from apla_eval.report import evaluate
-    from apla_rt.video import read_video, write_video
+    from apla_rt.media.video import read_video, write_video
     from apla_train.checkpoint import latest_checkpoint
     from apla_train.components import encode_prompts
     from apla_train.sampling import ddim_sample, decode_video, encode_video
@@ -276,7 +276,7 @@ def run_benchmark(s: Settings, clips_dir: Path, out: Path, runs: Path, pretraine
 
     from apla_eval.embedders import ClipEmbedder, OfflineEmbedder
     from apla_eval.report import jsonable
-    from apla_rt.atomic import write_text
+    from apla_rt.folder.atomic import write_text
 
     torch.set_num_threads(s.threads)
     from diffusers.utils import logging as diffusers_logging

@@ -21,7 +21,7 @@ def mean_or_none(xs) -> float | None:
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from apla_rt.atomic import write_file
+    from apla_rt.folder.atomic import write_file
 
     write_file(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"), force=True)
     plt.close(fig)

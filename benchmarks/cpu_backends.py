@@ -8,7 +8,7 @@ bf16 (where the CPU has bf16 units) and the PyTorch reference sampler in fp32 an
 Prints (and ``--json`` writes): the machine (lscpu's model name and flags, OpenVINO's CPU
 capabilities, versions); per network at its profile's opt shape the median call time of each
 backend after ``--warmup`` calls and the bf16 error against ONNX Runtime fp32 over
-``--tolerance-seeds`` seeds (the calibration of ``apla_rt.cpu_precision.BF16_TOLERANCE``);
+``--tolerance-seeds`` seeds (the calibration of ``apla_rt.backends.precision.BF16_TOLERANCE``);
 start-up per backend (ONNX Runtime session creation; OpenVINO compile with an empty cache and
 with a warm one); the whole ``generate`` (text, DDIM loop, decode; loading excluded) of each
 backend from the same start latent with the same seed, and its fidelity against ONNX Runtime
@@ -64,11 +64,12 @@ def timed(fn: Callable[[], Any], warmup: int, repeat: int) -> float:
 
 
 def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from apla_rt import Pipeline, cpu_precision, openvino_runner
-    from apla_rt.cpu_precision import compare_outputs, seeded_feeds
-    from apla_rt.manifest import Manifest
-    from apla_rt.runners import open_runner
-    from apla_rt.video import psnr
+    from apla_rt import Pipeline
+    from apla_rt.backends import openvino as openvino_runner, precision as cpu_precision
+    from apla_rt.backends.precision import compare_outputs, seeded_feeds
+    from apla_rt.folder.manifest import Manifest
+    from apla_rt.backends.runners import open_runner
+    from apla_rt.media.video import psnr
 
     manifest = Manifest.open(args.engine_dir)
     why = cpu_precision.bf16_unavailable(cpu_precision.probe_cpu(), openvino_runner.ov_capabilities())
@@ -160,7 +161,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from apla_rt.video import psnr
+    from apla_rt.media.video import psnr
     from apla_train import checkpoint as ckpt
     from apla_train.components import encode_prompts
     from apla_train.config import from_dict
@@ -238,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import openvino
 
-    from apla_rt import Pipeline, openvino_runner
+    from apla_rt import Pipeline
+    from apla_rt.backends import openvino as openvino_runner
     from apla_rt.api import start_timestep_of
-    from apla_rt.cpu_precision import CACHE_ENV
+    from apla_rt.backends.precision import CACHE_ENV
 
     machine = {**lscpu(), "openvino": openvino.__version__, "onnxruntime": onnxruntime.__version__,
                "openvino_cpu_capabilities": list(openvino_runner.ov_capabilities()),

@@ -191,7 +191,7 @@ def source_frames(run: Path) -> np.ndarray:
 def measure_tiny(run: Path, engine_dir: Path, edit_prompt: str, grid: list[Setting],
                  threads: int, log: Any, only: tuple[str, ...] = CASES) -> tuple[list[Case], dict[str, float]]:
     from apla_rt import Pipeline
-    from apla_rt.video import psnr
+    from apla_rt.media.video import psnr
 
     frames_src = source_frames(run)
     cases: list[Case] = []
@@ -290,9 +290,9 @@ def torch_ddim50(run: Path, engine_dir: Path, prompt: str, from_noise: bool, thr
     in a child process (``benchmarks/rt_vs_torch.py``'s worker), from the start latent the
     runtime uses for the same case."""
     from apla_rt.api import start_timestep_of, timestep_path_for
-    from apla_rt.manifest import Manifest
-    from apla_rt.pipeline import start_latent
-    from apla_rt.solvers import noise_timestep
+    from apla_rt.folder.manifest import Manifest
+    from apla_rt.engine import start_latent
+    from apla_rt.sampling.solvers import noise_timestep
 
     manifest = Manifest.open(engine_dir)
     start = start_latent(manifest, None, 0, from_noise, None)
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                               "guidance_interval": list(args.guidance_interval), "cases": []}
     all_cases: list[Case] = []
     for i, (run, engine) in enumerate(args.tiny):
-        from apla_rt.manifest import Manifest
+        from apla_rt.folder.manifest import Manifest
 
         prompt = Manifest.open(engine).prompt
         edit = (args.edit_prompt[i] if i < len(args.edit_prompt)
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sd is not None:
         run, engine = args.sd
-        from apla_rt.manifest import Manifest
+        from apla_rt.folder.manifest import Manifest
 
         shape = Manifest.open(engine).start_latent_shape()
         assert shape is not None
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             report["sd_timing"].append(time_sd(run, engine, choice, from_noise, args.threads, log))
         print("\nSD-1.5-shaped:", json.dumps({k: report[k] for k in ("sd_shallow_share", "sd_timing")}))
     if args.json is not None:
-        from apla_rt.atomic import write_file
+        from apla_rt.folder.atomic import write_file
 
         write_file(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=1)), force=True)
     return 0

@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
-    from apla_rt.manifest import Manifest
-    from apla_rt.pipeline import start_latent
-    from apla_rt.video import psnr as video_psnr  # torch-free, like this parent must stay
+    from apla_rt.folder.manifest import Manifest
+    from apla_rt.engine import start_latent
+    from apla_rt.media.video import psnr as video_psnr  # torch-free, like this parent must stay
 
     manifest = Manifest.open(args.engine_dir)
     if args.steps is None:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         origin = f"Gaussian noise (seed {args.seed})" if from_noise else "the engine folder's start latent"
         np.save(start_path, start)
         from apla_rt.api import start_timestep_of, timestep_path_for
-        from apla_rt.solvers import noise_timestep
+        from apla_rt.sampling.solvers import noise_timestep
 
         start_t = noise_timestep(manifest.scheduler) if from_noise else start_timestep_of(manifest)
         timestep_path_for(start_path).write_text(json.dumps({"timestep": start_t}))

@@ -95,7 +95,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from apla_rt.serve import build_app
+    from apla_rt.service.serve import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -82,7 +82,7 @@ def build(name: str):
 def run_one(name: str, threads: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from apla_rt.schedule import SchedulerConfig, alphas_cumprod
+    from apla_rt.sampling.schedule import SchedulerConfig, alphas_cumprod
     from apla_train.losses import discriminator_loss, generator_adv_loss, hyper_terms, perturbation_ratio
     from apla_train.train import _trainable
 

@@ -251,6 +251,6 @@ def _summary(result: Mapping[str, Any]) -> dict[str, Any]:
 def _ort_cuda() -> bool:
     import onnxruntime as ort
 
-    from apla_rt.gpu import cuda_device_count
+    from apla_rt.backends.gpu import cuda_device_count
 
     return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count()[0] > 0

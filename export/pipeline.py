@@ -1,7 +1,7 @@
 """Run folder -> engine folder: rebuild, export, validate, (TensorRT), manifest.
 
 The engine folder is built in a hidden sibling and swapped in only when everything passed
-(``apla_rt.atomic.atomic_dir``): an interrupted or failed export leaves a previous folder
+(``apla_rt.folder.atomic.atomic_dir``): an interrupted or failed export leaves a previous folder
 intact. A lock file next to it makes a second concurrent export of the same folder refuse.
 """
 
@@ -21,11 +21,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from apla_rt.atomic import atomic_dir, check_writable
+from apla_rt.folder.atomic import atomic_dir, check_writable
 from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
-from apla_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from apla_rt.schedule import SchedulerConfig
-from apla_rt.solvers import inverted_timestep
+from apla_rt.folder.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from apla_rt.sampling.schedule import SchedulerConfig
+from apla_rt.sampling.solvers import inverted_timestep
 
 from apla_train.deepcache import DEFAULT_BRANCH
 
@@ -268,7 +268,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
             "sample_defaults": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "fps": cfg.sample.fps,
                                 "scheduler": cfg.sample.scheduler},
             "vgt_source": bool(cfg.vgt.source),
-            # apla_rt.deepcache: which graphs make the deep/shallow cache, cut at which branch
+            # apla_rt.sampling.deepcache: which graphs make the deep/shallow cache, cut at which branch
             "deepcache": (None if cache_branch is None else
                           {"branch": cache_branch, "full": "unet_feature", "shallow": "unet_shallow"}),
             "checkpoint": last.name,

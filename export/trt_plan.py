@@ -13,7 +13,7 @@ decide whether the check itself fits in memory at Stable Diffusion sizes:
   ONNX Runtime's CUDA provider where onnxruntime-gpu sees a GPU, else its CPU provider.
 * **Profiles follow the runtime's calls** (``export.networks``): the UNet's batch is 1
   (inversion, no guidance) or 2 (the guidance pair); the VAE is called on at most
-  ``apla_rt.pipeline.DECODE_CHUNK`` frames at a time, so its frames range stops there.
+  ``apla_rt.engine.DECODE_CHUNK`` frames at a time, so its frames range stops there.
 
 ``self_attention_score_bytes`` says what one sparse-causal self-attention score tensor
 would take in a graph that materialises it, so the plan can show why the portable UNet is
@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from apla_rt.errors import ConfigError
-from apla_rt.manifest import is_int
+from apla_rt.folder.manifest import is_int
 
 Shape = tuple[int, ...]
 Shapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)

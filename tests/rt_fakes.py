@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from apla_rt.manifest import Manifest, NetworkSpec
-from apla_rt.pipeline import Engine
-from apla_rt.schedule import SchedulerConfig
+from apla_rt.folder.manifest import Manifest, NetworkSpec
+from apla_rt.engine import Engine
+from apla_rt.sampling.schedule import SchedulerConfig
 from apla_train.components import byte_alphabet  # the same byte-level alphabet CLIP uses
 
 # The fake engine's geometry: 4 latent channels, 4x4 latents, 2x2 pixels per latent cell.

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from apla_rt.errors import ConfigError
-from apla_rt.schedule import SchedulerConfig
+from apla_rt.sampling.schedule import SchedulerConfig
 from apla_train.cli import build_config
 from apla_train.config import AplaConfig, from_dict, load_file, parse_override, tiny_preset
 

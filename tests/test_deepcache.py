@@ -9,7 +9,7 @@ session's tiny run exported once (``exported`` in conftest.py):
   the cache graphs, which still generates), ``cache_interval=3`` runs the planned numbers of
   full and shallow calls and stays close to the uncached result, with the text pinned or the
   guidance halves side by side alike;
-* the plan and the rows rule (``apla_rt.deepcache``), and bad input in one line.
+* the plan and the rows rule (``apla_rt.sampling.deepcache``), and bad input in one line.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import pytest
 
-from apla_rt.deepcache import FeatureCache, check_cache_interval, full_steps
+from apla_rt.sampling.deepcache import FeatureCache, check_cache_interval, full_steps
 from apla_rt.errors import InputError
-from apla_rt.manifest import Manifest, sha256_file
+from apla_rt.folder.manifest import Manifest, sha256_file
 
 STEPS = 7  # cache interval 3: full at 0, 3, 6; shallow at 1, 2, 4, 5
 UNET_GRAPHS = ("unet", "unet_feature", "unet_shallow")
@@ -197,7 +197,7 @@ def test_cli_bad_cache_options_are_one_line(without_cache, tmp_path, args, needl
 def test_serve_request_cache_fields(exported, without_cache):
     pytest.importorskip("ray.serve")
     from apla_rt import Pipeline
-    from apla_rt.serve import parse_generate
+    from apla_rt.service.serve import parse_generate
 
     _, engine = exported
     with Pipeline.open(engine) as pipe:

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from apla_eval import metrics as M
-from apla_rt.video import read_video, write_video
+from apla_rt.media.video import read_video, write_video
 
 
 @pytest.fixture(scope="module")

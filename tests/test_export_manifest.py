@@ -10,7 +10,7 @@ import re
 import numpy as np
 from export_helpers import LATENT, N_FRAMES, ONNX_DTYPES, PROMPT, SEQ, SIZE, read_manifest, sha256, snapshot
 
-from apla_rt.schedule import SchedulerConfig
+from apla_rt.sampling.schedule import SchedulerConfig
 
 
 TOP_LEVEL = {"format": str, "format_version": int, "networks": dict, "scheduler": dict,

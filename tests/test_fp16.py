@@ -20,8 +20,8 @@ import onnx
 import pytest
 
 from apla_rt.errors import BackendUnavailable
-from apla_rt.manifest import Manifest
-from apla_rt import runners
+from apla_rt.folder.manifest import Manifest
+from apla_rt.backends import runners
 from export import fp16 as F
 
 ROOT = Path(__file__).resolve().parents[1]

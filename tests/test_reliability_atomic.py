@@ -23,7 +23,7 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_atomic_file_and_folder_survive_a_failing_write(tmp_path):
-    from apla_rt import atomic
+    from apla_rt.folder import atomic
     from apla_rt.errors import AplaError, OutputExistsError
 
     target = tmp_path / "out.bin"
@@ -74,7 +74,7 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(clip, tmp_path, 
 
 
 def test_video_write_failure_leaves_no_file(engine, ref_run, tmp_path, monkeypatch):
-    import apla_rt.video as video
+    import apla_rt.media.video as video
 
     def half_then_full(tmp: Path, frames, fps) -> None:
         tmp.write_bytes(b"\x00\x00\x00\x18ftypisom")
@@ -96,7 +96,7 @@ def test_two_exports_to_one_folder_the_second_refuses(export_race):
     out, second, seen = export_race
     assert_clean_failure(second, "another apla-export is writing")
     assert out.name not in seen  # the first had not finished; the second wrote nothing either
-    from apla_rt.manifest import Manifest
+    from apla_rt.folder.manifest import Manifest
 
     Manifest.open(out).verify()  # the first export completed and is intact
 

@@ -18,7 +18,7 @@ from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine, reh
 from apla_rt import Latent, Pipeline, Request
 from apla_rt.cli import main
 from apla_rt.errors import InputError, OutputExistsError
-from apla_rt.video import read_video
+from apla_rt.media.video import read_video
 
 PROMPTS = ["a man is skiing", "the man is skiing", "a man"]
 

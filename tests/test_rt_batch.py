@@ -135,7 +135,7 @@ def resumed(exported, jobs, tmp_path_factory):
 
 def test_each_video_equals_the_library_one_at_a_time(resumed):
     from apla_rt import Pipeline
-    from apla_rt.video import psnr, read_video
+    from apla_rt.media.video import psnr, read_video
 
     out, lines = resumed["out"], job_lines()
     videos = index_videos(out)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from rt_fakes import make_engine_folder
 
 from apla_rt.cli import main
-from apla_rt.video import read_video
+from apla_rt.media.video import read_video
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_info(engine, tmp_path):
 
 def test_invert(engine, tmp_path):
     frames = tmp_path / "clip.gif"
-    from apla_rt.video import write_video
+    from apla_rt.media.video import write_video
 
     write_video(frames, (np.random.default_rng(0).random((6, 16, 16, 3)) * 255).astype(np.uint8))
     out = tmp_path / "z.npy"

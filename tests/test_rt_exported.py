@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import IntegrityError
-from apla_rt.pipeline import Engine
+from apla_rt.engine import Engine
 from apla_rt.oneshot import generate, invert
-from apla_rt.schedule import DDIMSchedule, ddim_step
-from apla_rt.video import read_video
+from apla_rt.sampling.schedule import DDIMSchedule, ddim_step
+from apla_rt.media.video import read_video
 
 
 @pytest.mark.slow
 def test_exported_generate_matches_reference_sampler(exported, reference, tmp_path):
     import torch
 
-    from apla_rt.video import psnr
+    from apla_rt.media.video import psnr
     from apla_train.components import encode_prompts
     from apla_train.sampling import ddim_sample, decode_video
 

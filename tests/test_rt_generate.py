@@ -13,15 +13,15 @@ import pytest
 from rt_fakes import C, LAT, FakeNets, numpy_engine
 
 from apla_rt.errors import InputError
-from apla_rt.pipeline import Timings, images_to_frames
+from apla_rt.engine import Timings, images_to_frames
 from apla_rt.oneshot import generate, invert
-from apla_rt.video import read_video
+from apla_rt.media.video import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_decode_in_chunks_of_the_vae_profile(fake_engine, monkeypatch):
-    import apla_rt.pipeline as P
+    import apla_rt.engine as P
 
     monkeypatch.setattr(P, "DECODE_CHUNK", 2)
     nets = FakeNets(0, vocab=600)
@@ -135,7 +135,7 @@ def test_timings_count_each_second_once(fake_engine, monkeypatch):
     made slow enough that counting it twice would show."""
     import time
 
-    from apla_rt import pipeline
+    from apla_rt import engine as pipeline
 
     real = pipeline.open_runner
 

@@ -10,12 +10,12 @@ import pytest
 from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine
 
 from apla_rt.errors import InputError
-from apla_rt.schedule import SchedulerConfig, alphas_cumprod
-from apla_rt.solvers import inverted_timestep
+from apla_rt.sampling.schedule import SchedulerConfig, alphas_cumprod
+from apla_rt.sampling.solvers import inverted_timestep
 
 
 def direct_ddim(z, text, steps, guidance, nets, use_vgt=True):
-    """The loop from the equations, float64 schedule, no apla_rt.schedule step functions."""
+    """The loop from the equations, float64 schedule, no apla_rt.sampling.schedule step functions."""
     cfg = SchedulerConfig()
     abar = alphas_cumprod(cfg)
     ratio = cfg.num_train_timesteps // steps

@@ -1,4 +1,4 @@
-"""apla_rt.manifest on the fake engine folder: accessors, refused folders (missing, unknown
+"""apla_rt.folder.manifest on the fake engine folder: accessors, refused folders (missing, unknown
 versions, paths or symlinks leaving the folder, tampered, missing or unhashed artifacts,
 schema errors), hashing each file once per open, and feeds checked against the profiles."""
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from rt_fakes import C, FRAMES, HIDDEN, LAT, PATCH, SEQ, edit_manifest
 
-from apla_rt import manifest as M
+from apla_rt.folder import manifest as M
 from apla_rt.errors import InputError, IntegrityError
-from apla_rt.manifest import Manifest
+from apla_rt.folder.manifest import Manifest
 from apla_rt.oneshot import generate
-from apla_rt.schedule import SchedulerConfig
+from apla_rt.sampling.schedule import SchedulerConfig
 
 
 def test_manifest_accessors(fake_engine):

@@ -17,12 +17,13 @@ from click.testing import CliRunner
 
 pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
 
-from apla_rt import Pipeline, cpu_precision, openvino_runner  # noqa: E402
+from apla_rt import Pipeline  # noqa: E402
+from apla_rt.backends import openvino as openvino_runner, precision as cpu_precision  # noqa: E402
 from apla_rt.cli import main  # noqa: E402
-from apla_rt.cpu_precision import CpuInfo, VerdictCache, compare_outputs, seeded_feeds  # noqa: E402
+from apla_rt.backends.precision import CpuInfo, VerdictCache, compare_outputs, seeded_feeds  # noqa: E402
 from apla_rt.errors import AplaError, BackendUnavailable  # noqa: E402
-from apla_rt.manifest import Manifest  # noqa: E402
-from apla_rt.runners import open_runner  # noqa: E402
+from apla_rt.folder.manifest import Manifest  # noqa: E402
+from apla_rt.backends.runners import open_runner  # noqa: E402
 
 NO_BF16 = CpuInfo("Fake EPYC without bf16", frozenset({"avx2", "fma", "avx512f"}))
 WITH_BF16 = CpuInfo("Fake Xeon with AMX", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
@@ -111,7 +112,7 @@ def test_openvino_generate_matches_onnxruntime(exported):
 
 def test_openvino_chunks_by_the_profile(manifest):
     """A call larger than the profile's max is split by the engine like ONNX Runtime's."""
-    from apla_rt.pipeline import Engine
+    from apla_rt.engine import Engine
 
     with Engine.open(manifest, "openvino", ("vae_decoder",), precision="fp32") as engine:
         hi = manifest.network("vae_decoder").profile["frames"][2]
@@ -311,7 +312,7 @@ def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
     nets = ("unet", "vgt")
 
     def open_bf16() -> list[str]:
-        from apla_rt.pipeline import Engine
+        from apla_rt.engine import Engine
 
         with Engine.open(exported[1], "openvino", nets, 2, precision="bf16") as engine:
             assert engine.precisions() == {n: "bf16" for n in nets} and engine.notes == []
@@ -362,7 +363,7 @@ def test_bf16_runs_here_within_tolerance(exported, fresh_cache):
         video, = pipe.generate("a man is skiing", steps=2)
     with Pipeline.open(exported[1], "ort-cpu", 2, precision="fp32") as pipe:
         ref, = pipe.generate("a man is skiing", steps=2)
-    from apla_rt.video import psnr
+    from apla_rt.media.video import psnr
 
     err = float(np.abs(video.latents - ref.latents).max())
     assert 0 < err < 0.5  # bf16 really ran (not bit-equal), and stayed close

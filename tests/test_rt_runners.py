@@ -15,17 +15,17 @@ from rt_fakes import (C, HIDDEN, LAT, PATCH, SEQ, FakeNets, edit_manifest, make_
 
 from apla_rt.api import start_timestep_of
 from apla_rt.errors import BackendUnavailable
-from apla_rt.manifest import Manifest
-from apla_rt.pipeline import Engine
+from apla_rt.folder.manifest import Manifest
+from apla_rt.engine import Engine
 from apla_rt.oneshot import generate
-from apla_rt.runners import select_backend
+from apla_rt.backends.runners import select_backend
 
 
 def test_ort_cuda_path_keeps_constants_on_device(fake_engine, monkeypatch):
     """The CUDA branch (I/O binding) with a stand-in binding: constants are uploaded once."""
     import onnxruntime as ort
 
-    from apla_rt.runners import OrtRunner
+    from apla_rt.backends.runners import OrtRunner
 
     m = Manifest.open(fake_engine)
     runner = OrtRunner(m.network("unet"), m.network("unet").onnx)
@@ -89,7 +89,8 @@ def test_onnx_runtime_engine_matches_numpy(fake_engine):
 def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
     """With 2+ CPU threads the UNet runs each guidance half as its own batch-1 call, both at
     once on the one session (single-threaded pool); the result is the batch-2 call's."""
-    from apla_rt import pipeline, runners
+    from apla_rt import engine as pipeline
+    from apla_rt.backends import runners
 
     monkeypatch.setattr(pipeline, "ort_cuda_available", lambda: False)  # the CPU path, even on a GPU
     seen: list[tuple[int, int, int]] = []
@@ -127,7 +128,8 @@ def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
 
 
 def test_a_failing_guidance_half_reaches_the_caller(fake_engine, monkeypatch):
-    from apla_rt import pipeline, runners
+    from apla_rt import engine as pipeline
+    from apla_rt.backends import runners
 
     monkeypatch.setattr(pipeline, "ort_cuda_available", lambda: False)
     real = runners.OrtRunner.run
@@ -163,7 +165,7 @@ def test_backend_selection(engine_copy):
     edit_manifest(engine_copy, lambda d: [d["networks"][n].update(engine=f"{n}.plan") for n in nets])
     rehash(engine_copy)
     m = Manifest.open(engine_copy)
-    from apla_rt.runners import trt_available
+    from apla_rt.backends.runners import trt_available
 
     ok, why = trt_available()
     if not ok:
@@ -175,7 +177,7 @@ def test_backend_selection(engine_copy):
 
 @pytest.mark.tensorrt
 def test_tensorrt_runner_matches_onnxruntime(tmp_path):
-    from apla_rt.runners import trt_available
+    from apla_rt.backends.runners import trt_available
 
     ok, why = trt_available()
     if not ok:

@@ -110,7 +110,7 @@ def test_concurrent_requests_share_a_batch(server, library):
                                                                    "steps": 2, "format": "gif"}), range(4)))
     assert [r[0] for r in results] == [200] * 4
     assert max(int(r[1]["x-apla-batch-size"]) for r in results) > 1
-    from apla_rt.video import read_video
+    from apla_rt.media.video import read_video
 
     for i, (_, _, body) in enumerate(results):
         want, = library.generate(prompts[i], seeds=i, from_noise=True, steps=2)

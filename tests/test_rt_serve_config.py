@@ -1,7 +1,7 @@
 """Without starting Ray: ``apla-rt serve --print-config`` writes a config that Serve's own
 schema (``ray.serve.schema.ServeDeploySchema``) accepts and that carries the CLI's options;
 the KubeRay manifest's ``serveConfigV2`` (docs/kuberay-rayservice.yaml) validates against the
-same schema with token authentication on; and ``apla_rt.raycluster`` resolves addresses and
+same schema with token authentication on; and ``apla_rt.service.raycluster`` resolves addresses and
 finds tokens where Ray does."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ yaml = pytest.importorskip("yaml")
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from apla_rt.errors import AplaError  # noqa: E402
-from apla_rt.raycluster import resolve_address, token_source  # noqa: E402
+from apla_rt.service.raycluster import resolve_address, token_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_print_config_is_serves_schema_with_the_cli_options(fake_engine):
                            "--proxy-location", "HeadOnly")
     schema = _validate(config)
     app, = schema.applications
-    assert app.import_path == "apla_rt.serve:build_app" and app.name == "apla" and app.route_prefix == "/"
+    assert app.import_path == "apla_rt.service.serve:build_app" and app.name == "apla" and app.route_prefix == "/"
     assert app.args == {"engine_dir": str(fake_engine.resolve()), "replicas": 3, "max_batch": 2,
                         "max_queue": 5, "num_gpus": 0.5, "from_noise": True}
     deployment, ingress = app.deployments
@@ -58,7 +58,7 @@ def test_print_config_is_serves_schema_with_the_cli_options(fake_engine):
 
 def test_the_printed_deployment_is_what_build_app_applies(fake_engine):
     """``deployments`` in the file repeats ``build_app``'s options: the same numbers both ways."""
-    from apla_rt.serve import ServeOptions, build_app, deployment_options, ingress_options
+    from apla_rt.service.serve import ServeOptions, build_app, deployment_options, ingress_options
 
     options = ServeOptions(str(fake_engine), replicas=2, max_batch=3, max_queue=1, num_cpus=0.5)
     app = build_app({"engine_dir": str(fake_engine), "replicas": 2, "max_batch": 3, "max_queue": 1,
@@ -86,8 +86,8 @@ def test_the_kuberay_manifest_carries_a_valid_serve_config_and_token_auth():
     config = yaml.safe_load(spec["serveConfigV2"])
     schema = _validate(config)
     app, = schema.applications
-    assert app.import_path == "apla_rt.serve:build_app"
-    from apla_rt.serve import ServeOptions, deployment_options, ingress_options, serve_config
+    assert app.import_path == "apla_rt.service.serve:build_app"
+    from apla_rt.service.serve import ServeOptions, deployment_options, ingress_options, serve_config
 
     options = ServeOptions(**app.args).check()  # the args are build_app's
     assert [d.name for d in app.deployments] == ["AplaServer", "AplaIngress"]

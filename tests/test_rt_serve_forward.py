@@ -1,4 +1,4 @@
-"""Without starting Ray: the ingress's ``forward`` (apla_rt/serve.py) against fake replica
+"""Without starting Ray: the ingress's ``forward`` (apla_rt/service/serve.py) against fake replica
 calls. A replica lost mid-request (``RayActorError``) is retried once on another, told the
 time left; lost again, or with too little time left, the answer is a JSON 503 with
 Retry-After; Serve's full queue (``BackPressureError``) is a JSON 503; a replica that never
@@ -17,8 +17,8 @@ pytest.importorskip("ray.serve")
 from ray.exceptions import ActorDiedError, ActorUnavailableError  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
-from apla_rt import serve  # noqa: E402
-from apla_rt.serve import RETRIED_HEADER, Reply, forward, request_budget  # noqa: E402
+from apla_rt.service import serve  # noqa: E402
+from apla_rt.service.serve import RETRIED_HEADER, Reply, forward, request_budget  # noqa: E402
 
 OK = Reply(200, b"video", "image/gif", {"X-Apla-Seed": "7"})
 

@@ -16,8 +16,8 @@ from rt_fakes import C, LAT, FakeNets, edit_manifest, numpy_engine
 from apla_rt import Latent, Pipeline
 from apla_rt.cli import main
 from apla_rt.errors import InputError, IntegrityError
-from apla_rt.schedule import SchedulerConfig
-from apla_rt.solvers import SOLVERS, inverted_timestep, noise_timestep
+from apla_rt.sampling.schedule import SchedulerConfig
+from apla_rt.sampling.solvers import SOLVERS, inverted_timestep, noise_timestep
 
 CFG = SchedulerConfig()
 
@@ -101,7 +101,7 @@ def test_cli_scheduler_guidance_interval_and_invert_timestep(engine_copy, tmp_pa
     info = run_cli("info", "--engine-dir", engine_copy)
     assert "sampling: ddim by default" in info.output and "t=751 (not recorded" in info.output
 
-    from apla_rt.video import write_video
+    from apla_rt.media.video import write_video
 
     clip = tmp_path / "clip.gif"
     write_video(clip, (np.random.default_rng(0).random((4, 8, 8, 3)) * 255).astype(np.uint8))
@@ -123,7 +123,7 @@ def test_cli_scheduler_guidance_interval_and_invert_timestep(engine_copy, tmp_pa
 
 def test_serve_request_fields(fake_engine):
     pytest.importorskip("ray")
-    from apla_rt.serve import parse_generate
+    from apla_rt.service.serve import parse_generate
 
     with Pipeline.open(fake_engine, "ort") as pipe:
         request, _ = parse_generate(json.dumps({"prompt": "a man", "scheduler": "unipc",
@@ -173,7 +173,7 @@ def test_every_solver_reconstructs_the_training_clip(exported):
     on the session's run (6 training steps, 2 inversion steps, 32 px): 19.8 dB for every
     solver at 2 steps, 21.3-21.7 dB at 5 and 10."""
     from apla_rt.oneshot import generate
-    from apla_rt.video import psnr, read_video
+    from apla_rt.media.video import psnr, read_video
 
     run, engine = exported
     cfg = json.loads((run / "config.json").read_text())

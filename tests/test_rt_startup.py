@@ -12,10 +12,10 @@ import onnx
 import pytest
 from rt_fakes import rehash
 
-from apla_rt import manifest as manifest_mod
+from apla_rt.folder import manifest as manifest_mod
 from apla_rt.errors import IntegrityError
-from apla_rt.manifest import Manifest
-from apla_rt.runners import open_runner
+from apla_rt.folder.manifest import Manifest
+from apla_rt.backends.runners import open_runner
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""apla_rt.tokenizer: the CLIP BPE matches transformers' CLIPTokenizer (from vocab.json +
+"""apla_rt.media.tokenizer: the CLIP BPE matches transformers' CLIPTokenizer (from vocab.json +
 merges.txt and from tokenizer.json), refuses prompts over 77 tokens, and names what a broken
 tokenizer folder lacks."""
 
@@ -12,7 +12,7 @@ import pytest
 from rt_fakes import write_vocab_merges
 
 from apla_rt.errors import InputError, IntegrityError
-from apla_rt.tokenizer import ClipTokenizer, build_clip_bpe
+from apla_rt.media.tokenizer import ClipTokenizer, build_clip_bpe
 
 
 PROMPTS = ["a man is skiing", "", "Spider  Man\tis SKIING on the beach, cartoon style!!",

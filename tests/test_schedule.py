@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 from apla_rt.errors import ConfigError, InputError
-from apla_rt.schedule import (
+from apla_rt.sampling.schedule import (
     DDIMSchedule,
     SchedulerConfig,
     add_noise,

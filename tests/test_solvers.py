@@ -1,4 +1,4 @@
-"""apla_rt.solvers against diffusers' schedulers (same model outputs, same timesteps) and
+"""apla_rt.sampling.solvers against diffusers' schedulers (same model outputs, same timesteps) and
 against the closed-form probability-flow ODE of Gaussian data; the one grid rule."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import InputError
-from apla_rt.schedule import (DDIMSchedule, SchedulerConfig, alphas_cumprod, ddim_step,
+from apla_rt.sampling.schedule import (DDIMSchedule, SchedulerConfig, alphas_cumprod, ddim_step,
                               final_alpha_cumprod)
-from apla_rt.solvers import (SOLVERS, inverted_timestep, make_solver, noise_timestep,
+from apla_rt.sampling.solvers import (SOLVERS, inverted_timestep, make_solver, noise_timestep,
                              sampling_timesteps)
 
 STEPS = (5, 10, 20, 25, 50)

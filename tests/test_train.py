@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from apla_rt.errors import ConfigError
-from apla_rt.video import psnr, read_video
+from apla_rt.media.video import psnr, read_video
 from apla_train import checkpoint as ckpt
 from apla_train.cli import main
 from apla_train.components import build_tiny, encode_prompts, load_pretrained, save_components

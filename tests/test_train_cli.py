@@ -65,7 +65,7 @@ def test_undecodable_or_empty_video(tiny, tmp_path, content):
 
 def test_clip_with_too_few_frames(tiny, tmp_path):
     # 60 frames every 2nd need 119 of the clip's 91 (shared/data's; the shipped excerpt has 48)
-    from apla_rt.video import read_video
+    from apla_rt.media.video import read_video
 
     n = read_video(tiny[0]).shape[0]
     assert n < 119

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import BackendUnavailable, ConfigError
-from apla_rt import gpu as G
+from apla_rt.backends import gpu as G
 from export import trt as T
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The TensorRT build's validation plan (export/trt_plan.py) at Stable Diffusion 1.5 sizes,
 512 px x 24 frames, computed from the export's own network contracts over an SD-1.5-shaped
 UNet on torch's meta device (no weights, nothing large allocated); and the runtime TensorRT
-runner's engine I/O check (apla_rt/trt_runner.py) without TensorRT."""
+runner's engine I/O check (apla_rt/backends/trt.py) without TensorRT."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import IntegrityError
-from apla_rt.manifest import NetworkSpec, TensorSpec
-from apla_rt.trt_runner import EngineTensor, check_engine_io
+from apla_rt.folder.manifest import NetworkSpec, TensorSpec
+from apla_rt.backends.trt import EngineTensor, check_engine_io
 from export import trt_plan as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def sd_entries():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from apla_rt.schedule import SchedulerConfig
+    from apla_rt.sampling.schedule import SchedulerConfig
     from apla_train.config import AplaConfig
     from apla_train.unet3d import UNet3DConditionModel
     from export.networks import network_specs
@@ -88,7 +88,7 @@ def test_portable_reference_at_sd_size_is_refused_and_why(sd_entries):
 
 
 def test_vae_profiles_stop_at_the_decode_chunk(sd_entries):
-    from apla_rt.pipeline import DECODE_CHUNK
+    from apla_rt.engine import DECODE_CHUNK
 
     for name, latent_input in (("vae_decoder", "latent"), ("vae_encoder", "image")):
         entry = sd_entries[name]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apla_rt import video
+from apla_rt.media import video
 from apla_rt.errors import InputError, OutputExistsError, VideoError
-from apla_rt.video import read_video, video_fps, write_video
+from apla_rt.media.video import read_video, video_fps, write_video
 
 SKIING = "man-skiing.mp4"  # 91 frames, 718x718, 29.97 fps, AAC audio
 CAR = "car-turn.mp4"       # 80 frames, 480x480, 10 fps, no audio
@@ -295,7 +295,7 @@ def test_video_bytes_decode_to_every_frame(fmt):
 
     import av
 
-    from apla_rt.video import video_bytes
+    from apla_rt.media.video import video_bytes
 
     frames = np.random.default_rng(0).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
     data = video_bytes(frames, fmt, fps=8)

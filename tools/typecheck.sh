@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Type-check the TensorRT code (export/trt.py, export/trt_plan.py and the runtime's
-# apla_rt/trt_runner.py) against TensorRT's Python API without TensorRT installed.
+# apla_rt/backends/trt.py) against TensorRT's Python API without TensorRT installed.
 #
 # TensorRT itself cannot be installed everywhere, but `tensorrt-stubs` carries its whole
 # Python API as .pyi files (see ../shared/notes/tensorrt-typecheck.md). This script:
@@ -10,7 +10,7 @@
 #      and `tensorrt_bindings` stub folders into .stubs/ (mypy_path in mypy.ini),
 #   3. patches the stubs' syntax slips (parameters named `in`, and `add_scale_nd`'s
 #      required `channel_axis` after defaulted parameters),
-#   4. runs mypy on export/trt.py, export/trt_plan.py and the runtime's apla_rt/trt_runner.py.
+#   4. runs mypy on export/trt.py, export/trt_plan.py and the runtime's apla_rt/backends/trt.py.
 # Steps 1-3 are skipped when .stubs/ already holds this version. Exit codes: mypy's, or 3
 # when the stub wheel cannot be downloaded (no network).
 set -euo pipefail
@@ -66,4 +66,4 @@ PYEOF
     touch "$MARKER"
 fi
 
-exec "$PY" -m mypy --config-file mypy.ini export/trt.py export/trt_plan.py apla_rt/trt_runner.py
+exec "$PY" -m mypy --config-file mypy.ini export/trt.py export/trt_plan.py apla_rt/backends/trt.py

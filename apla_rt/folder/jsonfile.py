@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import AplaError, InputError
+from ..errors import AplaError, InputError
 
 
 def read_json_object(path: Path, error: type[AplaError] = InputError, *,

@@ -21,8 +21,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import InputError, IntegrityError
-from .jsonfile import read_json_object
+from ..errors import InputError, IntegrityError
+from ..folder.jsonfile import read_json_object
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

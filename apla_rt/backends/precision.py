@@ -37,9 +37,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .atomic import write_text
-from .errors import BackendUnavailable, InputError
-from .manifest import NetworkSpec
+from ..folder.atomic import write_text
+from ..errors import BackendUnavailable, InputError
+from ..folder.manifest import NetworkSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = ("auto: bf16 on OpenVINO (--backend openvino, or auto on an AMX CPU for a large "

@@ -18,9 +18,9 @@ import json
 import secrets
 from typing import Any
 
-from .api import Request
-from .errors import InputError
-from .solvers import check_guidance_interval, check_solver
+from ..api import Request
+from ..errors import InputError
+from ..sampling.solvers import check_guidance_interval, check_solver
 
 FIELDS: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import AplaError, OutputExistsError
+from ..errors import AplaError, OutputExistsError
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:

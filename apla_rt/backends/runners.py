@@ -7,11 +7,11 @@
   one round trip per step). On CUDA a network's FP16 file (``onnx_fp16``, written by
   ``apla-export --fp16``) is preferred; the runner casts the float32 feeds to the file's
   input dtypes and its outputs back to float32, so callers always see the contract's dtypes.
-* ``TrtRunner`` (``apla_rt.trt_runner``): a TensorRT engine (``.plan``), imported only when
-  such a runner is made; ``OvRunner`` (``apla_rt.openvino_runner``) likewise.
+* ``TrtRunner`` (``apla_rt.backends.trt``): a TensorRT engine (``.plan``), imported only when
+  such a runner is made; ``OvRunner`` (``apla_rt.backends.openvino``) likewise.
 
 ``OrtRunner``, the ``Runner`` protocol and what every runner shares live in
-``apla_rt.ort_runner``, below this module and below the other runners: this module chooses
+``apla_rt.backends.ort``, below this module and below the other runners: this module chooses
 and opens them.
 
 Every runner checks its feeds against the manifest (names, dtypes, dims, profile ranges)
@@ -24,14 +24,14 @@ from __future__ import annotations
 __all__ = ["BACKENDS", "OrtRunner", "Runner", "open_runner", "ort_cuda_available", "ort_cuda_status",
            "select_backend"]
 
-from .errors import AplaError, BackendUnavailable
+from ..errors import AplaError, BackendUnavailable
 from .gpu import cuda_device_count, trt_available
-from .manifest import Manifest
-from .ort_runner import OrtRunner, Runner, _onnx_files
+from ..folder.manifest import Manifest
+from .ort import OrtRunner, Runner, _onnx_files
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort", "openvino")
 # What ``select_backend`` chooses: "trt", "ort-cuda", "ort" (ONNX Runtime on the CPU) or
-# "openvino" (OpenVINO's CPU plugin, apla_rt.openvino_runner).
+# "openvino" (OpenVINO's CPU plugin, apla_rt.backends.openvino).
 BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a GPU are usable, "
                 "else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU, else the CPU (ONNX "
                 "Runtime; OpenVINO in bf16 on an AMX CPU for a UNet of 100 MB or more with "
@@ -71,7 +71,7 @@ def select_backend(requested: str, manifest: Manifest, networks: tuple[str, ...]
         raise AplaError(f"unknown backend {requested!r}; use one of {', '.join(BACKENDS)}")
     specs = [manifest.network(n) for n in networks]
     if requested == "openvino":
-        from .openvino_runner import openvino_status
+        from .openvino import openvino_status
 
         missing = [s.name for s in specs if s.onnx is None]
         if missing:
@@ -112,7 +112,7 @@ def auto_cpu_backend(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str
     """("openvino", why) where ``--backend auto --precision auto`` would otherwise run ONNX
     Runtime on the CPU but this CPU's AMX runs the folder's UNet faster in bf16
     (``cpu_precision.auto_openvino_reason``); None where it stays on ONNX Runtime."""
-    from . import cpu_precision
+    from . import precision as cpu_precision
 
     specs = [manifest.network(n) for n in networks]
     if "unet" not in networks or any(s.onnx is None for s in specs):
@@ -124,7 +124,7 @@ def auto_cpu_backend(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str
     cpu = cpu_precision.probe_cpu()
     if not cpu_precision.auto_openvino_may_pay(cpu, unet_mb):  # OpenVINO is not even imported
         return None
-    from .openvino_runner import openvino_status, ov_capabilities
+    from .openvino import openvino_status, ov_capabilities
 
     if not openvino_status()[0]:
         return None
@@ -136,15 +136,15 @@ def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None
                 precision: str = "fp32", streams: int = 1, notes: list[str] | None = None) -> Runner:
     """Verify the network's file against the manifest, then load it with ``backend``
     ("trt", "ort-cuda", "ort" or "openvino"). ``precision``, ``streams`` and ``notes`` are
-    the OpenVINO runner's (``apla_rt.openvino_runner.open_ov_runner``); the others run as
+    the OpenVINO runner's (``apla_rt.backends.openvino.open_ov_runner``); the others run as
     their files say."""
     spec = manifest.network(name)
     if backend == "openvino":
-        from .openvino_runner import open_ov_runner
+        from .openvino import open_ov_runner
 
         return open_ov_runner(manifest, name, threads, precision, streams, notes)
     if backend == "trt":
-        from .trt_runner import TrtRunner
+        from .trt import TrtRunner
 
         assert spec.engine is not None
         return TrtRunner(spec, spec.engine, manifest.read_verified(spec.engine))

@@ -1,6 +1,6 @@
 """What every runner shares (the ``Runner`` protocol, inputs pinned with ``set_constant``, the
 files a session over an ONNX graph reads) and ``OrtRunner``, ONNX Runtime's runner; see
-``apla_rt.runners`` for how a backend is chosen and a runner opened."""
+``apla_rt.backends.runners`` for how a backend is chosen and a runner opened."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from .errors import AplaError, BackendUnavailable, IntegrityError
-from .manifest import Manifest, NetworkSpec
+from ..errors import AplaError, BackendUnavailable, IntegrityError
+from ..folder.manifest import Manifest, NetworkSpec
 
 
 class Runner(Protocol):

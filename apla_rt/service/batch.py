@@ -1,13 +1,13 @@
 """``apla-rt batch``: many videos from a JSONL jobs file as a resumable Ray Data job.
 
 Each line of the jobs file is one video, with the fields of a ``serve`` request
-(``apla_rt.request_fields``) and a required ``seed``. Every line is checked before anything
+(``apla_rt.service.request_fields``) and a required ``seed``. Every line is checked before anything
 runs. The job is a ``map_batches`` over ``Generator``, a callable class of which each actor opens
 one ``Pipeline`` and runs its batched ``run`` on up to ``max_batch`` lines at a time,
 returning the encoded videos' bytes.
 
 **The driver writes every file.** It receives the videos as Ray Data streams them back,
-writes each one atomically (``apla_rt.atomic``: a temporary sibling, fsync, rename) and then
+writes each one atomically (``apla_rt.folder.atomic``: a temporary sibling, fsync, rename) and then
 rewrites ``index.json`` atomically. One process writes the folder, so the index needs no
 locking, the output folder only has to exist where the driver runs (no shared storage on a
 cluster), and a SIGKILL at any moment leaves complete videos under final names and an index
@@ -43,12 +43,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .api import Pipeline, Request
-from .atomic import check_writable, write_bytes, write_text
-from .errors import AplaError, InputError
-from .jsonfile import read_text_file
-from .manifest import Manifest
-from .pipeline import Engine
+from ..api import Pipeline, Request
+from ..folder.atomic import check_writable, write_bytes, write_text
+from ..errors import AplaError, InputError
+from ..folder.jsonfile import read_text_file
+from ..folder.manifest import Manifest
+from ..engine import Engine
 from .raycluster import connect, disconnect
 from .request_fields import decode_object, parse_request
 
@@ -380,7 +380,7 @@ def _user_error_of_actor(rows: Iterator[list[dict[str, Any]]]) -> Iterator[list[
 
 
 def _remove_stale_temporaries(out: Path, jobs: list[Job]) -> None:
-    """Temporary files a killed run of this job left (``apla_rt.atomic``'s ``.NAME.*.tmp*``)."""
+    """Temporary files a killed run of this job left (``apla_rt.folder.atomic``'s ``.NAME.*.tmp*``)."""
     for name in [INDEX] + [j.name for j in jobs]:
         for stale in glob.glob(glob.escape(str(out / f".{name}.")) + "*.tmp*"):
             Path(stale).unlink(missing_ok=True)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import numpy as np
 
-from .errors import BackendUnavailable, IntegrityError
-from .manifest import NetworkSpec
-from .ort_runner import _ConstantsMixin
+from ..errors import BackendUnavailable, IntegrityError
+from ..folder.manifest import NetworkSpec
+from .ort import _ConstantsMixin
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, InputError, IntegrityError
-from .schedule import SchedulerConfig
+from ..errors import ConfigError, InputError, IntegrityError
+from ..sampling.schedule import SchedulerConfig
 
 FORMAT = "apla-engines"
 FORMAT_VERSION = 1
@@ -40,7 +40,7 @@ CONTRACT: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vgt": (("sample", "timestep"), ("delta",)),
     "vae_decoder": (("latent",), ("image",)),
     "vae_encoder": (("image",), ("latent",)),
-    # optional, the deep/shallow UNet cache (apla_rt.deepcache): the full UNet with the cached
+    # optional, the deep/shallow UNet cache (apla_rt.sampling.deepcache): the full UNet with the cached
     # branch's feature as a second output, and the outer blocks fed that feature
     "unet_feature": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred", "feature")),
     "unet_shallow": (("sample", "timestep", "encoder_hidden_states", "feature"), ("noise_pred",)),

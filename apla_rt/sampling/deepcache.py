@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 FULL_NETWORK = "unet_feature"
 SHALLOW_NETWORK = "unet_shallow"

@@ -4,7 +4,7 @@ For a batch of n videos (n = 1 for one video):
 
     text   = TextEncoder(tokenize([negative prompts] + [prompts]))  once, batch 2n = [uncond, cond]
     z      = start latents (n, c, f, h, w): the manifest's inversion, a .npy, or seeded noise
-    solver = make_solver(scheduler, cfg, steps, start timestep)   apla_rt.solvers: ddim, dpmpp-2m, unipc
+    solver = make_solver(scheduler, cfg, steps, start timestep)   apla_rt.sampling.solvers: ddim, dpmpp-2m, unipc
     for i, t in enumerate(solver.timesteps):                       descending
         if step i is guided (lo <= i / steps < hi, the guidance interval; default every step):
             eps_u, eps_c = UNet([z, z], t, text)                  batch 2n, in chunks of the
@@ -44,15 +44,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from . import cpu_precision
-from .cpu_precision import check_precision
-from .deepcache import FULL_NETWORK, NETWORKS as CACHE_NETWORKS, SHALLOW_NETWORK, FeatureCache
+from .backends import precision as cpu_precision
+from .backends.precision import check_precision
+from .sampling.deepcache import FULL_NETWORK, NETWORKS as CACHE_NETWORKS, SHALLOW_NETWORK, FeatureCache
 from .errors import BackendUnavailable, InputError
-from .manifest import Manifest, check_latent, load_npy
-from .runners import Runner, auto_cpu_backend, open_runner, ort_cuda_available, select_backend
-from .solvers import (DDIMInversion, check_guidance_interval, check_solver, check_start_timestep,
+from .folder.manifest import Manifest, check_latent, load_npy
+from .backends.runners import Runner, auto_cpu_backend, open_runner, ort_cuda_available, select_backend
+from .sampling.solvers import (DDIMInversion, check_guidance_interval, check_solver, check_start_timestep,
                       guided_steps, make_solver, noise_timestep)
-from .tokenizer import ClipTokenizer
+from .media.tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
 DECODE_CHUNK = 8  # frames per VAE call (also capped by the VAE's profile)
@@ -143,7 +143,7 @@ class Engine:
     _pinned_text: np.ndarray | None = None
     guidance_batch: bool = True  # the UNet will run on guidance batches of 2 (generate)
     _halves: ThreadPoolExecutor | None = None  # see ``split_guidance``
-    precision: str = "fp32"  # requested: "auto", "fp32" or "bf16" (apla_rt.cpu_precision)
+    precision: str = "fp32"  # requested: "auto", "fp32" or "bf16" (apla_rt.backends.precision)
     notes: list[str] = field(default_factory=list)  # one line each: a bf16 check that missed
 
     @classmethod
@@ -152,7 +152,7 @@ class Engine:
              threads: int | None = None, timings: Timings | None = None,
              guidance_batch: bool = True, precision: str = "auto") -> "Engine":
         """Open ``networks`` (those the folder has; vgt is optional) with ``backend`` in
-        ``precision`` (apla_rt.cpu_precision: bf16 runs on OpenVINO only, ``auto`` picks it
+        ``precision`` (apla_rt.backends.precision: bf16 runs on OpenVINO only, ``auto`` picks it
         there); ``guidance_batch=False`` where the UNet only ever runs on batch 1 (inversion)."""
         precision = check_precision(precision)
         timings = timings or Timings()
@@ -168,7 +168,7 @@ class Engine:
                 if chosen != "openvino":
                     raise InputError(f"--precision bf16 runs on --backend openvino only (backend "
                                      f"{backend} computes in fp32); drop --backend or use openvino")
-                from . import openvino_runner
+                from .backends import openvino as openvino_runner
 
                 cpu_precision.require_bf16(cpu_precision.probe_cpu(), openvino_runner.ov_capabilities())
             engine = cls(manifest, chosen, why, threads, timings, guidance_batch=guidance_batch,
@@ -301,7 +301,7 @@ class Engine:
         a scale or one scale per video (n,); without, ``text`` is (n, ...) and ``guidance``
         None. ``source``: the clean latents (n, ...; float32, contiguous), given only to a
         VGT that reads them (``vgt_reads_source``). ``cache``: this sampling run's DeepCache
-        (``apla_rt.deepcache``): the full graph with the feature, or the shallow one on it."""
+        (``apla_rt.sampling.deepcache``): the full graph with the feature, or the shallow one on it."""
         n = z.shape[0]
         guided = guidance is not None
         b = 2 * n if guided else n
@@ -385,14 +385,14 @@ class Engine:
                solver_options: Mapping[str, Any] | None = None, cache_interval: int = 1,
                cache_schedule: str = "uniform") -> np.ndarray:
         """Sample from ``start`` (n, c, f, h, w) with classifier-free guidance and
-        ``scheduler`` (``apla_rt.solvers``); ``text`` (2n, ...) as in ``predict_noise``;
+        ``scheduler`` (``apla_rt.sampling.solvers``); ``text`` (2n, ...) as in ``predict_noise``;
         ``guidance`` one scale or one per video; ``source`` the clean latents (n, ...) a
         ``vgt.source`` VGT reads. ``start_timestep``: the timestep ``start`` belongs to (an
         inverted latent's; None: seeded noise's, T - 1). ``guidance_interval`` (lo, hi):
         step i of ``steps`` is guided iff lo <= i / steps < hi; the others run the UNet on
         the conditional rows only (None: every step is guided). ``solver_options``: see
         ``make_solver`` (``karras_sigmas``). ``cache_interval`` > 1 runs the DeepCache graphs
-        (``apla_rt.deepcache``)."""
+        (``apla_rt.sampling.deepcache``)."""
         cfg = self.manifest.scheduler
         t0 = noise_timestep(cfg) if start_timestep is None else check_start_timestep(cfg, start_timestep)
         solver = make_solver(check_solver(scheduler), cfg, steps, t0, **(solver_options or {}))

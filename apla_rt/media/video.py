@@ -3,7 +3,7 @@
 Frames are uint8 arrays of shape (f, h, w, 3), RGB. Reading samples frames
 ``start, start + stride, ...`` and decodes no further than the last frame it needs;
 frames can be centre-cropped to a square and resized. Writing is atomic
-(``apla_rt.atomic.write_file``): no half-written file ever sits at the final path.
+(``apla_rt.folder.atomic.write_file``): no half-written file ever sits at the final path.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import av
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from .atomic import write_file
-from .errors import InputError, VideoError
+from ..folder.atomic import write_file
+from ..errors import InputError, VideoError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

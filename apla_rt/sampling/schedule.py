@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

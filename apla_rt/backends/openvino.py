@@ -1,6 +1,6 @@
 """The runtime's OpenVINO runner (``--backend openvino``): OpenVINO's CPU plugin on the folder's
 portable ONNX graphs (``unet.onnx``; ONNX Runtime's fused-attention ``unet.ort.onnx`` is not
-for it), in fp32 or bf16 (``apla_rt.cpu_precision``).
+for it), in fp32 or bf16 (``apla_rt.backends.precision``).
 
 What the ONNX Runtime runner does, the same way: ``threads`` CPU threads
 (``INFERENCE_NUM_THREADS``); concurrent ``run`` calls (the guidance halves of
@@ -26,12 +26,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import cpu_precision
-from .cpu_precision import (CHECK_SEEDS, CpuInfo, VerdictCache, bf16_unavailable, cache_dir,
+from . import precision as cpu_precision
+from .precision import (CHECK_SEEDS, CpuInfo, VerdictCache, bf16_unavailable, cache_dir,
                             miss_line, run_check, seeded_feeds, verdict_key)
-from .errors import AplaError, BackendUnavailable, IntegrityError
-from .manifest import Manifest, NetworkSpec
-from .ort_runner import OrtRunner, _ConstantsMixin, _onnx_files
+from ..errors import AplaError, BackendUnavailable, IntegrityError
+from ..folder.manifest import Manifest, NetworkSpec
+from .ort import OrtRunner, _ConstantsMixin, _onnx_files
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
@@ -231,7 +231,7 @@ def bf16_check(manifest: Manifest, spec: NetworkSpec, path: Path, bf16: OvRunner
 def prompt_token_ids(manifest: Manifest) -> np.ndarray:
     """Token ids of real prompts (the run's, the empty one and two others) for the text
     encoder's check."""
-    from .tokenizer import ClipTokenizer
+    from ..media.tokenizer import ClipTokenizer
 
     manifest.verify([manifest.tokenizer_dir])
     tok = ClipTokenizer.load(manifest.tokenizer_dir, manifest.model_max_length)

@@ -1,6 +1,6 @@
 """Is a CUDA GPU / TensorRT usable here? Checked without torch and without cudart.
 
-The one place that answers it: the runtime (``apla_rt.runners``) and the exporter
+The one place that answers it: the runtime (``apla_rt.backends.runners``) and the exporter
 (``export.trt``) both ask these functions.
 """
 

@@ -1,6 +1,6 @@
 """Sampling solvers (DDIM, DPM-Solver++ 2M, UniPC-bh2) over one timestep grid, float64 NumPy.
 
-The runtime's loop (``apla_rt.pipeline.Engine``) and the PyTorch reference sampler
+The runtime's loop (``apla_rt.engine.Engine``) and the PyTorch reference sampler
 (``apla_train.sampling``) both drive a ``Solver``: one small stateful object per sampling
 run, made by ``make_solver``, with ``timesteps`` (int64, descending) and ``step(eps, t, x)``
 called once per timestep in that order::
@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .schedule import (DDIMSchedule, SchedulerConfig, alphas_cumprod, ddim_inversion_step,
                        ddim_timesteps, final_alpha_cumprod)
 
