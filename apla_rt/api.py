@@ -1,11 +1,12 @@
 """The Python API (torch-free): open an engine folder once, generate videos in batches,
-invert new clips for editing. The CLI and ``apla-rt serve`` both go through it.
+invert new clips for editing. The CLI, ``apla-rt serve`` and ``apla-rt batch`` go through it.
 
-    from apla_rt import Pipeline
+    from apla_rt import Pipeline, SamplingSettings
     pipe = Pipeline.open("engines/ski", backend="auto", threads=None)   # verifies once
     videos = pipe.generate(["a man is skiing", "a panda is skiing"], seeds=[1, 2])
     videos[0].frames          # uint8 (f, H, W, 3)
     videos[0].save("a.mp4")   # or .gif; videos[0].encode("mp4") gives the bytes
+    fast = pipe.generate("a man is skiing", settings=SamplingSettings(solver="unipc", steps=20))
     latent = pipe.invert("new-clip.mp4")
     edited = pipe.generate("a panda is skiing", latent=latent)
 
@@ -13,94 +14,76 @@ invert new clips for editing. The CLI and ``apla-rt serve`` both go through it.
 runs the videos through the networks together, ``max_batch`` videos per call (default: what
 the UNet's profile takes: half its batch range, two rows per video for guidance). Seeds
 matter when starting from noise (``from_noise``); otherwise every video starts from the
-engine folder's inverted training clip, or from ``latent``.
+engine folder's inverted training clip, or from ``latent`` (``apla_rt.folder.latents``).
 
-Sampling: ``scheduler`` picks the solver (``apla_rt.sampling.solvers``: ddim, dpmpp-2m, unipc; default
-the run's ``sample.scheduler``); ``guidance_interval=(lo, hi)`` guides step i of N only where
-lo <= i / N < hi (the other steps run the UNet on the conditional rows only, half the cost).
-Every start latent carries the timestep it belongs to: seeded noise T - 1, the engine folder's
-start latent the manifest's ``start_timestep``, a ``Latent`` from ``invert`` its ``timestep``,
-a ``.npy`` the ``timestep`` of the ``NAME.json`` beside it (``apla-rt invert`` writes it). Where
-none is recorded (folders and files from before it was), the latent is taken to be a DDIM
-inversion with the run's ``sample.inversion_steps``.
-
-A VGT trained with ``vgt.source`` also reads the clean latent of the clip being edited: the
-training clip's (the manifest's) for its start latent and for noise, the new clip's for a
-latent from ``invert`` (``Latent.clean``; on disk ``NAME.source.npy`` next to ``NAME.npy``).
+How each video is sampled is its ``SamplingSettings`` (``apla_rt.sampling.settings``):
+``settings=`` or the same fields as keywords (``steps=``, ``guidance=``, ``scheduler=`` for
+the solver, ``guidance_interval=``, ``cache_interval=``, ``cache_schedule=``); what neither
+gives is the run's (``Manifest.sampling_defaults``).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .sampling.deepcache import check_cache_interval, check_cache_schedule
+from .backends.placement import Placement, check_threads
+from .engine import GENERATE_NETWORKS, INVERT_NETWORKS, Engine
 from .errors import InputError
-from .folder.jsonfile import read_json_object
-from .folder.manifest import Manifest, check_latent, load_npy
-from .engine import (Engine, StepCallback, Timings, check_frames, check_guidance,
-                       check_manifest_start_frames, check_start_frames, check_steps,
-                       start_latent)
-from .sampling.solvers import (check_guidance_interval, check_solver, check_start_timestep,
-                      inverted_timestep, noise_timestep)
-from .media.video import video_bytes, read_video, write_video
+from .folder.latents import GivenLatent, Latent, StartLatents, check_frames, folder_start_timestep
+from .folder.manifest import Manifest
+from .media.video import read_video, video_bytes, write_video
+from .sampling.loop import StepCallback
+from .sampling.settings import SamplingSettings, check_steps
+from .sampling.solvers import check_steps_fit, inverted_timestep
+from .sampling.timings import Timings
 
-GENERATE_NETWORKS = ("text_encoder", "unet", "vgt", "vae_decoder")
-INVERT_NETWORKS = ("text_encoder", "unet", "vgt", "vae_encoder")
+__all__ = ["Latent", "Pipeline", "Request", "SamplingSettings", "Video"]
 
 
-def source_path_for(latent_path: str | os.PathLike) -> Path:
-    """Where the clean latents of an inverted clip sit next to its start latent."""
-    path = Path(latent_path)
-    stem = path.name[:-len(".npy")] if path.name.endswith(".npy") else path.name
-    return path.with_name(stem + ".source.npy")
+@dataclass(frozen=True, init=False)
+class Request:
+    """One video to generate; settings left None take the run's (frames: the start latent's).
 
+    ``Request(prompt, seed, frames, negative_prompt, settings)``, where the sampling settings
+    may also be given as keywords: ``Request("a panda", 3, steps=20, scheduler="unipc")``."""
 
-def timestep_path_for(latent_path: str | os.PathLike) -> Path:
-    """Where the timestep of a start latent ``NAME.npy`` is recorded: ``NAME.json`` beside it,
-    ``{"timestep": t, "inversion_steps": n}``."""
-    path = Path(latent_path)
-    stem = path.name[:-len(".npy")] if path.name.endswith(".npy") else path.name
-    return path.with_name(stem + ".json")
+    prompt: str
+    seed: int
+    frames: int | None
+    negative_prompt: str
+    settings: SamplingSettings
 
-
-@dataclass(frozen=True)
-class Latent:
-    """A start latent (1, c, f, h, w), the clean latents of the clip it came from and the
-    timestep it belongs to (None: unknown, taken as the run's inversion's)."""
-
-    start: np.ndarray
-    clean: np.ndarray | None = None
-    timestep: int | None = None
+    def __init__(self, prompt: str, seed: int = 0, frames: int | None = None,
+                 negative_prompt: str = "", settings: SamplingSettings | None = None,
+                 **sampling: Any):
+        merged = (settings or SamplingSettings()).replace(**sampling)
+        for name, value in (("prompt", prompt), ("seed", seed), ("frames", frames),
+                            ("negative_prompt", negative_prompt), ("settings", merged)):
+            object.__setattr__(self, name, value)
 
 
 @dataclass
 class Video:
-    """One generated video and how it was made."""
+    """One generated video and how it was made (``settings``: complete)."""
 
     frames: np.ndarray  # uint8 (f, H, W, 3)
     fps: float
     prompt: str
     seed: int
     negative_prompt: str
-    steps: int
-    guidance: float
+    settings: SamplingSettings
     vgt: bool  # whether the VGT perturbation was added
     latents: np.ndarray  # the final latents (1, c, f, h, w)
     start: np.ndarray  # the start latent
+    start_timestep: int  # the timestep sampling started at
     batch_size: int  # how many videos shared the networks' calls
-    scheduler: str = "ddim"  # the solver
-    start_timestep: int = 0  # the timestep sampling started at
-    guidance_interval: tuple[float, float] | None = None  # None: every step guided
-    cache_interval: int = 1  # DeepCache (apla_rt.sampling.deepcache): 1 = off
-    cache_schedule: str = "uniform"
 
-    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, force: bool = False) -> os.PathLike:
         """Write the video atomically (``.mp4`` or ``.gif``); never replaces without ``force``."""
         return write_video(path, self.frames, fps=self.fps, force=force)
 
@@ -108,33 +91,25 @@ class Video:
         """The video file's bytes ("mp4" or "gif"), made in memory."""
         return video_bytes(self.frames, fmt, fps=self.fps)
 
-
-@dataclass(frozen=True)
-class Request:
-    """One video to generate; ``None`` takes the run's setting (or the start latent's frames)."""
-
-    prompt: str
-    seed: int = 0
-    frames: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str = ""
-    scheduler: str | None = None
-    guidance_interval: tuple[float, float] | None = None  # (lo, hi); None: every step
-    cache_interval: int = 1  # the full UNet every N steps, the shallow one between (1 = off)
-    cache_schedule: str = "uniform"  # or "nonuniform": full steps denser early
+    def record(self) -> dict[str, Any]:
+        """How the video was made, as JSON (``index.json`` entries)."""
+        return {"prompt": self.prompt, "seed": self.seed, "negative_prompt": self.negative_prompt,
+                "frames": int(self.frames.shape[0]), **self.settings.to_dict(),
+                "start_timestep": self.start_timestep, "vgt": self.vgt}
 
 
 @dataclass
 class _Item:
+    """A checked request: its complete settings and where it starts."""
+
     request: Request
-    steps: int
-    guidance: float
-    start: np.ndarray
-    clean: np.ndarray | None  # what a vgt.source VGT reads, else None
-    scheduler: str = "ddim"
-    start_timestep: int = 0
-    guidance_interval: tuple[float, float] | None = None
+    settings: SamplingSettings
+    start: Latent
+
+    def group(self) -> tuple[Any, ...]:
+        """What videos sampled together must share: everything but the guidance scale."""
+        return (self.start.start.shape, self.start.timestep,
+                dataclasses.replace(self.settings, guidance=None))
 
 
 class Pipeline:
@@ -147,29 +122,48 @@ class Pipeline:
                                       or max_batch < 1):
             raise InputError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
         self.max_batch = max_batch or self.profile_batch()
-        self._start: np.ndarray | None = None
-        self._clean: np.ndarray | None = None
+        self.defaults = self.manifest.sampling_defaults()
+        self.starts = StartLatents(self.manifest, use_vgt and engine.vgt_reads_source)
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike, backend: str = "auto", threads: int | None = None,
              *, use_vgt: bool = True, max_batch: int | None = None, for_inversion: bool = False,
-             timings: Timings | None = None, precision: str = "auto") -> "Pipeline":
-        """Open and verify the networks ``generate`` needs (``for_inversion``: those ``invert``
-        needs, the UNet set up for batch 1); the others open on first use. ``precision``:
-        "auto", "fp32" or "bf16" (``apla_rt.backends.precision``)."""
+             precision: str = "auto", cache: bool | None = None) -> "Pipeline":
+        """Open, verify and warm up the networks ``generate`` needs (``for_inversion``: those
+        ``invert`` needs, the UNet set up for batch 1). ``cache``: also the DeepCache graphs
+        (None: where the run's default settings use them; a request that uses them opens them
+        before its loop). ``backend``, ``precision`` and ``threads``: see
+        ``apla_rt.backends.placement``."""
         names: tuple[str, ...] = INVERT_NETWORKS if for_inversion else GENERATE_NETWORKS
         if not use_vgt:
             names = tuple(n for n in names if n != "vgt")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):
-            raise InputError(f"--threads must be at least 1, got {threads!r}")
-        engine = Engine.open(engine_dir, backend, names, threads, timings,
+        check_threads(threads)
+        engine = Engine.open(engine_dir, backend, names, threads, None,
                              guidance_batch=not for_inversion, precision=precision)
         try:
-            return cls(engine, use_vgt, max_batch)
+            pipe = cls(engine, use_vgt, max_batch)
+            if not for_inversion:
+                pipe.warm_up(cache)
+            return pipe
         except BaseException:
             engine.close()
             raise
+
+    def warm_up(self, cache: bool | None = None) -> None:
+        """Open the DeepCache graphs where ``cache`` says (see ``open``) and run every network
+        once at the shapes of one video with the run's settings from the folder's start."""
+        try:
+            settings = self.defaults.filled(self.defaults)
+        except InputError:  # the folder records no settings: each request brings its own
+            return
+        assert settings.cache_interval is not None
+        if cache is None:
+            cache = settings.cache_interval > 1
+        settings = settings.replace(cache_interval=max(2, settings.cache_interval) if cache else 1)
+        start = self.starts.resolve(None, 0, self.manifest.start_latent_path is None, None)
+        text = self.engine.encode_text(["", self.manifest.prompt or ""])
+        self.engine.prepare(start.start, self.engine.plan(start, text, settings, use_vgt=self.use_vgt))
+        self.engine.warm_up_decoder(start.start.shape[2])
 
     # -- the engine folder ---------------------------------------------------------------
 
@@ -182,6 +176,10 @@ class Pipeline:
         return self.engine.timings
 
     @property
+    def placement(self) -> Placement:
+        return self.engine.placement
+
+    @property
     def vgt(self) -> bool:
         """Whether generated videos get the VGT perturbation."""
         return self.use_vgt and self.engine.has_vgt
@@ -189,7 +187,7 @@ class Pipeline:
     @property
     def vgt_reads_source(self) -> bool:
         """The VGT reads the clean latent of the clip being edited (``vgt.source``)."""
-        return self.engine.has_vgt and "source" in self.manifest.network("vgt").input_names
+        return self.engine.vgt_reads_source
 
     def profile_batch(self) -> int:
         """Videos per call the engines take: the UNet's batch max over 2 rows per video
@@ -199,41 +197,23 @@ class Pipeline:
             limits.append(self.manifest.network("vgt").profile.get("batch", (1, 1, 1))[2])
         return max(1, min(limits))
 
-    def _setting(self, key: str, flag: str) -> float:
-        return _number_setting(self.manifest, key, flag)
+    def settings_for(self, settings: SamplingSettings | None = None) -> SamplingSettings:
+        """``settings`` (checked) completed with the run's."""
+        return (settings or SamplingSettings()).check().filled(self.defaults)
 
-    def default_steps(self) -> int:
-        return check_steps(self._setting("steps", "--steps"), "the run's sample.steps")
-
-    def default_guidance(self) -> float:
-        return check_guidance(self._setting("guidance", "--guidance"))
-
-    def default_inversion_steps(self) -> int:
+    def inversion_steps(self) -> int:
         """The run's ``sample.inversion_steps``, else its sampling steps."""
-        return default_inversion_steps(self.manifest)
-
-    def default_scheduler(self) -> str:
-        return run_scheduler(self.manifest)
-
-    def fallback_timestep(self) -> int:
-        return fallback_timestep(self.manifest)
-
-    def start_timestep(self) -> int:
-        return start_timestep_of(self.manifest)
-
-    def latent_timestep(self, latent_path: str | os.PathLike) -> int:
-        """The timestep recorded beside a ``.npy`` start latent (``timestep_path_for``)."""
-        path = timestep_path_for(latent_path)
-        if not path.is_file():
-            return self.fallback_timestep()
-        value = read_json_object(path).get("timestep")
-        return check_start_timestep(self.manifest.scheduler, value, f"timestep in {path}")
+        steps = self.manifest.inversion_steps()
+        if steps is None:
+            raise InputError(f"the engine folder {self.manifest.root} does not record the run's "
+                             "inversion steps; pass --steps")
+        return steps
 
     def describe(self) -> str:
-        return self.engine.describe()
+        return self.placement.describe()
 
     def describe_precision(self) -> str:
-        return self.engine.describe_precision()
+        return self.placement.describe_precision()
 
     def summary(self) -> dict[str, Any]:
         """What the engine folder holds and how this pipeline samples it (JSON-ready)."""
@@ -243,22 +223,16 @@ class Pipeline:
         out: dict[str, Any] = {
             "prompt": m.prompt, "frames": {"min": lo, "opt": opt, "max": hi},
             "start_latent": list(shape) if shape is not None else None,
+            "start_timestep": folder_start_timestep(m) if shape is not None else None,
             "latent_size": list(m.latent_size()), "image_size": m.latent_size()[0] * m.vae_downsample,
             "fps": m.fps, "networks": {name: {d: list(r) for d, r in spec.profile.items()}
                                        for name, spec in m.networks.items()},
-            "vgt": self.vgt, "vgt_reads_source": self.vgt_reads_source,
-            "max_batch": self.max_batch, "backend": self.describe(),
-            "precision": self.describe_precision(), "precision_notes": list(self.engine.notes),
+            "vgt": self.vgt, "vgt_reads_source": self.vgt_reads_source, "max_batch": self.max_batch,
+            "backend": self.describe(), "precision": self.describe_precision(),
+            "precision_notes": list(self.placement.notes), "placement": self.placement.to_dict(),
             "checkpoint_sha256": m.checkpoint_sha256, "versions": m.versions,
         }
-        out["start_timestep"] = self.start_timestep() if shape is not None else None
-        for key, get in (("steps", self.default_steps), ("guidance", self.default_guidance),
-                         ("scheduler", self.default_scheduler)):
-            try:
-                out[key] = get()
-            except InputError:
-                out[key] = None
-        return out
+        return {**out, **self.defaults.to_dict()}
 
     def close(self) -> None:
         self.engine.close()
@@ -272,17 +246,14 @@ class Pipeline:
     # -- generate ------------------------------------------------------------------------
 
     def generate(self, prompts: str | Sequence[str], seeds: int | Sequence[int] | None = None, *,
-                 frames: int | None = None, steps: int | None = None, guidance: float | None = None,
-                 negative_prompt: str = "", from_noise: bool = False,
-                 latent: Latent | np.ndarray | str | os.PathLike | None = None,
-                 callback: StepCallback | None = None, scheduler: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None, cache_interval: int = 1,
-                 cache_schedule: str = "uniform") -> list[Video]:
+                 latent: GivenLatent = None, from_noise: bool = False,
+                 callback: StepCallback | None = None, settings: SamplingSettings | None = None,
+                 **fields: Any) -> list[Video]:
         """One video per (prompt, seed) pair, in that order; see the module docstring.
 
-        ``cache_interval`` N > 1: the full UNet at N-th steps only, its outer blocks on the
-        cached feature in between (DeepCache, ``apla_rt.sampling.deepcache``; needs a folder exported
-        with the cache graphs); ``cache_schedule`` "uniform" or "nonuniform"."""
+        ``fields``: the other ``Request`` fields (``frames``, ``negative_prompt``) and sampling
+        settings as keywords (``steps``, ``guidance``, ``scheduler``, ``guidance_interval``,
+        ``cache_interval``, ``cache_schedule``), which override ``settings``."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         seed_list = [0] if seeds is None else [seeds] if not isinstance(seeds, Sequence) else list(seeds)
         if not prompt_list or not seed_list:
@@ -292,24 +263,18 @@ class Pipeline:
             raise InputError(f"{len(prompt_list)} prompts and {len(seed_list)} seeds do not pair "
                              "up; give as many of each, or one of either")
         requests = [Request(prompt_list[i % len(prompt_list)], seed_list[i % len(seed_list)],
-                            frames, steps, guidance, negative_prompt, scheduler=scheduler,
-                            guidance_interval=guidance_interval, cache_interval=cache_interval,
-                            cache_schedule=cache_schedule) for i in range(n)]
+                            settings=settings, **fields) for i in range(n)]
         return self.run(requests, from_noise=from_noise, latent=latent, callback=callback)
 
     def run(self, requests: Sequence[Request], *, from_noise: bool = False,
-            latent: Latent | np.ndarray | str | os.PathLike | None = None,
-            callback: StepCallback | None = None) -> list[Video]:
-        """Generate ``requests`` (in order). Those with the same frame count, steps, scheduler,
-        start timestep, guidance interval and cache are batched together, ``max_batch`` at a
-        time; the rest of a request may differ."""
+            latent: GivenLatent = None, callback: StepCallback | None = None) -> list[Video]:
+        """Generate ``requests`` (in order). Those with the same start shape and timestep and the
+        same settings but the guidance scale are batched together, ``max_batch`` at a time."""
         items = [self._item(r, from_noise, latent) for r in requests]
         videos: list[Video | None] = [None] * len(items)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(items):
-            key = (item.start.shape, item.steps, item.scheduler, item.start_timestep,
-                   item.guidance_interval, item.request.cache_interval, item.request.cache_schedule)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(item.group(), []).append(i)
         for indices in groups.values():
             for k in range(0, len(indices), self.max_batch):
                 chunk = indices[k:k + self.max_batch]
@@ -317,108 +282,45 @@ class Pipeline:
                     videos[i] = video
         return [v for v in videos if v is not None]
 
-    def check(self, request: Request, *, from_noise: bool = False,
-              latent: Latent | np.ndarray | str | os.PathLike | None = None) -> None:
+    def check(self, request: Request, *, from_noise: bool = False, latent: GivenLatent = None) -> None:
         """Raise ``InputError`` (the CLI's one-line message) for a request ``run`` refuses."""
         self._item(request, from_noise, latent)
 
-    def _item(self, request: Request, from_noise: bool,
-              latent: Latent | np.ndarray | str | os.PathLike | None) -> _Item:
-        """Check a request and find its start latent (and clean latents for the VGT)."""
+    def _item(self, request: Request, from_noise: bool, latent: GivenLatent) -> _Item:
+        """Check a request, complete its settings and find where it starts."""
         r = request
         if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
             raise InputError("--prompt and --negative-prompt must be text")
         if isinstance(r.seed, bool) or not isinstance(r.seed, (int, np.integer)) or not 0 <= r.seed < 2**63:
             raise InputError(f"--seed must be an integer from 0 to 2**63 - 1, got {r.seed!r}")
         self.engine.tokenizer([r.negative_prompt, r.prompt])  # an over-long prompt fails here
-        steps = check_steps(r.steps) if r.steps is not None else self.default_steps()
-        guidance = check_guidance(r.guidance) if r.guidance is not None else self.default_guidance()
-        scheduler = check_solver(r.scheduler) if r.scheduler is not None else self.default_scheduler()
-        interval = (check_guidance_interval(r.guidance_interval)
-                    if r.guidance_interval is not None else None)
-        cfg = self.manifest.scheduler
-        check_cache_schedule(r.cache_schedule)
-        if check_cache_interval(r.cache_interval) > 1:
+        settings = self.settings_for(r.settings)
+        if settings.cache_interval > 1:
             self.engine.check_cache()
-        needs_clean = self.use_vgt and self.vgt_reads_source
-        clean = None
-        if latent is not None and not isinstance(latent, (str, os.PathLike)):
-            if from_noise:
-                raise InputError("--latent and --from-noise exclude each other; give one")
-            given = latent if isinstance(latent, Latent) else Latent(latent)
-            start_t = (check_start_timestep(cfg, given.timestep, "given latent's timestep")
-                       if given.timestep is not None else self.fallback_timestep())
-            z = check_latent(given.start, self.manifest.latent_channels, "the given latent")
-            z = check_start_frames(z, r.frames, self.manifest, "the given latent")
-            if needs_clean:
-                if given.clean is None:
-                    raise InputError("this model's VGT reads the clean latent of the clip being "
-                                     "edited; pass the Latent that invert returned, or use_vgt=False")
-                clean = self._check_clean(given.clean, z, "the given latent's clean latent")
-        elif latent is not None:
-            z = start_latent(self.manifest, r.frames, int(r.seed), from_noise, latent)
-            start_t = self.latent_timestep(latent)
-            if needs_clean:
-                path = source_path_for(latent)
-                if not path.is_file():
-                    raise InputError(f"this model's VGT reads the clean latent of the clip that "
-                                     f"--latent {latent} was inverted from; apla-rt invert writes "
-                                     f"it next to the latent as {path} (missing); or pass --no-vgt")
-                clean = self._check_clean(load_npy(path), z, str(path))
-        elif from_noise or self.manifest.start_latent_path is None:
-            z = start_latent(self.manifest, r.frames, int(r.seed), from_noise, None)
-            start_t = noise_timestep(cfg)
-        else:
-            check_manifest_start_frames(self.manifest, r.frames)
-            start_t = self.start_timestep()
-            if self._start is None:
-                self._start = self.manifest.load_start_latent()
-            z = self._start
-        if needs_clean and clean is None:
-            if self._clean is None:
-                self._clean = self.manifest.load_source_latent()
-            if self._clean.shape != z.shape:
-                raise InputError(f"this model's VGT reads the training clip's latent "
-                                 f"{list(self._clean.shape)}; a start latent of {list(z.shape)} "
-                                 f"cannot use it: keep the clip's frame count or pass --no-vgt")
-            clean = self._clean
-        if steps > start_t - cfg.steps_offset + 1:
-            raise InputError(f"--steps {steps} is more than the {start_t - cfg.steps_offset + 1} "
-                             f"timesteps from the start latent's t={start_t} down to "
-                             f"t={cfg.steps_offset}; use fewer steps")
-        return _Item(r, steps, guidance, z, clean, scheduler, start_t, interval)
-
-    def _check_clean(self, clean: Any, start: np.ndarray, what: str) -> np.ndarray:
-        clean = check_latent(clean, self.manifest.latent_channels, what)
-        if clean.shape != start.shape:
-            raise InputError(f"{what} has shape {list(clean.shape)}, the start latent "
-                             f"{list(start.shape)}; invert the clip again")
-        return clean
+        start = self.starts.resolve(r.frames, int(r.seed), from_noise, latent)
+        assert start.timestep is not None and settings.steps is not None
+        check_steps_fit(self.manifest.scheduler, settings.steps, start.timestep)
+        return _Item(r, settings, start)
 
     def _generate_batch(self, items: list[_Item], callback: StepCallback | None) -> list[Video]:
-        """One DDIM loop for ``items`` (same shape and steps), then each video decoded."""
+        """One sampling loop for ``items`` (one group), then each video decoded."""
         engine = self.engine
         texts = [it.request.negative_prompt for it in items] + [it.request.prompt for it in items]
         unique = list(dict.fromkeys(texts))
         encoded = engine.encode_text(unique)
         text = encoded if unique == texts else np.ascontiguousarray(encoded[[unique.index(t) for t in texts]])
-        start = np.concatenate([it.start for it in items])
-        clean = (np.concatenate([it.clean for it in items if it.clean is not None])
-                 if items[0].clean is not None else None)
-        guidance = np.array([it.guidance for it in items], dtype=np.float32)
-        first = items[0]
-        z = engine.sample(start, text, first.steps, guidance, self.use_vgt, callback, clean,
-                          scheduler=first.scheduler, start_timestep=first.start_timestep,
-                          guidance_interval=first.guidance_interval,
-                          cache_interval=first.request.cache_interval,
-                          cache_schedule=first.request.cache_schedule)
+        clean = [it.start.clean for it in items]
+        start = Latent(np.concatenate([it.start.start for it in items]),
+                       None if clean[0] is None else np.concatenate(clean), items[0].start.timestep)
+        guidance = np.array([it.settings.guidance for it in items], dtype=np.float32)
+        z = engine.sample(start, text, items[0].settings, guidance, self.use_vgt, callback)
         videos = []
         for i, it in enumerate(items):
             r = it.request
+            assert it.start.timestep is not None
             videos.append(Video(engine.decode(z[i:i + 1]), self.manifest.fps, r.prompt, int(r.seed),
-                                r.negative_prompt, it.steps, it.guidance, self.vgt, z[i:i + 1],
-                                it.start, len(items), it.scheduler, it.start_timestep,
-                                it.guidance_interval, r.cache_interval, r.cache_schedule))
+                                r.negative_prompt, it.settings, self.vgt, z[i:i + 1], it.start.start,
+                                it.start.timestep, len(items)))
         return videos
 
     # -- invert --------------------------------------------------------------------------
@@ -431,7 +333,7 @@ class Pipeline:
         Frames ``start, start + stride, ...`` (defaults: the run config's, else 0 and 1) are
         read at the engine's size; ``frames`` defaults to the start latent's frame count,
         ``steps`` to the run's inversion steps."""
-        steps = check_steps(steps) if steps is not None else self.default_inversion_steps()
+        steps = check_steps(steps) if steps is not None else self.inversion_steps()
         manifest = self.manifest
         with self.timings("load"):
             shape = manifest.start_latent_shape()
@@ -441,68 +343,10 @@ class Pipeline:
             h, w = manifest.latent_size()
             if h != w:
                 raise InputError(f"the engines take {h}x{w} latents; invert reads square frames only")
-            start = start if start is not None else _config_value(manifest, "data", "start") or 0
-            stride = stride if stride is not None else _config_value(manifest, "data", "stride") or 1
+            start = start if start is not None else manifest.run_setting("data", "start") or 0
+            stride = stride if stride is not None else manifest.run_setting("data", "stride") or 1
             pixels = read_video(video, start=start, stride=stride, n_frames=frames,
                                 size=h * manifest.vae_downsample)
         clean = self.engine.encode_frames(pixels)
         z = self.engine.invert_latents(clean, steps, self.use_vgt, callback)
         return Latent(z, clean, inverted_timestep(manifest.scheduler, steps))
-
-
-def _sample_settings(manifest: Manifest) -> list[dict[str, Any]]:
-    """Where the run's sampling settings are: the manifest's ``sample_defaults``, then its
-    config's ``sample`` section."""
-    config = manifest.data.get("config")
-    sections = (manifest.data.get("sample_defaults"),
-                config.get("sample") if isinstance(config, dict) else None)
-    return [s for s in sections if isinstance(s, dict)]
-
-
-def _number_setting(manifest: Manifest, key: str, flag: str) -> float:
-    for section in _sample_settings(manifest):
-        value = section.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return int(value) if key.endswith("steps") and float(value).is_integer() else value
-    raise InputError(f"the engine folder {manifest.root} does not record the run's "
-                     f"{key.replace('_', ' ')}; pass {flag}")
-
-
-def default_inversion_steps(manifest: Manifest) -> int:
-    """The run's ``sample.inversion_steps``, else its sampling steps."""
-    try:
-        steps = _number_setting(manifest, "inversion_steps", "--steps")
-    except InputError:
-        steps = _number_setting(manifest, "steps", "--steps")
-    return check_steps(steps, "the run's sample.inversion_steps")
-
-
-def run_scheduler(manifest: Manifest) -> str:
-    """The run's ``sample.scheduler``; "ddim" for folders that record none."""
-    for section in _sample_settings(manifest):
-        if section.get("scheduler") is not None:
-            return check_solver(section["scheduler"], "the run's sample.scheduler")
-    return "ddim"
-
-
-def fallback_timestep(manifest: Manifest) -> int:
-    """The timestep of a start latent that records none: a DDIM inversion with the run's
-    inversion steps (how such latents were made), else seeded noise's."""
-    try:
-        return inverted_timestep(manifest.scheduler, default_inversion_steps(manifest))
-    except InputError:
-        return noise_timestep(manifest.scheduler)
-
-
-def start_timestep_of(manifest: Manifest) -> int:
-    """The timestep of the engine folder's start latent: the manifest's ``start_timestep``,
-    else ``fallback_timestep``."""
-    if manifest.start_timestep is not None:
-        return manifest.start_timestep
-    return fallback_timestep(manifest)
-
-
-def _config_value(manifest: Manifest, section: str, key: str) -> Any:
-    config = manifest.data.get("config")
-    part = config.get(section) if isinstance(config, dict) else None
-    return part.get(key) if isinstance(part, dict) else None

@@ -15,7 +15,8 @@ import click
 
 from .errors import AplaError, reported_to_user
 from .backends.precision import PRECISION_HELP, PRECISIONS
-from .backends.runners import BACKEND_HELP, BACKENDS
+from .backends.placement import BACKEND_HELP, BACKENDS, check_threads
+from .sampling.deepcache import SCHEDULES
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -55,11 +56,6 @@ def _notes(lines: Any) -> None:
         click.echo(f"note: {line}", err=True)
 
 
-def _check_threads(threads: int | None) -> None:
-    if threads is not None and threads < 1:
-        raise AplaError(f"--threads must be at least 1, got {threads}")
-
-
 @main.command(context_settings=_CONTEXT)
 @_engine_dir
 @click.option("--prompt", "prompts", multiple=True,
@@ -88,12 +84,13 @@ def _check_threads(threads: int | None) -> None:
 @click.option("--from-noise", is_flag=True,
               help="Start from seeded Gaussian noise instead of the inverted training clip.")
 @click.option("--latent", type=click.Path(path_type=Path), help="Start from this latent (.npy).")
-@click.option("--cache-interval", type=int, default=1, show_default=True,
+@click.option("--cache-interval", type=int,
               help="DeepCache: the full UNet every N-th step, only its outer blocks on the cached "
-                   "feature in between (1 = off; needs an engine folder with the cache graphs).")
-@click.option("--cache-schedule", type=click.Choice(["uniform", "nonuniform"]), default="uniform",
-              show_default=True, help="Where the full steps go: every N-th, or as many placed denser "
-                                      "early (DeepCache's non-uniform schedule).")
+                   "feature in between (1 = off; needs an engine folder with the cache graphs) "
+                   "[default: 1].")
+@click.option("--cache-schedule", type=click.Choice(SCHEDULES),
+              help="Where the full steps go: every N-th, or as many placed denser early "
+                   "(DeepCache's non-uniform schedule) [default: uniform].")
 @_backend
 @_precision
 @_threads
@@ -108,7 +105,7 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
              frames: int | None, steps: int | None, scheduler: str | None,
              guidance_interval: str | None, guidance: float | None, seeds: tuple[int, ...],
              num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
-             latent: Path | None, cache_interval: int, cache_schedule: str, backend: str,
+             latent: Path | None, cache_interval: int | None, cache_schedule: str | None, backend: str,
              precision: str, threads: int | None, fmt: str, fps: float | None, timings: bool,
              force: bool, quiet: bool) -> None:
     """Generate videos for --prompt (or --prompts-file) with the model in --engine-dir.
@@ -116,13 +113,9 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     Every prompt is sampled with every seed; the videos run through the networks in batches.
     """
     from .api import Pipeline, Request
-    from .folder.atomic import check_writable
-    from .sampling.deepcache import check_cache_interval
-    from .engine import check_guidance, check_steps
-    from .oneshot import check_video_suffix, progress_bar
-    from .sampling.solvers import check_guidance_interval, check_solver
+    from .sampling.settings import SamplingSettings
 
-    _check_threads(threads)
+    check_threads(threads)
     if fps is not None and not 0 < fps <= 240:
         raise AplaError(f"--fps must be in (0, 240], got {fps}")
     texts = list(prompts) + (_read_prompts(prompts_file) if prompts_file is not None else [])
@@ -132,60 +125,72 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
         raise AplaError(f"--prompts-file {prompts_file} holds no prompt")
     if any(not p.strip() for p in texts):
         raise AplaError("--prompt must not be empty")
-    seed_list = _seeds(seeds, num_videos, from_noise)
-    if steps is not None:
-        check_steps(steps)
-    if guidance is not None:
-        check_guidance(guidance)
-    if scheduler is not None:
-        check_solver(scheduler)
-    interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else None
-    check_cache_interval(cache_interval)
-    requests = [Request(p, s, frames, steps, guidance, negative_prompt, scheduler=scheduler,
-                        guidance_interval=interval, cache_interval=cache_interval,
-                        cache_schedule=cache_schedule)
-                for p in texts for s in seed_list]
-    folder = len(requests) > 1 or str(out).endswith(("/", "\\")) or out.is_dir()
-    if folder:
-        names = [f"{i:03d}-seed{r.seed}.{fmt}" for i, r in enumerate(requests)]
-        for path in [out / n for n in names] + [out / "index.json"]:
-            check_writable(path, force)
-    else:
-        check_video_suffix(out)
-        check_writable(out, force)
-    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt, precision=precision) as pipe:
-        _notes(pipe.engine.notes)
+    settings = SamplingSettings(steps, guidance, scheduler, guidance_interval, cache_interval,
+                                cache_schedule).check()
+    requests = [Request(p, s, frames, negative_prompt, settings)
+                for p in texts for s in _seeds(seeds, num_videos, from_noise)]
+    names = _output_names(out, len(requests), [r.seed for r in requests], fmt, force)
+    cache = True if (settings.cache_interval or 1) > 1 else None
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt, precision=precision,
+                       cache=cache) as pipe:
+        _notes(pipe.placement.notes)
         for r in requests:
             pipe.check(r, from_noise=from_noise, latent=latent)
-        batches = -(-len(requests) // pipe.max_batch)
-        total = batches * (steps or pipe.default_steps())
-        callback, done = progress_bar(not quiet, total, "sample")
+        steps_each = pipe.settings_for(settings).steps or 0
+        callback, done = progress_bar(not quiet, -(-len(requests) // pipe.max_batch) * steps_each, "sample")
         try:
             videos = pipe.run(requests, from_noise=from_noise, latent=latent, callback=callback)
         finally:
             done()
         with pipe.timings("video write"):
-            if folder:
-                ran = {"backend": pipe.describe(), "precision": pipe.describe_precision()}
-                written = _write_folder(out, names, videos, fps, force, ran)
-            else:
+            if names is None:
                 written = [_save(videos[0], out, fps or videos[0].fps, force)]
+            else:
+                written = _write_folder(out, names, videos, fps, force, pipe.placement.to_dict())
         if not quiet:
-            v = videos[0]
-            where = (f"{len(videos)} videos and index.json to {out}" if folder else f"{written[0]}")
-            click.echo(f"wrote {where}: {v.frames.shape[0]} frames of {v.frames.shape[2]}x"
-                       f"{v.frames.shape[1]}, {v.steps} {v.scheduler} steps from t="
-                       f"{v.start_timestep}, guidance {v.guidance:g}"
-                       + (f" on {v.guidance_interval[0]:g}:{v.guidance_interval[1]:g}"
-                          if v.guidance_interval is not None else "") + ", VGT "
-                       f"{'on' if v.vgt else 'off'}, backend {pipe.describe()}, precision "
-                       f"{pipe.describe_precision()}"
-                       + (f", cache interval {v.cache_interval} ({v.cache_schedule})"
-                          if v.cache_interval > 1 else "")
-                       + (f", batches of up to {max(x.batch_size for x in videos)}" if folder else ""),
-                       err=True)
+            click.echo(_summary(videos, pipe, f"{written[0]}" if names is None else
+                                f"{len(videos)} videos and index.json to {out}"), err=True)
         if timings:
             click.echo(pipe.timings.table())
+
+
+def progress_bar(enabled: bool, total: int, desc: str) -> tuple[Any, Callable[[], None]]:
+    """(step callback, close) of a tqdm bar over ``total`` steps; (None, no-op) when disabled."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    return (lambda i, t: bar.update(1)), bar.close
+
+
+def _output_names(out: Path, count: int, seeds: list[int], fmt: str, force: bool) -> list[str] | None:
+    """The file names of an ``--out`` folder (None: ``--out`` is one video file), checked to be
+    writable before any work is done."""
+    from .folder.atomic import check_writable
+    from .media.video import WRITE_SUFFIXES
+
+    if count > 1 or str(out).endswith(("/", "\\")) or out.is_dir():
+        names = [f"{i:03d}-seed{seed}.{fmt}" for i, seed in enumerate(seeds)]
+        for path in [out / n for n in names] + [out / "index.json"]:
+            check_writable(path, force)
+        return names
+    if out.suffix.lower() not in WRITE_SUFFIXES:
+        raise AplaError(f"cannot write {out}: unknown extension {out.suffix!r}; use .mp4 or .gif")
+    check_writable(out, force)
+    return None
+
+
+def _summary(videos: list[Any], pipe: Any, where: str) -> str:
+    """The line that says what was written and how it was sampled."""
+    v, s = videos[0], videos[0].settings
+    interval = "" if s.guidance_interval is None else f" on {s.guidance_interval[0]:g}:{s.guidance_interval[1]:g}"
+    cache = f", cache interval {s.cache_interval} ({s.cache_schedule})" if s.cache_interval > 1 else ""
+    batches = f", batches of up to {max(x.batch_size for x in videos)}" if len(videos) > 1 else ""
+    return (f"wrote {where}: {v.frames.shape[0]} frames of {v.frames.shape[2]}x{v.frames.shape[1]}, "
+            f"{s.steps} {s.solver} steps from t={v.start_timestep}, guidance {s.guidance:g}{interval}, "
+            f"VGT {'on' if v.vgt else 'off'}, backend {pipe.describe()}, precision "
+            f"{pipe.describe_precision()}{cache}{batches}")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -216,25 +221,19 @@ def _save(video: Any, out: Path, fps: float, force: bool) -> Path:
 
 
 def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | None,
-                  force: bool, ran: dict[str, str] | None = None) -> list[Path]:
-    """The videos under ``out`` and ``index.json`` (prompt, seed, file, sha256), written last."""
-    import hashlib
-
+                  force: bool, placement: dict[str, Any]) -> list[Path]:
+    """The videos under ``out`` and ``index.json`` (each video's record, file, sha256 and
+    where the networks ran), written last."""
     from .folder.atomic import write_text
+    from .folder.manifest import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     paths, index = [], []
     for name, video in zip(names, videos):
         path = _save(video, out / name, fps or video.fps, force)
         paths.append(path)
-        index.append({"prompt": video.prompt, "seed": video.seed, "file": name,
-                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                      "negative_prompt": video.negative_prompt, "steps": video.steps,
-                      "guidance": video.guidance, "frames": int(video.frames.shape[0]),
-                      "scheduler": video.scheduler, "start_timestep": video.start_timestep,
-                      "guidance_interval": (list(video.guidance_interval)
-                                            if video.guidance_interval is not None else None),
-                      "vgt": video.vgt, **(ran or {})})
+        index.append({**video.record(), "file": name, "sha256": sha256_file(path),
+                      "backend": placement["backend"], "precision": placement["precision"]})
     write_text(out / "index.json", json.dumps(index, indent=2) + "\n", force=force)
     return paths
 
@@ -262,19 +261,33 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
            threads: int | None, timings: bool, force: bool, quiet: bool) -> None:
     """DDIM-invert VIDEO into a start latent for `generate --latent` (its timestep goes
     beside it in NAME.json)."""
-    from .oneshot import invert as run_invert
+    from .api import Pipeline
+    from .folder.latents import check_latent_outputs, save_latent
+    from .sampling.settings import check_steps
 
-    _check_threads(threads)
-    result = run_invert(video, engine_dir, out, steps=steps, frames=frames, start=start,
-                        stride=stride, use_vgt=not no_vgt, backend=backend, threads=threads,
-                        force=force, progress=not quiet, precision=precision)
-    _notes(result.notes)
-    if not quiet:
-        extra = f" and {result.source_path}" if result.source_path is not None else ""
-        click.echo(f"wrote {result.path}{extra}: latent {list(result.latent.shape)}, "
-                   f"{result.steps} steps, backend {result.backend}", err=True)
-    if timings:
-        click.echo(result.timings.table())
+    check_threads(threads)
+    if steps is not None:
+        check_steps(steps)
+    check_latent_outputs(out, False, force)
+    with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt, for_inversion=True,
+                       precision=precision) as pipe:
+        _notes(pipe.placement.notes)
+        check_latent_outputs(out, pipe.use_vgt and pipe.vgt_reads_source, force)
+        steps = steps or pipe.inversion_steps()
+        callback, done = progress_bar(not quiet, steps, "invert")
+        try:
+            latent = pipe.invert(video, steps=steps, frames=frames, start=start, stride=stride,
+                                 callback=callback)
+        finally:
+            done()
+        written = save_latent(latent, out, steps, with_source=pipe.use_vgt and pipe.vgt_reads_source,
+                              force=force)
+        if not quiet:
+            extra = f" and {written[1]}" if len(written) > 2 else ""
+            click.echo(f"wrote {written[0]}{extra}: latent {list(latent.start.shape)}, {steps} steps, "
+                       f"backend {pipe.describe()}, precision {pipe.describe_precision()}", err=True)
+        if timings:
+            click.echo(pipe.timings.table())
 
 
 @main.command(context_settings=_CONTEXT)
@@ -319,7 +332,7 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
     127.0.0.1; SIGINT or SIGTERM deletes the app (and stops the local Ray instance)."""
     from .folder.manifest import Manifest
 
-    _check_threads(threads)
+    check_threads(threads)
     Manifest.open(engine_dir).verify()  # a broken folder fails here, in one line
     try:
         from .service.serve import ServeOptions, run_server, serve_config
@@ -346,7 +359,9 @@ def _dims(dims: tuple[Any, ...]) -> str:
 @_engine_dir
 @click.option("--jobs", required=True, type=click.Path(path_type=Path),
               help="JSONL file, one video a line: {\"prompt\", \"seed\", \"frames\"?, "
-                   "\"steps\"?, \"guidance\"?, \"negative_prompt\"?, \"format\"?} (docs/batch.md).")
+                   "\"negative_prompt\"?, \"format\"?, and the sampling settings of generate: "
+                   "\"steps\"?, \"guidance\"?, \"scheduler\"?, \"guidance_interval\"?, "
+                   "\"cache_interval\"?, \"cache_schedule\"?} (docs/batch.md).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for the videos (NNNNN-HASH.FORMAT) and index.json; a rerun resumes.")
 @click.option("--address", help="Ray cluster to join (HOST:PORT or auto; default: RAY_ADDRESS, "
@@ -361,13 +376,14 @@ def _dims(dims: tuple[Any, ...]) -> str:
               help="Start every video from its seed's noise instead of the inverted clip.")
 @click.option("--no-vgt", is_flag=True, help="Leave out the VGT perturbation (Tune-A-Video).")
 @_backend
+@_precision
 @_threads
 @click.option("--force", is_flag=True,
               help="Make every video again, also over another job's folder.")
 @click.option("--quiet", is_flag=True, help="No progress lines, no summary line.")
 def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: int,
           num_gpus: float, max_batch: int, from_noise: bool, no_vgt: bool, backend: str,
-          threads: int | None, force: bool, quiet: bool) -> None:
+          precision: str, threads: int | None, force: bool, quiet: bool) -> None:
     """Generate every line of --jobs as a resumable Ray Data job (pip install -e ".[batch]").
 
     Every line is checked before anything runs; a rerun into the same --out skips the videos
@@ -375,14 +391,14 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
     from .service.batch import BatchOptions, run_batch
 
     with reported_to_user(interrupted="nothing was written"):
-        _check_threads(threads)
+        check_threads(threads)
         try:
             import ray.data  # noqa: F401
         except ImportError as err:
             raise AplaError(f"apla-rt batch needs Ray Data ({err}); "
                             "pip install -e \".[batch]\"") from None
     options = BatchOptions(str(engine_dir), str(jobs), str(out), address, actors, num_gpus,
-                           threads, max_batch, backend, from_noise, not no_vgt, force)
+                           threads, max_batch, backend, from_noise, not no_vgt, force, precision)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     with reported_to_user(interrupted=f"the videos indexed in {out / 'index.json'} are kept; "
                                       "the same command resumes"):
@@ -399,9 +415,9 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
 @_user_errors
 def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
     """Show the networks, dims, profiles, prompt, files and versions of an engine folder."""
-    from .api import run_scheduler, start_timestep_of
+    from .backends.placement import place
+    from .folder.latents import folder_start_timestep
     from .folder.manifest import Manifest
-    from .backends.runners import auto_cpu_backend, select_backend
     from .sampling.solvers import SOLVERS
 
     manifest = Manifest.open(engine_dir)
@@ -421,11 +437,11 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
                f"scaling {manifest.vae_scaling_factor:g}; fps {manifest.fps:g}")
     sched = manifest.scheduler
     try:
-        default = run_scheduler(manifest)
+        default = manifest.sampling_defaults().solver
     except AplaError as err:
         default = f"unreadable ({err})"
     where = ("" if manifest.start_latent_path is None else
-             f"; start latent at t={start_timestep_of(manifest)}"
+             f"; start latent at t={folder_start_timestep(manifest)}"
              + ("" if manifest.start_timestep is not None else " (not recorded: the run's inversion's)"))
     out.append(f"sampling: {default} by default (--scheduler {'|'.join(SOLVERS)}){where}")
     out.append(f"noise schedule: {sched.beta_schedule} {sched.beta_start:g}..{sched.beta_end:g}, "
@@ -441,11 +457,11 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
             out.append(f"    out {t.name:<22} {str(t.dtype):<8} {_dims(t.dims)}")
         out.append("    profile " + ", ".join(f"{d} {r[0]}..{r[2]} (opt {r[1]})"
                                              for d, r in spec.profile.items()))
-    try:
-        chosen, why = select_backend("auto", manifest, tuple(manifest.networks))
-        if chosen == "ort":  # what --precision auto adds on an AMX CPU
-            chosen, why = auto_cpu_backend(manifest, tuple(manifest.networks)) or (chosen, why)
-        out.append(f"backend (auto): {chosen} ({why})")
+    try:  # what the defaults would run here, without running a check not cached yet
+        placement = place(manifest, tuple(manifest.networks), check=False)
+        out.append(f"backend (auto): {placement.describe()}, precision {placement.describe_precision()}")
+        out += [f"  {name}: {c.runner} {c.precision}" + (f" ({c.why})" if c.why else "")
+                for name, c in placement.networks.items()]
     except AplaError as err:
         out.append(f"backend (auto): unavailable ({err})")
     out.append("files:" + (" (sha256 verified)" if verify else ""))

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from apla_rt.folder.manifest import Manifest, NetworkSpec
+from apla_rt.backends.placement import Choice, Placement
 from apla_rt.engine import Engine
+from apla_rt.sampling.settings import SamplingSettings
 from apla_rt.sampling.schedule import SchedulerConfig
 from apla_train.components import byte_alphabet  # the same byte-level alphabet CLIP uses
 
@@ -278,8 +280,19 @@ class NumpyRunner:
 
 
 def numpy_engine(folder: Path, nets: FakeNets) -> Engine:
+    """An ``Engine`` whose runners are the NumPy twins; no warm-up calls (they have no
+    first-call cost, and the tests count the loop's calls)."""
     m = Manifest.open(folder)
-    engine = Engine(m, "numpy", "test")
+    placement = Placement("ort", "the tests' NumPy twins",
+                          {name: Choice("ort", "fp32") for name in m.networks})
+    engine = Engine(m, placement)
+    engine.pool.warm = False
     for name in m.networks:
         engine.runners[name] = NumpyRunner(m.network(name), getattr(nets, name))
     return engine
+
+
+def settings(steps: int, guidance: float, solver: str = "ddim", **more: Any) -> SamplingSettings:
+    """Complete sampling settings for ``Engine.sample``: every step guided and no cache unless
+    ``more`` says otherwise."""
+    return SamplingSettings(steps, guidance, solver, **more).filled(SamplingSettings())

@@ -129,7 +129,7 @@ def test_interval_3_runs_the_plan_and_stays_close(exported):
         video, calls = _generate(engine, threads=threads, cache_interval=3)
         assert (calls["unet"], calls["unet shallow"]) == (3, 4)
         results[threads] = video
-        assert video.cache_interval == 3
+        assert video.settings.cache_interval == 3
     np.testing.assert_allclose(results[None].latents, results[2].latents, atol=1e-4)
     # measured on a run trained with the session's settings (7 steps, guidance 7.5): max
     # |latent difference| 3.0 % of max |latent| (0.52 of 17.3), frames 35.5 dB apart (the
@@ -203,8 +203,8 @@ def test_serve_request_cache_fields(exported, without_cache):
     with Pipeline.open(engine) as pipe:
         request, _ = parse_generate(b'{"prompt": "a man", "cache_interval": 3, "cache_schedule": "nonuniform"}',
                                     pipe, False)
-        assert (request.cache_interval, request.cache_schedule) == (3, "nonuniform")
-        assert parse_generate(b'{"prompt": "a man"}', pipe, False)[0].cache_interval == 1
+        assert (request.settings.cache_interval, request.settings.cache_schedule) == (3, "nonuniform")
+        assert pipe.settings_for(parse_generate(b'{"prompt": "a man"}', pipe, False)[0].settings).cache_interval == 1
         for body, needle in ((b'{"prompt": "a", "cache_interval": 0}', "--cache-interval must be"),
                              (b'{"prompt": "a", "cache_interval": 2.5}', "--cache-interval must be an integer"),
                              (b'{"prompt": "a", "cache_schedule": "x"}', "--cache-schedule must be one of")):

@@ -93,7 +93,7 @@ def test_models_over_the_protobuf_limit_use_external_data(ski_run, tmp_path, mon
     graphs share (each tensor stored once, both graphs pointing at the same bytes), the
     manifest lists and hashes it, onnx.checker and ONNX Runtime load both graphs from it, and
     the runtime samples from the folder."""
-    from apla_rt.oneshot import generate
+    from rt_run import generate
 
     from export import onnx_export
 

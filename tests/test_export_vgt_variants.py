@@ -47,7 +47,7 @@ def test_vgt_source_run_exports_a_vgt_with_a_source_input(auto_default_out_expor
         ref = torch_vgt(*(torch.from_numpy(v) for v in feeds.values()))
     compare_with_torch(out, "vgt", feeds, ref, {"batch": 2, "frames": 6})
     # the clean latent that VGT reads travels with the engine folder, and the runtime feeds it
-    from apla_rt.oneshot import generate
+    from rt_run import generate
     from apla_train.components import encode_prompts
     from apla_train.sampling import ddim_sample
 

@@ -21,7 +21,7 @@ import pytest
 
 from apla_rt.errors import BackendUnavailable
 from apla_rt.folder.manifest import Manifest
-from apla_rt.backends import runners
+from apla_rt.backends import placement, runners
 from export import fp16 as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,17 +122,17 @@ def test_provider_choice(fp16_engines, monkeypatch):
     out, _, _ = fp16_engines
     manifest = Manifest.open(out)
     nets = ("text_encoder", "unet", "vae_decoder")
-    monkeypatch.setattr(runners, "ort_cuda_status", lambda: (False, "no CUDA GPU is visible"))
-    assert runners.select_backend("ort-cpu", manifest, nets) == ("ort", "requested")
-    assert runners.select_backend("auto", manifest, nets)[0] == "ort"
+    monkeypatch.setattr(placement, "ort_cuda_status", lambda: (False, "no CUDA GPU is visible"))
+    assert placement.select_backend("ort-cpu", manifest, nets) == ("ort", "requested")
+    assert placement.select_backend("auto", manifest, nets)[0] == "ort"
     with pytest.raises(BackendUnavailable) as err:
-        runners.select_backend("ort-cuda", manifest, nets)
+        placement.select_backend("ort-cuda", manifest, nets)
     assert str(err.value) == "--backend ort-cuda: no CUDA GPU is visible; or use --backend ort-cpu"
-    monkeypatch.setattr(runners, "ort_cuda_status", lambda: (True, ""))
-    assert runners.select_backend("ort-cuda", manifest, nets) == ("ort-cuda", "requested")
-    assert runners.select_backend("auto", manifest, nets)[0] == "ort-cuda"
-    assert runners.select_backend("ort", manifest, nets)[0] == "ort-cuda"
-    assert runners.select_backend("ort-cpu", manifest, nets)[0] == "ort"  # the CPU on a GPU machine
+    monkeypatch.setattr(placement, "ort_cuda_status", lambda: (True, ""))
+    assert placement.select_backend("ort-cuda", manifest, nets) == ("ort-cuda", "requested")
+    assert placement.select_backend("auto", manifest, nets)[0] == "ort-cuda"
+    assert placement.select_backend("ort", manifest, nets)[0] == "ort-cuda"
+    assert placement.select_backend("ort-cpu", manifest, nets)[0] == "ort"  # the CPU on a GPU machine
     # the CPU path stays FP32; the CUDA path loads the FP16 file (here ONNX Runtime falls back
     # to its CPU provider, which is enough to see which file and casts were chosen)
     cpu = runners.open_runner(manifest, "unet", "ort", threads=1)

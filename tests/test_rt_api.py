@@ -63,7 +63,7 @@ def test_requests_of_other_shapes_or_steps_run_in_their_own_batches(fake_engine)
         assert [v.frames.shape[0] for v in videos] == [3, 5, 3, 3]
         alone, = pipe.run([Request("c", 3, frames=3, steps=2, guidance=9.0)], from_noise=True)
         np.testing.assert_allclose(videos[2].latents, alone.latents, rtol=0, atol=1e-5)
-        assert videos[2].guidance == 9.0 and videos[0].guidance == 3.0  # the run's default
+        assert videos[2].settings.guidance == 9.0 and videos[0].settings.guidance == 3.0  # the run's default
 
 
 def test_prompts_and_seeds_pair_up(fake_engine):
@@ -71,7 +71,7 @@ def test_prompts_and_seeds_pair_up(fake_engine):
         videos = pipe.generate("a man", seeds=[1, 2], from_noise=True, steps=1)
         assert [(v.prompt, v.seed) for v in videos] == [("a man", 1), ("a man", 2)]
         videos = pipe.generate(PROMPTS[:2], steps=1)  # the start latent, seed 0
-        assert [v.seed for v in videos] == [0, 0] and videos[0].steps == 1
+        assert [v.seed for v in videos] == [0, 0] and videos[0].settings.steps == 1
         with pytest.raises(InputError, match="3 prompts and 2 seeds do not pair up"):
             pipe.generate(PROMPTS, seeds=[1, 2])
         with pytest.raises(InputError, match=r"--frames 40 is outside the engines' range 1\.\.6"):
@@ -193,12 +193,12 @@ def test_defaults_come_from_the_manifest(engine_copy):
     rehash(engine_copy)
     with Pipeline.open(engine_copy, "ort") as pipe:
         video, = pipe.generate("a man")
-        assert (video.steps, video.guidance) == (3, 2.5)
-        assert pipe.default_inversion_steps() == 3
+        assert (video.settings.steps, video.settings.guidance) == (3, 2.5)
+        assert pipe.inversion_steps() == 3
     edit_manifest(engine_copy, lambda d: d.update(config={"sample": {"inversion_steps": 7}}))
     rehash(engine_copy)
     with Pipeline.open(engine_copy, "ort") as pipe:
-        assert pipe.default_inversion_steps() == 7
+        assert pipe.inversion_steps() == 7
         with pytest.raises(InputError, match="does not record the run's steps; pass --steps"):
             pipe.generate("a man")
 

@@ -46,7 +46,7 @@ def test_generate_writes_video_and_timings(engine, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_video(out).shape == (4, 8, 8, 3)
     assert "wrote" in result.stderr and "VGT on" in result.stderr
-    for stage in ("text encoder", "unet", "vgt", "ddim", "vae", "video write", "total"):
+    for stage in ("text encoder", "unet", "vgt", "solver", "vae", "video write", "total"):
         assert stage in result.stdout
     gif = tmp_path / "v.gif"
     result = gen(engine, gif, "--from-noise", "--frames", "5", "--seed", "3", "--no-vgt")
@@ -134,7 +134,7 @@ def test_info(engine, tmp_path):
     result = run("info", "--engine-dir", engine, "--verify")
     assert result.exit_code == 0, result.output
     for text in ("prompt: 'a man is skiing'", "frames: 1..6 (opt 4)", "unet  [unet.onnx]",
-                 "in  sample", "batch 1..2 (opt 2)", "backend (auto): ort", "sha256 verified",
+                 "in  sample", "batch 1..2 (opt 2)", "backend (auto): onnxruntime-cpu", "sha256 verified",
                  "versions: apla test", "start_latent.npy [1, 4, 4, 4, 4]"):
         assert text in result.output, text
     data = json.loads(run("info", "--engine-dir", engine, "--json").output)

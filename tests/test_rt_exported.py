@@ -13,7 +13,7 @@ import pytest
 
 from apla_rt.errors import IntegrityError
 from apla_rt.engine import Engine
-from apla_rt.oneshot import generate, invert
+from rt_run import generate, invert
 from apla_rt.sampling.schedule import DDIMSchedule, ddim_step
 from apla_rt.media.video import read_video
 
@@ -57,9 +57,14 @@ def test_exported_vgt_contribution_is_small_but_nonzero(exported):
         schedule = DDIMSchedule.build(engine.manifest.scheduler, 3)
         ratios = []
         for t in schedule.timesteps:
-            eps_hat, eps_theta, delta = engine.predict_noise(z, int(t), text, 12.5)
+            # the loop's arithmetic (apla_rt.sampling.loop), with its two terms kept apart
+            ts = np.full((2,), t, dtype=np.int64)
+            eps = engine.pool.unet("unet", {"sample": np.concatenate([z, z]), "timestep": ts,
+                                            "encoder_hidden_states": text}, halves=True)["noise_pred"]
+            eps_theta = eps[:1] + np.float32(12.5) * (eps[1:] - eps[:1])
+            delta = engine.pool.vgt({"sample": z, "timestep": ts[:1]})
             ratios.append(float(np.linalg.norm(delta) / np.linalg.norm(eps_theta)))
-            z = ddim_step(eps_hat, int(t), z, schedule)
+            z = ddim_step(eps_theta + delta, int(t), z, schedule)
     assert all(r > 0 for r in ratios), ratios  # trained: the VGT's last layer moved off zero
     assert max(ratios) < 0.3, ratios  # a perturbation, small next to the UNet's prediction
     with_vgt = generate(folder, "a man is skiing", steps=3)

@@ -13,8 +13,9 @@ import pytest
 from rt_fakes import C, LAT, FakeNets, numpy_engine
 
 from apla_rt.errors import InputError
-from apla_rt.engine import Timings, images_to_frames
-from apla_rt.oneshot import generate, invert
+from apla_rt.media.video import images_to_frames
+from apla_rt.sampling.timings import Timings
+from rt_run import generate, invert
 from apla_rt.media.video import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_timings_table():
         pass
     table = t.table()
     assert "unet" in table and "total" in table and t.calls["unet"] == 2
-    assert set(t.as_dict()) >= {"text encoder", "unet", "vgt", "ddim", "vae", "video write", "total"}
+    assert set(t.as_dict()) >= {"text encoder", "unet", "vgt", "solver", "vae", "video write", "total"}
 
 
 def test_timings_count_each_second_once(fake_engine, monkeypatch):
@@ -135,15 +136,15 @@ def test_timings_count_each_second_once(fake_engine, monkeypatch):
     made slow enough that counting it twice would show."""
     import time
 
-    from apla_rt import engine as pipeline
+    from apla_rt.backends import pool
 
-    real = pipeline.open_runner
+    real = pool.open_runner
 
     def slow_open(*args, **kwargs):
         time.sleep(0.2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "open_runner", slow_open)
+    monkeypatch.setattr(pool, "open_runner", slow_open)
     started = time.perf_counter()
     result = generate(fake_engine, "a man is skiing", steps=2, guidance=5.0, threads=1)
     wall = time.perf_counter() - started

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine
+from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine, settings
+
+from apla_rt import Latent
 
 from apla_rt.errors import InputError
 from apla_rt.sampling.schedule import SchedulerConfig, alphas_cumprod
@@ -43,7 +45,7 @@ def test_loop_matches_direct_computation(fake_engine):
     text = engine.encode_text(["", "a man is skiing"])
     start = engine.manifest.load_start_latent()
     for use_vgt in (True, False):
-        got = engine.sample(start, text, 5, 7.5, use_vgt, start_timestep=legacy_top(5))
+        got = engine.sample(Latent(start, None, legacy_top(5)), text, settings(5, 7.5), use_vgt=use_vgt)
         want = direct_ddim(start, text, 5, 7.5, nets, use_vgt)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     unet, vgt = engine.runners["unet"], engine.runners["vgt"]
@@ -59,7 +61,7 @@ def test_loop_splits_the_guidance_batch_when_the_profile_says_so(engine_copy):
     engine = numpy_engine(engine_copy, nets)
     text = engine.encode_text(["", "a man is skiing"])
     start = engine.manifest.load_start_latent()
-    np.testing.assert_allclose(engine.sample(start, text, 3, 4.0, start_timestep=legacy_top(3)),
+    np.testing.assert_allclose(engine.sample(Latent(start, None, legacy_top(3)), text, settings(3, 4.0)),
                                direct_ddim(start, text, 3, 4.0, nets),
                                rtol=0, atol=1e-5)
     calls = engine.runners["unet"].calls
@@ -84,7 +86,7 @@ def test_loop_matches_torch_reference_sampler(fake_engine):
 
     want = ddim_sample(unet, vgt, torch.from_numpy(start), torch.from_numpy(text),
                        engine.manifest.scheduler, 6, 12.5).numpy()
-    np.testing.assert_allclose(engine.sample(start, text, 6, 12.5), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(engine.sample(Latent(start), text, settings(6, 12.5)), want, rtol=0, atol=1e-5)
     uncond = torch.from_numpy(engine.encode_text([""]))
     want_inv = ddim_invert(unet, vgt, torch.from_numpy(start), uncond, engine.manifest.scheduler, 6).numpy()
     np.testing.assert_allclose(engine.invert_latents(start, 6), want_inv, rtol=0, atol=1e-5)
@@ -106,5 +108,5 @@ def test_vgt_with_source_input(engine_copy):
     assert len(seen) == 2 and all(np.array_equal(s, start) for s in seen)
     text = engine.encode_text(["", "x"])
     with pytest.raises(InputError, match="reads the clean source latent"):
-        engine.sample(start, text, 2, 3.0)
-    engine.sample(start, text, 2, 3.0, use_vgt=False)
+        engine.sample(Latent(start), text, settings(2, 3.0))
+    engine.sample(Latent(start), text, settings(2, 3.0), use_vgt=False)

@@ -15,7 +15,7 @@ from rt_fakes import C, FRAMES, HIDDEN, LAT, PATCH, SEQ, edit_manifest
 from apla_rt.folder import manifest as M
 from apla_rt.errors import InputError, IntegrityError
 from apla_rt.folder.manifest import Manifest
-from apla_rt.oneshot import generate
+from rt_run import generate
 from apla_rt.sampling.schedule import SchedulerConfig
 
 

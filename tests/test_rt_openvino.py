@@ -196,12 +196,12 @@ def test_auto_without_units_keeps_todays_path(exported, monkeypatch):
         raise AssertionError("no bf16 check without bf16 units")
 
     fake_cpu(monkeypatch, NO_BF16, ("FP32",))
-    monkeypatch.setattr(openvino_runner, "_checked_bf16", no_check)
+    monkeypatch.setattr(openvino_runner, "bf16_verdict", no_check)
     with Pipeline.open(exported[1], "auto", 2) as pipe:  # precision auto: ONNX Runtime fp32
-        assert pipe.engine.backend == "ort" and pipe.describe_precision() == "fp32"
+        assert pipe.placement.backend == "ort" and pipe.describe_precision() == "fp32"
         assert all(r.backend == "onnxruntime-cpu" for r in pipe.engine.runners.values())
     with Pipeline.open(exported[1], "openvino", 2) as pipe:
-        assert pipe.describe_precision() == "fp32" and pipe.engine.notes == []
+        assert pipe.describe_precision() == "fp32" and pipe.placement.notes == ()
 
 
 AVX512_BF16_ONLY = CpuInfo("Fake Xeon with avx512_bf16, no AMX",
@@ -213,14 +213,15 @@ def test_auto_without_amx_keeps_fp32_and_runs_no_check(exported, monkeypatch):
     ``auto`` keeps fp32 there; an explicit ``bf16`` still runs, checked."""
     checked: list[str] = []
 
-    def fake_check(manifest, spec, *args):
-        checked.append(spec.name)
-        return openvino_runner.OvRunner(spec, args[0], "fp32", 1, 1, args[2]), None
+    def fake_check(manifest, name, threads, cpu, run=True, token_ids=None):
+        if run:  # the check runs for the networks opened now
+            checked.append(name)
+        return None  # no verdict: the network stays fp32, silently
 
     fake_cpu(monkeypatch, AVX512_BF16_ONLY)
-    monkeypatch.setattr(openvino_runner, "_checked_bf16", fake_check)
+    monkeypatch.setattr(openvino_runner, "bf16_verdict", fake_check)
     with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:
-        assert pipe.describe_precision() == "fp32" and pipe.engine.notes == [] and checked == []
+        assert pipe.describe_precision() == "fp32" and pipe.placement.notes == () and checked == []
     with Pipeline.open(exported[1], "openvino", 2, precision="bf16") as pipe:
         assert sorted(checked) == sorted(pipe.engine.runners)  # bf16 asked for: each one checked
     assert not cpu_precision.auto_picks_bf16(AVX512_BF16_ONLY, ("FP32", "BF16"))
@@ -234,29 +235,30 @@ def test_default_backend_takes_openvino_bf16_only_for_a_large_unet_on_amx(export
     path, for a smaller UNet, without AMX, or with either option given."""
     checked: list[str] = []
 
-    def fake_check(manifest, spec, *args):
-        checked.append(spec.name)
-        return openvino_runner.OvRunner(spec, args[0], "fp32", 1, 1, args[2]), None
+    def fake_check(manifest, name, threads, cpu, run=True, token_ids=None):
+        if run:  # the check runs for the networks opened now
+            checked.append(name)
+        return None  # no verdict: the network stays fp32, silently
 
     amx = CpuInfo(WITH_BF16.model, WITH_BF16.flags | {"amx_tile"})
-    monkeypatch.setattr(openvino_runner, "_checked_bf16", fake_check)
+    monkeypatch.setattr(openvino_runner, "bf16_verdict", fake_check)
     fake_cpu(monkeypatch, amx)
     with Pipeline.open(exported[1], threads=2) as pipe:  # the tiny UNet: under the bound
-        assert pipe.engine.backend == "ort" and pipe.describe_precision() == "fp32" and checked == []
+        assert pipe.placement.backend == "ort" and pipe.describe_precision() == "fp32" and checked == []
     monkeypatch.setattr(cpu_precision, "AUTO_OPENVINO_MIN_UNET_MB", 0.0)
     with Pipeline.open(exported[1], threads=2) as pipe:
-        assert pipe.engine.backend == "openvino", pipe.describe()
-        assert "amx_bf16" in pipe.engine.backend_reason
+        assert pipe.placement.backend == "openvino", pipe.describe()
+        assert "amx_bf16" in pipe.placement.why
         assert sorted(checked) == sorted(pipe.engine.runners)  # each network checked before use
     info = CliRunner().invoke(main, ["info", "--engine-dir", str(exported[1])])
-    assert info.exit_code == 0 and "backend (auto): openvino (amx_bf16 on this CPU" in info.output, info.output
+    assert info.exit_code == 0 and "backend (auto): openvino-cpu (amx_bf16 on this CPU" in info.output, info.output
     checked.clear()
     for backend, precision in (("ort-cpu", "auto"), ("auto", "fp32")):
         with Pipeline.open(exported[1], backend, 2, precision=precision) as pipe:
-            assert pipe.engine.backend == "ort" and checked == []
+            assert pipe.placement.backend == "ort" and checked == []
     fake_cpu(monkeypatch, AVX512_BF16_ONLY)
     with Pipeline.open(exported[1], threads=2) as pipe:
-        assert pipe.engine.backend == "ort" and checked == []
+        assert pipe.placement.backend == "ort" and checked == []
     rule = cpu_precision.auto_openvino_reason
     assert rule(amx, ("FP32", "BF16"), 3400.0) and rule(amx, ("FP32",), 3400.0) is None
     assert rule(AVX512_BF16_ONLY, ("FP32", "BF16"), 3400.0) is None
@@ -282,21 +284,21 @@ def test_check_miss_falls_back_to_fp32_with_one_line(exported, monkeypatch, fres
         networks = sorted(pipe.engine.runners)
         # a zero tolerance is met only by an exact output: where the CPU really runs bf16 every
         # network misses; elsewhere OpenVINO's bf16 hint may compute fp32 and pass
-        for line in pipe.engine.notes:
+        for line in pipe.placement.notes:
             assert line.startswith("bf16 check failed for ") and line.endswith(": it runs in fp32")
             assert "\n" not in line
-        missed = {line.split()[4] for line in pipe.engine.notes}
-        assert all(pipe.engine.precisions()[n] == "fp32" for n in missed)
+        missed = {line.split()[4] for line in pipe.placement.notes}
+        assert all(pipe.placement.choice(n).precision == "fp32" for n in missed)
         if this_cpu_bf16() is None:
             assert missed == set(networks)
         assert sorted(calls) == networks
         summary = pipe.summary()
-        assert summary["precision_notes"] == pipe.engine.notes
+        assert summary["precision_notes"] == list(pipe.placement.notes)
     assert len(VerdictCache(fresh_cache)._read()) == len(networks)
     with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:  # cached verdicts
         assert sorted(calls) == networks
-        assert {line.split()[4] for line in pipe.engine.notes} == missed
-        assert all(pipe.engine.precisions()[n] == "fp32" for n in missed)
+        assert {line.split()[4] for line in pipe.placement.notes} == missed
+        assert all(pipe.placement.choice(n).precision == "fp32" for n in missed)
 
 
 def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
@@ -355,7 +357,7 @@ def test_bf16_runs_here_within_tolerance(exported, fresh_cache):
     if why is not None:
         pytest.skip(f"bf16 does not run here: {why}")
     with Pipeline.open(exported[1], "openvino", 2, precision="bf16") as pipe:
-        assert pipe.engine.notes == [], pipe.engine.notes
+        assert pipe.placement.notes == (), pipe.placement.notes
         assert pipe.describe_precision() == "bf16"
         unet = pipe.engine.runners["unet"]
         assert isinstance(unet, openvino_runner.OvRunner)

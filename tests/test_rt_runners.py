@@ -13,12 +13,13 @@ import pytest
 from rt_fakes import (C, HIDDEN, LAT, PATCH, SEQ, FakeNets, edit_manifest, make_engine_folder, numpy_engine,
                       rehash)
 
-from apla_rt.api import start_timestep_of
+from apla_rt import Latent
+from apla_rt.folder.latents import folder_start_timestep
 from apla_rt.errors import BackendUnavailable
 from apla_rt.folder.manifest import Manifest
 from apla_rt.engine import Engine
-from apla_rt.oneshot import generate
-from apla_rt.backends.runners import select_backend
+from rt_run import generate
+from apla_rt.backends.placement import select_backend
 
 
 def test_ort_cuda_path_keeps_constants_on_device(fake_engine, monkeypatch):
@@ -76,8 +77,8 @@ def test_onnx_runtime_engine_matches_numpy(fake_engine):
     twin = numpy_engine(fake_engine, nets)
     result = generate(fake_engine, "a man is skiing", steps=4, guidance=5.0, threads=1)
     text = twin.encode_text(["", "a man is skiing"])
-    want = twin.sample(twin.manifest.load_start_latent(), text, 4, 5.0,
-                       start_timestep=start_timestep_of(twin.manifest))
+    want = twin.sample(Latent(twin.manifest.load_start_latent(), None,
+                              folder_start_timestep(twin.manifest)), text, settings(4, 5.0))
     np.testing.assert_allclose(result.latents, want, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(result.frames, twin.decode(want))
     assert result.backend.startswith("onnxruntime-cpu") and result.vgt
@@ -89,10 +90,9 @@ def test_onnx_runtime_engine_matches_numpy(fake_engine):
 def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
     """With 2+ CPU threads the UNet runs each guidance half as its own batch-1 call, both at
     once on the one session (single-threaded pool); the result is the batch-2 call's."""
-    from apla_rt import engine as pipeline
-    from apla_rt.backends import runners
+    from apla_rt.backends import placement, runners
 
-    monkeypatch.setattr(pipeline, "ort_cuda_available", lambda: False)  # the CPU path, even on a GPU
+    monkeypatch.setattr(placement, "ort_cuda_available", lambda: False)  # the CPU path, even on a GPU
     seen: list[tuple[int, int, int]] = []
     meet = threading.Barrier(2, timeout=20)  # breaks (and fails the run) unless both halves overlap
     real = runners.OrtRunner.run
@@ -108,30 +108,30 @@ def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
 
     monkeypatch.setattr(runners.OrtRunner, "run", spy)
     one = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=1)
-    assert [(b, t) for _, b, t in seen] == [(2, 2)] * 3  # one thread: one batch-2 call per step
+    # one thread: one batch-2 call to warm up when the pipeline opens, then one per step
+    assert [(b, t) for _, b, t in seen] == [(2, 2)] * 4
     seen.clear()
     with Engine.open(fake_engine, "ort", ("unet",), threads=2) as engine:
-        assert engine.split_guidance
+        assert engine.placement.split_guidance
         options = engine.runners["unet"].session.get_session_options()
         assert options.intra_op_num_threads == 1  # + the second caller: 2 threads in all
     two = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=2)
-    assert [(b, t) for _, b, t in seen] == [(1, 1)] * 6
+    assert [(b, t) for _, b, t in seen] == [(1, 1)] * 8  # the warm-up in halves too
     assert len({tid for tid, _, _ in seen}) == 2
     np.testing.assert_allclose(two.latents, one.latents, rtol=0, atol=1e-5)
     assert np.abs(two.frames.astype(int) - one.frames).max() <= 1
     assert two.timings.calls["unet"] == 3
     for kwargs in ({"threads": None}, {"threads": 2, "guidance_batch": False}):
         with Engine.open(fake_engine, "ort", ("unet",), **kwargs) as engine:
-            assert not engine.split_guidance, kwargs  # ORT's own threads / inversion (batch 1)
+            assert not engine.placement.split_guidance, kwargs  # ORT's own threads / inversion (batch 1)
     with Engine.open(fake_engine, "ort", ("unet",), threads=2, guidance_batch=False) as engine:
         assert engine.runners["unet"].session.get_session_options().intra_op_num_threads == 2
 
 
 def test_a_failing_guidance_half_reaches_the_caller(fake_engine, monkeypatch):
-    from apla_rt import engine as pipeline
-    from apla_rt.backends import runners
+    from apla_rt.backends import placement, runners
 
-    monkeypatch.setattr(pipeline, "ort_cuda_available", lambda: False)
+    monkeypatch.setattr(placement, "ort_cuda_available", lambda: False)
     real = runners.OrtRunner.run
 
     def failing(self, feeds):
@@ -143,8 +143,8 @@ def test_a_failing_guidance_half_reaches_the_caller(fake_engine, monkeypatch):
     with Engine.open(fake_engine, "ort", threads=2) as engine:
         text = engine.encode_text(["", "a man is skiing"])
         with pytest.raises(RuntimeError, match="helper's half"):
-            engine.sample(engine.manifest.load_start_latent(), text, 2, 5.0)
-        helper = engine._halves
+            engine.sample(Latent(engine.manifest.load_start_latent()), text, settings(2, 5.0))
+        helper = engine.pool._halves
     assert helper is not None and helper._shutdown  # closed with the engine: no thread left behind
 
 
@@ -165,7 +165,7 @@ def test_backend_selection(engine_copy):
     edit_manifest(engine_copy, lambda d: [d["networks"][n].update(engine=f"{n}.plan") for n in nets])
     rehash(engine_copy)
     m = Manifest.open(engine_copy)
-    from apla_rt.backends.runners import trt_available
+    from apla_rt.backends.gpu import trt_available
 
     ok, why = trt_available()
     if not ok:
@@ -177,7 +177,7 @@ def test_backend_selection(engine_copy):
 
 @pytest.mark.tensorrt
 def test_tensorrt_runner_matches_onnxruntime(tmp_path):
-    from apla_rt.backends.runners import trt_available
+    from apla_rt.backends.gpu import trt_available
 
     ok, why = trt_available()
     if not ok:

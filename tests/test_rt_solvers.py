@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from rt_fakes import C, LAT, FakeNets, edit_manifest, numpy_engine
+from rt_fakes import C, LAT, FakeNets, edit_manifest, numpy_engine, settings
 
 from apla_rt import Latent, Pipeline
 from apla_rt.cli import main
@@ -29,7 +29,7 @@ def fake(folder):
 
 def test_guidance_interval_runs_the_unet_on_the_cond_rows_outside_it(fake_engine):
     engine, text, start = fake(fake_engine)
-    z = engine.sample(start, text, 10, 5.0, scheduler="dpmpp-2m", guidance_interval=(0.2, 0.6))
+    z = engine.sample(Latent(start), text, settings(10, 5.0, "dpmpp-2m", guidance_interval=(0.2, 0.6)))
     rows = [c["sample"][0] for c in engine.runners["unet"].calls]
     assert rows == [1, 1, 2, 2, 2, 2, 1, 1, 1, 1]  # steps 2..5 of 10: 0.2 <= i/10 < 0.6
     assert [c["sample"][0] for c in engine.runners["vgt"].calls] == [1] * 10  # delta every step
@@ -38,21 +38,21 @@ def test_guidance_interval_runs_the_unet_on_the_cond_rows_outside_it(fake_engine
     assert np.isfinite(z).all()
     for name in SOLVERS:
         full, _, _ = fake(fake_engine)
-        whole = full.sample(start, text, 6, 5.0, scheduler=name)
-        same = full.sample(start, text, 6, 5.0, scheduler=name, guidance_interval=(0.0, 1.0))
+        whole = full.sample(Latent(start), text, settings(6, 5.0, name))
+        same = full.sample(Latent(start), text, settings(6, 5.0, name, guidance_interval=(0.0, 1.0)))
         np.testing.assert_array_equal(whole, same)  # the whole schedule: every step guided
         # no step guided: each step takes the conditional prediction, as guidance 1 does
-        none = full.sample(start, text, 6, 5.0, scheduler=name, guidance_interval=(0.5, 0.5))
-        np.testing.assert_allclose(none, full.sample(start, text, 6, 1.0, scheduler=name),
+        none = full.sample(Latent(start), text, settings(6, 5.0, name, guidance_interval=(0.5, 0.5)))
+        np.testing.assert_allclose(none, full.sample(Latent(start), text, settings(6, 1.0, name)),
                                    rtol=0, atol=1e-5)
         assert not np.allclose(none, whole, atol=1e-3)
 
 
 def test_pipeline_settings_and_bad_values(engine_copy):
     with Pipeline.open(engine_copy, "ort") as pipe:
-        assert pipe.default_scheduler() == "ddim"  # a folder that records none
+        assert pipe.defaults.solver == "ddim"  # a folder that records none
         v, = pipe.generate("a man is skiing", steps=4, scheduler="unipc", guidance_interval=(0, 0.5))
-        assert (v.scheduler, v.guidance_interval) == ("unipc", (0.0, 0.5))
+        assert (v.settings.solver, v.settings.guidance_interval) == ("unipc", (0.0, 0.5))
         assert v.start_timestep == inverted_timestep(CFG, 4)  # the run's inversion steps (4)
         noise, = pipe.generate("a man is skiing", steps=3, from_noise=True, seeds=1)
         assert noise.start_timestep == noise_timestep(CFG) == 999
@@ -66,7 +66,7 @@ def test_pipeline_settings_and_bad_values(engine_copy):
         assert given.start_timestep == 333
     edit_manifest(engine_copy, lambda d: d["sample_defaults"].update(scheduler="dpmpp-2m"))
     with Pipeline.open(engine_copy, "ort") as pipe:
-        assert pipe.generate("a man is skiing", steps=2)[0].scheduler == "dpmpp-2m"
+        assert pipe.generate("a man is skiing", steps=2)[0].settings.solver == "dpmpp-2m"
         assert pipe.summary()["scheduler"] == "dpmpp-2m"
     edit_manifest(engine_copy, lambda d: d.update(start_timestep=500))
     with Pipeline.open(engine_copy, "ort") as pipe:
@@ -128,9 +128,9 @@ def test_serve_request_fields(fake_engine):
     with Pipeline.open(fake_engine, "ort") as pipe:
         request, _ = parse_generate(json.dumps({"prompt": "a man", "scheduler": "unipc",
                                                 "guidance_interval": [0.1, 0.9]}).encode(), pipe, False)
-        assert (request.scheduler, request.guidance_interval) == ("unipc", (0.1, 0.9))
+        assert (request.settings.solver, request.settings.guidance_interval) == ("unipc", (0.1, 0.9))
         request, _ = parse_generate(b'{"prompt": "a man", "guidance_interval": "0:0.5"}', pipe, False)
-        assert request.guidance_interval == (0.0, 0.5)
+        assert request.settings.guidance_interval == (0.0, 0.5)
         for body, message in (({"scheduler": "plms"}, "--scheduler must be one of"),
                               ({"scheduler": 3}, "--scheduler must be text"),
                               ({"guidance_interval": [0.5]}, "--guidance-interval must be"),
@@ -147,7 +147,7 @@ def test_serve_request_fields(fake_engine):
 def test_exported_multistep_solver_matches_reference_sampler(exported, reference):
     import torch
 
-    from apla_rt.oneshot import generate
+    from rt_run import generate
     from apla_train.components import encode_prompts
     from apla_train.sampling import ddim_sample
 
@@ -172,7 +172,7 @@ def test_every_solver_reconstructs_the_training_clip(exported):
     """From the DDIM-inverted latent with the training prompt and the run's guidance. Measured
     on the session's run (6 training steps, 2 inversion steps, 32 px): 19.8 dB for every
     solver at 2 steps, 21.3-21.7 dB at 5 and 10."""
-    from apla_rt.oneshot import generate
+    from rt_run import generate
     from apla_rt.media.video import psnr, read_video
 
     run, engine = exported

@@ -1,6 +1,7 @@
-"""Is a CUDA GPU / TensorRT usable here? Checked without torch and without cudart.
+"""Is a CUDA GPU / TensorRT / ONNX Runtime's CUDA provider usable here? Checked without torch
+and without cudart.
 
-The one place that answers it: the runtime (``apla_rt.backends.runners``) and the exporter
+The one place that answers it: the runtime (``apla_rt.backends.placement``) and the exporter
 (``export.trt``) both ask these functions.
 """
 
@@ -62,3 +63,23 @@ def trt_available() -> tuple[bool, str]:
     if why:
         return False, why
     return True, ""
+
+
+def ort_cuda_status() -> tuple[bool, str]:
+    """Whether ONNX Runtime's CUDA provider can run here; else False and a one-line reason."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "ONNX Runtime is not installed (pip install -e \".[gpu]\" for onnxruntime-gpu)"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, (f"this onnxruntime {ort.__version__} has no CUDA provider (the CPU package "
+                       "is installed; pip install -e \".[gpu]\" installs onnxruntime-gpu instead)")
+    count, why = cuda_device_count()
+    if count < 1:
+        return False, "no CUDA GPU is visible" + (f" ({why})" if why else "")
+    return True, ""
+
+
+def ort_cuda_available() -> bool:
+    """onnxruntime-gpu is installed and a CUDA GPU is visible."""
+    return ort_cuda_status()[0]

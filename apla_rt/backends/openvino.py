@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import precision as cpu_precision
-from .precision import (CHECK_SEEDS, CpuInfo, VerdictCache, bf16_unavailable, cache_dir,
-                            miss_line, run_check, seeded_feeds, verdict_key)
+from .precision import (CHECK_SEEDS, CpuInfo, VerdictCache, cache_dir, run_check, seeded_feeds,
+                        verdict_key)
 from ..errors import AplaError, BackendUnavailable, IntegrityError
 from ..folder.manifest import Manifest, NetworkSpec
 from .ort import OrtRunner, _ConstantsMixin, _onnx_files
@@ -152,39 +152,15 @@ class OvRunner(_ConstantsMixin):
 
 
 def open_ov_runner(manifest: Manifest, name: str, threads: int | None = None,
-                   precision: str = "fp32", streams: int = 1, notes: list[str] | None = None,
-                   cpu: CpuInfo | None = None, token_ids: np.ndarray | None = None) -> OvRunner:
-    """Verify the network's portable ONNX file, compile it with OpenVINO in ``precision``
-    ("fp32", "bf16" or "auto"; bf16 and auto go through the cached bf16 check, a miss runs
-    fp32 and appends one line to ``notes``)."""
+                   precision: str = "fp32", streams: int = 1) -> OvRunner:
+    """Verify the network's portable ONNX file while OpenVINO compiles it in ``precision``
+    ("fp32" or "bf16": decided by ``apla_rt.backends.placement``, bf16 only after its check)."""
     spec = manifest.network(name)
-    path = spec.onnx
-    if path is None:
-        raise BackendUnavailable(f"the engine folder has no portable ONNX file for {name} "
-                                 "(OpenVINO reads unet.onnx, not unet.ort.onnx); re-export the run")
-    sha = manifest.files.get(manifest.rel(path))
-    if sha is None:
-        raise IntegrityError(f"{manifest.rel(path)} is used but has no sha256 in 'files'")
-    cache = model_cache_dir(sha)
+    path, sha = _portable(manifest, spec)
     pending = manifest.verify_in_background(_onnx_files(manifest, spec, path))
     runner: OvRunner | None = None
     try:
-        chosen = precision
-        if precision in ("bf16", "auto"):
-            cpu = cpu or cpu_precision.probe_cpu()
-            capabilities = ov_capabilities()
-            why = bf16_unavailable(cpu, capabilities)
-            if why is not None and precision == "bf16":
-                raise BackendUnavailable(f"--precision bf16: {why}; use --precision fp32 or auto")
-            if precision == "auto" and not cpu_precision.auto_picks_bf16(cpu, capabilities):
-                chosen = "fp32"  # no AMX: bf16 would be slower here (cpu_precision.AUTO_BF16_FLAG)
-            else:
-                runner, line = _checked_bf16(manifest, spec, path, sha, cache, threads, streams,
-                                             cpu, token_ids)
-                if line is not None and notes is not None:
-                    notes.append(line)
-        if runner is None:
-            runner = OvRunner(spec, path, "fp32" if chosen == "auto" else chosen, threads, streams, cache)
+        runner = OvRunner(spec, path, precision, threads, streams, model_cache_dir(sha))
         pending.wait()
     except BaseException:
         pending.wait()  # a file that does not match its hash explains a failed load best
@@ -194,23 +170,35 @@ def open_ov_runner(manifest: Manifest, name: str, threads: int | None = None,
     return runner
 
 
-def _checked_bf16(manifest: Manifest, spec: NetworkSpec, path: Path, sha: str, cache: Path,
-                  threads: int | None, streams: int, cpu: CpuInfo,
-                  token_ids: np.ndarray | None) -> tuple[OvRunner, str | None]:
-    """The bf16 runner if its (cached) check passes, else the fp32 one and the miss line."""
+def _portable(manifest: Manifest, spec: NetworkSpec) -> tuple[Path, str]:
+    """The network's portable ONNX file and its sha256 (OpenVINO's cache key)."""
+    if spec.onnx is None:
+        raise BackendUnavailable(f"the engine folder has no portable ONNX file for {spec.name} "
+                                 "(OpenVINO reads unet.onnx, not unet.ort.onnx); re-export the run")
+    sha = manifest.files.get(manifest.rel(spec.onnx))
+    if sha is None:
+        raise IntegrityError(f"{manifest.rel(spec.onnx)} is used but has no sha256 in 'files'")
+    return spec.onnx, sha
+
+
+def bf16_verdict(manifest: Manifest, name: str, threads: int | None, cpu: CpuInfo,
+                 run: bool = True, token_ids: np.ndarray | None = None) -> dict[str, Any] | None:
+    """The network's bf16 check on this machine: the cached verdict, else (``run``) the check
+    run now and cached (``bf16_check``), else None."""
+    spec = manifest.network(name)
+    path, sha = _portable(manifest, spec)
     verdicts = VerdictCache()
     key = verdict_key(cpu, ov_version(), sha, spec.name, cpu_precision.BF16_TOLERANCE)
     verdict = verdicts.get(key)
-    if verdict is not None and verdict.get("passed") is not True:  # a cached miss: fp32 only
-        return OvRunner(spec, path, "fp32", threads, streams, cache), miss_line(spec.name, verdict)
-    bf16 = OvRunner(spec, path, "bf16", threads, streams, cache)
-    if verdict is None:
-        verdict = bf16_check(manifest, spec, path, bf16, threads, token_ids)  # before first use
+    if verdict is None and run:
+        manifest.verify(_onnx_files(manifest, spec, path))
+        bf16 = OvRunner(spec, path, "bf16", threads, 1, model_cache_dir(sha))
+        try:
+            verdict = bf16_check(manifest, spec, path, bf16, threads, token_ids)
+        finally:
+            bf16.close()
         verdicts.put(key, verdict)
-    if verdict.get("passed") is True:
-        return bf16, None
-    bf16.close()
-    return OvRunner(spec, path, "fp32", threads, streams, cache), miss_line(spec.name, verdict)
+    return verdict
 
 
 def bf16_check(manifest: Manifest, spec: NetworkSpec, path: Path, bf16: OvRunner,

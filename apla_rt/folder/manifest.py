@@ -28,6 +28,8 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, IntegrityError
 from ..sampling.schedule import SchedulerConfig
+from ..sampling.settings import SamplingSettings, check_steps
+from ..sampling.solvers import check_solver
 
 FORMAT = "apla-engines"
 FORMAT_VERSION = 1
@@ -484,13 +486,32 @@ class Manifest:
         v = self.data.get("checkpoint_sha256")
         return v if isinstance(v, str) else None
 
-    def sample_default(self, key: str, fallback: float) -> float:
-        """The run's sampling setting ``key`` ("steps", "guidance"), else ``fallback``."""
-        defaults = self.data.get("sample_defaults")
-        value = defaults.get(key) if isinstance(defaults, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return type(fallback)(value)
-        return fallback
+    def sampling_defaults(self) -> SamplingSettings:
+        """The run's sampling settings (steps, guidance, solver), each from the manifest's
+        ``sample_defaults``, else its config's ``sample`` section; None where neither records
+        it, except the solver: "ddim" for folders that record none."""
+        return _sampling_defaults(self._sample_sections())
+
+    def inversion_steps(self) -> int | None:
+        """The run's ``sample.inversion_steps``, else its sampling steps; None if neither."""
+        for key in ("inversion_steps", "steps"):
+            value = _recorded(self._sample_sections(), key)
+            if value is not None:
+                return check_steps(value, f"the run's sample.{key}")
+        return None
+
+    def run_setting(self, section: str, key: str) -> Any:
+        """A value of the run's config (``config.SECTION.KEY``), or None."""
+        config = self.data.get("config")
+        part = config.get(section) if isinstance(config, dict) else None
+        return part.get(key) if isinstance(part, dict) else None
+
+    def _sample_sections(self) -> list[dict[str, Any]]:
+        """Where the run's sampling settings are, first first."""
+        config = self.data.get("config")
+        sections = (self.data.get("sample_defaults"),
+                    config.get("sample") if isinstance(config, dict) else None)
+        return [s for s in sections if isinstance(s, dict)]
 
     @property
     def fps(self) -> float:
@@ -611,3 +632,25 @@ def check_latent(z: Any, channels: int, what: str) -> np.ndarray:
     if not np.all(np.isfinite(z)):
         raise InputError(f"{what} contains NaN or infinite values")
     return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def _recorded(sections: list[dict[str, Any]], key: str) -> Any:
+    """The first value of ``key`` in ``sections`` that is a finite number (or, for
+    "scheduler", any value)."""
+    for section in sections:
+        value = section.get(key)
+        if key == "scheduler":
+            if value is not None:
+                return value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return int(value) if key.endswith("steps") and float(value).is_integer() else value
+    return None
+
+
+def _sampling_defaults(sections: list[dict[str, Any]]) -> SamplingSettings:
+    steps, guidance = _recorded(sections, "steps"), _recorded(sections, "guidance")
+    solver = _recorded(sections, "scheduler")
+    return SamplingSettings(
+        steps=None if steps is None else check_steps(steps, "the run's sample.steps"),
+        guidance=None if guidance is None else float(guidance),
+        solver="ddim" if solver is None else check_solver(solver, "the run's sample.scheduler"))

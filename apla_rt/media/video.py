@@ -262,6 +262,17 @@ def _reason(err: BaseException) -> str:
 
 # --- comparing -------------------------------------------------------------------------
 
+def frames_to_images(frames: np.ndarray) -> np.ndarray:
+    """uint8 (f, h, w, 3) -> float32 (f, 3, h, w) in [-1, 1] (the VAE's range)."""
+    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - 1
+
+
+def images_to_frames(x: np.ndarray) -> np.ndarray:
+    """float (f, 3, h, w) in [-1, 1] -> uint8 (f, h, w, 3)."""
+    x = np.round((np.clip(x.astype(np.float32), -1, 1) + 1) * np.float32(127.5))
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.uint8)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB (peak 255) of frames ``a`` against ``b`` over the whole clip; ``inf`` when
     they are identical."""

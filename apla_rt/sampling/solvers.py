@@ -112,16 +112,23 @@ def check_start_timestep(cfg: SchedulerConfig, start_timestep: Any, what: str = 
     return int(start_timestep)
 
 
+def check_steps_fit(cfg: SchedulerConfig, steps: Any, start_timestep: int) -> None:
+    """``steps`` timesteps fit on the grid from ``start_timestep`` down to ``cfg.steps_offset``."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InputError(f"the number of steps must be an integer >= 1, got {steps!r}")
+    room = start_timestep - cfg.steps_offset + 1
+    if steps > room:
+        raise InputError(f"--steps {steps} is more than the {room} timesteps from the start latent's "
+                         f"t={start_timestep} down to t={cfg.steps_offset} (the steps do not fit); "
+                         "use fewer steps")
+
+
 def sampling_timesteps(cfg: SchedulerConfig, steps: int, start_timestep: int) -> np.ndarray:
     """The grid: ``steps`` int64 timesteps evenly spaced (rounded), descending, from
     ``start_timestep`` to ``cfg.steps_offset`` (just ``start_timestep`` for one step)."""
     start = check_start_timestep(cfg, start_timestep)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise InputError(f"the number of steps must be an integer >= 1, got {steps!r}")
+    check_steps_fit(cfg, steps, start)
     end = cfg.steps_offset
-    if steps > start - end + 1:
-        raise InputError(f"{steps} steps do not fit between timesteps {start} and {end} "
-                         f"({start - end + 1} at most); use fewer steps")
     ts = np.array([start], dtype=np.float64) if steps == 1 else np.linspace(start, end, int(steps))
     return np.ascontiguousarray(np.round(ts).astype(np.int64))
 

@@ -37,7 +37,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -50,7 +50,9 @@ from ..folder.jsonfile import read_text_file
 from ..folder.manifest import Manifest
 from ..engine import Engine
 from .raycluster import connect, disconnect
-from .request_fields import decode_object, parse_request
+from ..backends.placement import check_threads
+from ..backends.precision import check_precision
+from .request_fields import decode_object, parse_request, request_fields
 
 INDEX = "index.json"
 INDEX_FORMAT = "apla-batch/1"
@@ -74,6 +76,7 @@ class BatchOptions:
     from_noise: bool = False
     use_vgt: bool = True
     force: bool = False
+    precision: str = "auto"  # apla_rt.backends.placement; index.json records what ran
 
     def check(self) -> "BatchOptions":
         for name, value in (("--actors", self.actors), ("--max-batch", self.max_batch)):
@@ -82,9 +85,8 @@ class BatchOptions:
         if (isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, (int, float))
                 or not 0 <= self.num_gpus < float("inf")):
             raise InputError(f"--num-gpus must be a non-negative number, got {self.num_gpus!r}")
-        if self.threads is not None and (isinstance(self.threads, bool)
-                                         or not isinstance(self.threads, int) or self.threads < 1):
-            raise InputError(f"--threads must be at least 1, got {self.threads!r}")
+        check_threads(self.threads)
+        check_precision(self.precision)
         return self
 
 
@@ -99,18 +101,7 @@ class Job:
 
     def spec(self) -> str:
         """The line as the actors get it (JSON)."""
-        r = self.request
-        return json.dumps({"prompt": r.prompt, "seed": r.seed, "frames": r.frames, "steps": r.steps,
-                           "guidance": r.guidance, "negative_prompt": r.negative_prompt,
-                           "format": self.fmt, **sampling_fields(r)})
-
-
-def sampling_fields(request: Request) -> dict[str, Any]:
-    """The request's solver, guidance interval and cache settings as JSON values."""
-    interval = request.guidance_interval
-    return {"scheduler": request.scheduler,
-            "guidance_interval": None if interval is None else [float(x) for x in interval],
-            "cache_interval": int(request.cache_interval), "cache_schedule": request.cache_schedule}
+        return json.dumps(request_fields(self.request, self.fmt))
 
 
 @dataclass
@@ -130,12 +121,8 @@ def engine_identity(manifest: Manifest) -> str:
 
 
 def video_name(line: int, request: Request, fmt: str, options: BatchOptions, engine_id: str) -> str:
-    settings = {"prompt": request.prompt, "seed": int(request.seed), "frames": request.frames,
-                "steps": request.steps,
-                "guidance": None if request.guidance is None else float(request.guidance),
-                "negative_prompt": request.negative_prompt, "format": fmt,
-                "from_noise": options.from_noise, "vgt": options.use_vgt, "engine": engine_id,
-                **sampling_fields(request)}
+    settings = {**request_fields(request, fmt), "from_noise": options.from_noise,
+                "vgt": options.use_vgt, "engine": engine_id}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return f"{line:05d}-{digest[:12]}.{fmt}"
 
@@ -240,10 +227,13 @@ def write_index(out: Path, plan_: Plan, options: BatchOptions, jobs_file: str) -
 class Generator:
     """The ``map_batches`` callable class: one ``Pipeline`` per actor, opened once."""
 
-    def __init__(self, engine_dir: str, backend: str, threads: int | None, max_batch: int,
-                 use_vgt: bool, from_noise: bool):
-        self.pipe = Pipeline.open(engine_dir, backend, threads, use_vgt=use_vgt, max_batch=max_batch)
-        self.from_noise = from_noise
+    def __init__(self, options: dict[str, Any]):
+        o = BatchOptions(**options)
+        self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, use_vgt=o.use_vgt,
+                                  max_batch=o.max_batch, precision=o.precision)
+        self.from_noise = o.from_noise
+        placement = self.pipe.placement
+        self.ran = {"backend": placement.describe(), "precision": placement.describe_precision()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parsed = [parse_request(json.loads(str(s)), seed_required=True) for s in batch["spec"]]
@@ -251,16 +241,8 @@ class Generator:
         data, meta = [], []
         for video, (_, fmt) in zip(videos, parsed):
             data.append(video.encode(fmt))
-            meta.append(json.dumps({"frames": int(video.frames.shape[0]), "steps": video.steps,
-                                    "scheduler": video.scheduler,
-                                    "start_timestep": video.start_timestep,
-                                    "guidance_interval": (None if video.guidance_interval is None
-                                                          else list(video.guidance_interval)),
-                                    "cache_interval": video.cache_interval,
-                                    "cache_schedule": video.cache_schedule,
-                                    "guidance": video.guidance, "negative_prompt": video.negative_prompt,
-                                    "format": fmt, "vgt": video.vgt, "from_noise": self.from_noise,
-                                    "batch_size": video.batch_size}))
+            meta.append(json.dumps({**video.record(), "format": fmt, "from_noise": self.from_noise,
+                                    "batch_size": video.batch_size, **self.ran}))
         return {"line": np.asarray(batch["line"]), "data": np.array(data, dtype=object),
                 "meta": np.array(meta, dtype=object)}
 
@@ -289,12 +271,7 @@ def _results(options: BatchOptions, todo: list[Job]) -> Iterator[list[dict[str, 
                                 override_num_blocks=len(todo))
     per_actor_cpus = options.threads or 1
     ds = items.map_batches(Generator, batch_size=options.max_batch, batch_format="numpy",
-                        fn_constructor_kwargs={"engine_dir": str(options.engine_dir),
-                                               "backend": options.backend,
-                                               "threads": options.threads,
-                                               "max_batch": options.max_batch,
-                                               "use_vgt": options.use_vgt,
-                                               "from_noise": options.from_noise},
+                        fn_constructor_kwargs={"options": asdict(options)},
                         compute=ray.data.ActorPoolStrategy(size=options.actors),
                         num_cpus=per_actor_cpus,
                         num_gpus=options.num_gpus or None)
@@ -332,11 +309,9 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
                 meta = row["meta"]
                 p.entries[job.line] = {
                     "line": job.line, "prompt": job.request.prompt, "seed": int(job.request.seed),
-                    "settings": {k: meta[k] for k in ("frames", "steps", "scheduler",
-                                                       "start_timestep", "guidance",
-                                                       "guidance_interval", "cache_interval",
-                                                       "cache_schedule", "negative_prompt",
-                                                       "format", "from_noise", "vgt")},
+                    "settings": {k: v for k, v in meta.items()
+                                 if k not in ("prompt", "seed", "batch_size", "backend", "precision")},
+                    "backend": meta["backend"], "precision": meta["precision"],
                     "file": job.name, "sha256": hashlib.sha256(data).hexdigest()}
             made += len(rows)
             write_index(out, p, options, jobs_file)

@@ -7,7 +7,9 @@ of the jobs file, bad input named by its line number). Ray-free.
      "scheduler"?: "ddim" | "dpmpp-2m" | "unipc", "guidance_interval"?: [lo, hi] | "lo:hi",
      "cache_interval"?: int, "cache_schedule"?: "uniform" | "nonuniform"}
 
-``null`` stands for an absent optional field. The checks here are those of the fields alone;
+``steps`` .. ``cache_schedule`` are the request's ``SamplingSettings`` (``to_dict`` /
+``from_dict``). ``null`` stands for an absent optional field. The checks here are those of the
+fields alone;
 ``Pipeline.check`` then refuses what the engine folder cannot take (a prompt too long for the
 tokenizer, a frame count outside the profile, a seed out of range, ...).
 """
@@ -20,13 +22,14 @@ from typing import Any
 
 from ..api import Request
 from ..errors import InputError
-from ..sampling.solvers import check_guidance_interval, check_solver
+from ..sampling.settings import SamplingSettings
 
+# the JSON types of each field; the sampling settings' are checked by SamplingSettings
 FIELDS: dict[str, tuple[type, ...]] = {
-    "prompt": (str,), "seed": (int,), "frames": (int,), "steps": (int,),
-    "guidance": (int, float), "negative_prompt": (str,), "format": (str,),
-    "scheduler": (str,), "guidance_interval": (list, str), "cache_interval": (int,),
-    "cache_schedule": (str,)}
+    "prompt": (str,), "seed": (int,), "frames": (int,), "negative_prompt": (str,), "format": (str,),
+    "steps": (int,), "guidance": (int, float), "scheduler": (str,), "guidance_interval": (list, str),
+    "cache_interval": (int,), "cache_schedule": (str,)}
+assert set(SamplingSettings.keys()) <= set(FIELDS)
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}  # the formats a request may ask for
 
 
@@ -67,20 +70,17 @@ def parse_request(data: Any, *, seed_required: bool = False) -> tuple[Request, s
     fmt = data.get("format") or "mp4"
     if fmt not in CONTENT_TYPES:
         raise InputError(f"format must be mp4 or gif, got {fmt!r}")
-    if data.get("scheduler") is not None:
-        check_solver(data["scheduler"])
-    interval = data.get("guidance_interval")
-    if interval is not None:
-        interval = check_guidance_interval(interval)
+    settings = SamplingSettings.from_dict({k: data[k] for k in SamplingSettings.keys() if k in data})
     seed = data.get("seed")
     if seed is None and seed_required:
         raise InputError("the request needs a \"seed\" (an integer): a random one would make a "
                          "rerun a different video")
     request = Request(data["prompt"], secrets.randbelow(2**31) if seed is None else seed,
-                      data.get("frames"), data.get("steps"), data.get("guidance"),
-                      data.get("negative_prompt") or "", scheduler=data.get("scheduler"),
-                      guidance_interval=interval,
-                      cache_interval=1 if data.get("cache_interval") is None else data["cache_interval"],
-                      cache_schedule=("uniform" if data.get("cache_schedule") is None
-                                      else data["cache_schedule"]))
+                      data.get("frames"), data.get("negative_prompt") or "", settings)
     return request, fmt
+
+
+def request_fields(request: Request, fmt: str) -> dict[str, Any]:
+    """A request as the JSON object ``parse_request`` reads back (every field present)."""
+    return {"prompt": request.prompt, "seed": int(request.seed), "frames": request.frames,
+            "negative_prompt": request.negative_prompt, "format": fmt, **request.settings.to_dict()}

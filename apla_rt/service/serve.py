@@ -44,6 +44,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from ..api import Pipeline, Request, Video
+from ..backends.placement import check_threads
 from ..backends.precision import check_precision
 from ..errors import AplaError, InputError
 from .request_fields import CONTENT_TYPES, decode_object, parse_request
@@ -88,8 +89,7 @@ class ServeOptions:
                     or not math.isfinite(number) or number < 0 or (positive and number == 0)):
                 raise InputError(f"{name} must be a {'positive' if positive else 'non-negative'} "
                                  f"number, got {number!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise InputError(f"--threads must be at least 1, got {self.threads!r}")
+        check_threads(self.threads)
         check_precision(self.precision)
         return self
 
