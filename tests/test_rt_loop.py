@@ -1,7 +1,12 @@
 """The runtime's DDIM loop (``Engine.sample`` / ``invert_latents``) on the fake networks'
 NumPy twins: against the equations written out in float64 and against the PyTorch reference
 sampler of apla_train, with the guidance batch whole or split, and a VGT that reads the
-clean source latent."""
+clean source latent.
+
+The PyTorch reference sampler (``apla_train.sampling``) steps with the runtime's own solvers
+(``apla_rt.solvers``), so agreeing with it checks the loop around the solvers, not the solver
+arithmetic: here the float64 equations check DDIM's step, and tests/test_solvers.py checks every
+solver against diffusers' schedulers."""
 
 from __future__ import annotations
 

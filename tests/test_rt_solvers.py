@@ -2,7 +2,11 @@
 counted on the fake networks), Pipeline/CLI/serve settings and their bad values, start
 latents that know their timestep (manifest, invert's NAME.json, older folders), and on the
 session's exported tiny run: runtime vs the PyTorch reference sampler with a multistep solver
-and the reconstruction of the training clip from its inverted latent with every solver."""
+and the reconstruction of the training clip from its inverted latent with every solver.
+
+The PyTorch reference sampler (``apla_train.sampling``) steps with the runtime's own solvers
+(``apla_rt.solvers``), so agreeing with it checks the networks and the loop around the solvers,
+not the solver arithmetic: tests/test_solvers.py checks that against diffusers' schedulers."""
 
 from __future__ import annotations
 
