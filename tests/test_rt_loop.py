@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require
 from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine
 
 from apla_rt.errors import InputError
@@ -73,7 +74,7 @@ def test_loop_splits_the_guidance_batch_when_the_profile_says_so(engine_copy):
 
 
 def test_loop_matches_torch_reference_sampler(fake_engine):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from apla_train.sampling import ddim_invert, ddim_sample
 
     nets = FakeNets(0, vocab=600)

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import require
 from rt_fakes import C, LAT, FakeNets, edit_manifest, numpy_engine
 
 from apla_rt import Latent, Pipeline
@@ -126,7 +127,7 @@ def test_cli_scheduler_guidance_interval_and_invert_timestep(engine_copy, tmp_pa
 
 
 def test_serve_request_fields(fake_engine):
-    pytest.importorskip("ray")
+    require("ray")
     from apla_rt.serve import parse_generate
 
     with Pipeline.open(fake_engine, "ort") as pipe:
