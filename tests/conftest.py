@@ -1,6 +1,6 @@
 """Shared test fixtures: the real clips in the workplace's ``shared/data`` folder (else the
-repository's ``examples/man-skiing.mp4``), and every fixture that more than one test file
-uses, each built once per session:
+repository's ``examples/man-skiing.mp4``), ``require`` for the packages the test extra installs,
+and every fixture that more than one test file uses, each built once per session:
 
 * training: the shared tiny run (``tiny_run``, tests/test_train*.py), exported to ONNX once
   (``exported``, ``reference``: tests/test_rt_exported.py and the benchmarks' tests);
@@ -16,13 +16,14 @@ Helper modules are imported inside the fixtures, so collecting any one test file
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,26 +32,37 @@ if TYPE_CHECKING:
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # shipped: man-skiing.mp4 (48 frames, 128 px)
+EXAMPLE = EXAMPLES / "man-skiing.mp4"
+TEST_EXTRA = 'pip install -e ".[test]"'
+
+
+def require(module: str) -> Any:
+    """``module``, imported; one the test extra installs is missing only from a broken install,
+    so the test fails naming the extra (a skip would hide the coverage it loses)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        reason = str(err)
+    pytest.fail(f"cannot import {module} ({reason}), which the test extra installs: {TEST_EXTRA}",
+                pytrace=False)
+
+
+def example_clip() -> Path:
+    """The repository's ``examples/man-skiing.mp4``; its absence is a broken checkout: fails."""
+    if not EXAMPLE.is_file():
+        pytest.fail(f"{EXAMPLE} is missing: the repository ships it (git checkout -- examples/)",
+                    pytrace=False)
+    return EXAMPLE
 
 
 def clip_path(name: str) -> Path:
-    """Path of a clip in ``shared/data``, else the repository's copy in ``examples/`` (a plain
-    clone has ``man-skiing.mp4`` there); skips, saying so, when neither has it."""
-    for folder in (SHARED_DATA, EXAMPLES):
-        if (folder / name).is_file():
-            return folder / name
-    pytest.skip(f"test clip {name} is not in {SHARED_DATA} (the workplace's data) and the "
-                f"repository ships only examples/man-skiing.mp4")
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The workplace's full-size clips, for tests of their exact frames (counts, sizes, audio
-    track) and of the second clip, car-turn.mp4."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"test data folder {SHARED_DATA} is not available: this test reads the "
-                    f"full-size clips (the repository ships only a 128 px excerpt of one)")
-    return SHARED_DATA
+    """The clip ``name`` in ``shared/data``, else the repository's ``examples/man-skiing.mp4``:
+    the same clip, cut to 48 frames at 128 px, for ``man-skiing.mp4``; a stand-in real, moving
+    clip for the others (``car-turn.mp4``). Tests of a clip's exact frames go by what the
+    returned file holds."""
+    if (SHARED_DATA / name).is_file():
+        return SHARED_DATA / name
+    return example_clip()
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,8 +284,7 @@ def auto_default_out_export(source_run, export_root):
 def clip() -> Path:
     from reliability_helpers import CLIP
 
-    if not CLIP.is_file():
-        pytest.skip(f"example clip {CLIP} is not available")
+    example_clip()  # fails, naming it, when the shipped clip is missing
     return CLIP
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import require
 
 from apla_rt.sampling.deepcache import FeatureCache, check_cache_interval, full_steps
 from apla_rt.errors import InputError
@@ -195,7 +196,7 @@ def test_cli_bad_cache_options_are_one_line(without_cache, tmp_path, args, needl
 
 
 def test_serve_request_cache_fields(exported, without_cache):
-    pytest.importorskip("ray.serve")
+    require("ray.serve")
     from apla_rt import Pipeline
     from apla_rt.service.serve import parse_generate
 

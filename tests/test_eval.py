@@ -8,18 +8,22 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import clip_path
 
 from apla_eval import metrics as M
 from apla_rt.media.video import read_video, write_video
 
 
 @pytest.fixture(scope="module")
-def car(shared_data) -> np.ndarray:
-    """12 frames of car-turn.mp4 (stride 2) at 128 x 128: a real, moving clip."""
-    path = shared_data / "car-turn.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} is not available")
-    return read_video(path, stride=2, n_frames=12, size=128)
+def car_path():
+    """car-turn.mp4, else the repository's example clip (man-skiing): a real, moving clip."""
+    return clip_path("car-turn.mp4")
+
+
+@pytest.fixture(scope="module")
+def car(car_path) -> np.ndarray:
+    """12 frames of the clip (stride 2) at 128 x 128."""
+    return read_video(car_path, stride=2, n_frames=12, size=128)
 
 
 def textured(size: int = 160, seed: int = 0) -> np.ndarray:
@@ -210,6 +214,19 @@ def test_clip_embedder_loads_a_local_folder(tiny_clip, car):
     assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5) and np.isclose(np.linalg.norm(t), 1.0)
     assert emb.is_clip and "CLIP" in emb.name
     assert -100 <= M.clip_score(e, t) <= 100
+    # against CLIP's own forward pass: logits_per_image is logit_scale.exp() x cosine
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    inputs = CLIPProcessor.from_pretrained(tiny_clip)(text=["a jeep car is moving on the road " * 8],
+                                                      images=list(car[:4]), return_tensors="pt",
+                                                      padding=True, truncation=True)
+    with torch.inference_mode():
+        out = model(**inputs)
+        cosine = out.logits_per_image[:, 0] / model.logit_scale.exp()
+    # float32 embeddings normalised two ways: measured 5e-7 apart on this 0..100 scale
+    assert M.clip_score(e, t) == pytest.approx(100 * float(cosine.mean()), abs=1e-4)
 
 
 def test_clip_embedder_rejects_bad_folders(tmp_path):
@@ -233,12 +250,12 @@ def small_video(tmp_path_factory, car) -> tuple:
     return folder, video
 
 
-def test_cli_prints_the_table_and_writes_json(small_video, shared_data, tiny_clip):
+def test_cli_prints_the_table_and_writes_json(small_video, car_path, tiny_clip):
     from apla_eval.cli import main
 
     folder, video = small_video
     out = folder / "eval.json"
-    args = [str(video), "--prompt", "a jeep car", "--source", str(shared_data / "car-turn.mp4"),
+    args = [str(video), "--prompt", "a jeep car", "--source", str(car_path),
             "--source-start", "12", "--source-stride", "2", "--clip", str(tiny_clip), "--json", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

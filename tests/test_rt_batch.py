@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
-pytest.importorskip("ray.data")
-psutil = pytest.importorskip("psutil")
+require("ray.data")
+psutil = require("psutil")
 
 from netns import isolated  # noqa: E402
 from serve_helpers import kill_all  # noqa: E402

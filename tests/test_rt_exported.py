@@ -1,7 +1,11 @@
 """apla_rt end to end on a real run: the session's tiny trained run exported to ONNX once
 (``exported`` and ``reference`` in conftest.py) agrees with apla_train's reference sampler,
 its VGT contribution is small but nonzero, inverting the training clip gives the run's start
-latent, a tampered UNet is refused, and the run's sampling settings are the defaults."""
+latent, a tampered UNet is refused, and the run's sampling settings are the defaults.
+
+The PyTorch reference sampler (``apla_train.sampling``) steps with the runtime's own solvers
+(``apla_rt.sampling.solvers``), so agreeing with it checks the networks and the loop around the solvers,
+not the solver arithmetic: tests/test_solvers.py checks that against diffusers' schedulers."""
 
 from __future__ import annotations
 
@@ -81,7 +85,11 @@ def test_exported_invert_round_trip(exported):
     want = np.load(run / "start_latent.npy")
     assert result.latent.shape == want.shape
     diff = float(np.abs(result.latent - want).max())
-    assert diff < 1e-2, diff
+    # float32 networks in ONNX Runtime vs PyTorch, no guidance to amplify their difference:
+    # measured 1.3e-6 on start latents of magnitude ~3 (the VAE encoder's clean latents agree
+    # to 1.5e-6); 1e-4 leaves room for other CPUs' kernels. The generate test above allows
+    # 1e-3 because guidance 12.5 multiplies the UNet's difference.
+    assert diff < 1e-4, diff
 
 
 @pytest.mark.slow

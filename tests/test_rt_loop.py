@@ -1,12 +1,18 @@
 """The runtime's DDIM loop (``Engine.sample`` / ``invert_latents``) on the fake networks'
 NumPy twins: against the equations written out in float64 and against the PyTorch reference
 sampler of apla_train, with the guidance batch whole or split, and a VGT that reads the
-clean source latent."""
+clean source latent.
+
+The PyTorch reference sampler (``apla_train.sampling``) steps with the runtime's own solvers
+(``apla_rt.sampling.solvers``), so agreeing with it checks the loop around the solvers, not the solver
+arithmetic: here the float64 equations check DDIM's step, and tests/test_solvers.py checks every
+solver against diffusers' schedulers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require
 from rt_fakes import C, LAT, FakeNets, _tensor, edit_manifest, numpy_engine, settings
 
 from apla_rt import Latent
@@ -70,7 +76,7 @@ def test_loop_splits_the_guidance_batch_when_the_profile_says_so(engine_copy):
 
 
 def test_loop_matches_torch_reference_sampler(fake_engine):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from apla_train.sampling import ddim_invert, ddim_sample
 
     nets = FakeNets(0, vocab=600)

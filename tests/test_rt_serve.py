@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
-pytest.importorskip("ray.serve")
-psutil = pytest.importorskip("psutil")
+require("ray.serve")
+psutil = require("psutil")
 
 from serve_helpers import (TOKEN, Namespace, child_env, family, free_port, kill_all,  # noqa: E402
                            serve_cmd, start, stop, wait_healthy)

@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from conftest import require
 
-pytest.importorskip("ray.serve")
-psutil = pytest.importorskip("psutil")
+require("ray.serve")
+psutil = require("psutil")
 
 from serve_helpers import (TOKEN, Namespace, call, child_env, family, free_port, kill_all,  # noqa: E402
                            printed_config, ray_node, serve_cmd, start, stop, wait_healthy)

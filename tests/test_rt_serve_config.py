@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import require
 
-pytest.importorskip("ray.serve")
-yaml = pytest.importorskip("yaml")
+require("ray.serve")
+yaml = require("yaml")
 
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 

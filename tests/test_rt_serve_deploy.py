@@ -11,10 +11,10 @@ import signal
 import subprocess
 import time
 
-import pytest
+from conftest import require
 
-pytest.importorskip("ray.serve")
-pytest.importorskip("psutil")
+require("ray.serve")
+require("psutil")
 
 from serve_helpers import (TOKEN, Namespace, call, child_env, family, free_port, kill_all,  # noqa: E402
                            printed_config, ray_node, stop, wait_healthy)

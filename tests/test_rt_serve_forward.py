@@ -11,8 +11,9 @@ import asyncio
 import json
 
 import pytest
+from conftest import require
 
-pytest.importorskip("ray.serve")
+require("ray.serve")
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402

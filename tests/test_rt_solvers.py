@@ -2,7 +2,11 @@
 counted on the fake networks), Pipeline/CLI/serve settings and their bad values, start
 latents that know their timestep (manifest, invert's NAME.json, older folders), and on the
 session's exported tiny run: runtime vs the PyTorch reference sampler with a multistep solver
-and the reconstruction of the training clip from its inverted latent with every solver."""
+and the reconstruction of the training clip from its inverted latent with every solver.
+
+The PyTorch reference sampler (``apla_train.sampling``) steps with the runtime's own solvers
+(``apla_rt.sampling.solvers``), so agreeing with it checks the networks and the loop around the solvers,
+not the solver arithmetic: tests/test_solvers.py checks that against diffusers' schedulers."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import require
 from rt_fakes import C, LAT, FakeNets, edit_manifest, numpy_engine, settings
 
 from apla_rt import Latent, Pipeline
@@ -122,7 +127,7 @@ def test_cli_scheduler_guidance_interval_and_invert_timestep(engine_copy, tmp_pa
 
 
 def test_serve_request_fields(fake_engine):
-    pytest.importorskip("ray")
+    require("ray")
     from apla_rt.service.serve import parse_generate
 
     with Pipeline.open(fake_engine, "ort") as pipe:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 from rt_fakes import write_vocab_merges
 
 from apla_rt.errors import InputError, IntegrityError
@@ -22,7 +23,7 @@ PROMPTS = ["a man is skiing", "", "Spider  Man\tis SKIING on the beach, cartoon 
 @pytest.fixture(scope="module")
 def tokenizer_folders(tmp_path_factory) -> dict[str, Path]:
     """The same CLIP BPE as vocab.json + merges.txt and as transformers' tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     root = tmp_path_factory.mktemp("tok")
     write_vocab_merges(root / "bpe")
     saved = root / "json"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
 from apla_rt.errors import BackendUnavailable, ConfigError
 from apla_rt.backends import gpu as G
@@ -36,7 +37,7 @@ TINY_PROFILE = {"frames": [1, 4, 6]}
 
 
 def _export(module, args, path: Path, names_in, names_out, axes, opset=17) -> Path:
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     with torch.no_grad():
         torch.onnx.export(module.eval(), args, str(path), input_names=names_in, output_names=names_out,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
@@ -44,7 +45,7 @@ def _export(module, args, path: Path, names_in, names_out, axes, opset=17) -> Pa
 
 
 def _tiny_model(seed: int):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
 
     class Tiny(torch.nn.Module):
         """Linear + LayerNorm + softmax over a dynamic frames axis, plus an int64 timestep."""
@@ -187,7 +188,7 @@ def test_onnx_op_of_layer():
 
 def test_decomposed_layernorm_export_is_selected(tmp_path):
     """torch's opset-14 LayerNorm (node names as the TensorRT parser keeps them) is pinned."""
-    onnx = pytest.importorskip("onnx")
+    onnx = require("onnx")
     model = onnx.load(str(_tiny_onnx(tmp_path / "m14.onnx", opset=14)))
     trt_type = {"ReduceMean": "REDUCE", "Pow": "ELEMENTWISE", "Sqrt": "UNARY", "Sub": "ELEMENTWISE",
                 "Add": "ELEMENTWISE", "Div": "ELEMENTWISE", "Mul": "ELEMENTWISE", "Softmax": "SOFTMAX",
@@ -249,7 +250,7 @@ def test_comparison_inputs_rejects():
 
 
 def test_onnx_input_spec(tiny_onnx, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     dtypes, vocab = T.onnx_input_spec(tiny_onnx)
     assert dtypes == {"sample": np.dtype("float32"), "timestep": np.dtype("int64")}
     assert vocab is None

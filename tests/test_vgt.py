@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import require
 
 from apla_rt.errors import ConfigError
 from apla_train.config import VGTConfig
@@ -162,7 +163,7 @@ def test_source_input():
 @pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")
 @pytest.mark.parametrize("kind,mask", [("pure", "causal"), ("hyper", "causal"), ("hyper", "none")])
 def test_onnx_dynamic_frames_and_batch_match_pytorch(kind, mask, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    ort = require("onnxruntime")
     model = make(kind, mask).eval()
     perturb_head(model)
     x, t = inputs(2, 4)

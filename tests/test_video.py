@@ -1,12 +1,18 @@
-"""Video IO on the real clips: sampling, crop/resize, gif/folder/mp4 round trips, errors."""
+"""Video IO on the real clips: sampling, crop/resize, gif/folder/mp4 round trips, errors.
+
+The clips are ``shared/data``'s, else the repository's ``examples/man-skiing.mp4`` (conftest's
+``clip_path``) in both roles: as itself, and, remuxed with its index first, in car-turn's.
+Tests of a clip's exact frames go by what the file holds (``Clip``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from conftest import EXAMPLE, SHARED_DATA, clip_path
 from PIL import Image
 
 from apla_rt.media import video
@@ -14,7 +20,24 @@ from apla_rt.errors import InputError, OutputExistsError, VideoError
 from apla_rt.media.video import read_video, video_fps, write_video
 
 SKIING = "man-skiing.mp4"  # 91 frames, 718x718, 29.97 fps, AAC audio
-CAR = "car-turn.mp4"       # 80 frames, 480x480, 10 fps, no audio
+CAR = "car-turn.mp4"       # 80 frames, 480x480, 10 fps, no audio, index (moov) first
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A test clip and what it holds."""
+
+    path: Path
+    frames: int
+    side: int  # px, square
+    fps: float
+
+
+FACTS = {  # file -> (frames, side, fps)
+    SHARED_DATA / SKIING: (91, 718, 30000 / 1001),
+    SHARED_DATA / CAR: (80, 480, 10.0),
+    EXAMPLE: (48, 128, 30000 / 1001),  # the first 48 frames of man-skiing, 128 px, no audio
+}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,14 +49,57 @@ def bicubic(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BICUBIC))
 
 
-@pytest.fixture(scope="module")
-def skiing(shared_data) -> np.ndarray:
-    return read_video(shared_data / SKIING)
+def index_first(src: Path, dst: Path) -> Path:
+    """``src`` remuxed (same packets, so the same frames) with its index before the media."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+def index_comes_first(path: Path) -> bool:
+    data = path.read_bytes()
+    return data.find(b"moov") < data.find(b"mdat")
+
+
+def decoded_by_pyav(path: Path) -> np.ndarray:
+    """Every frame, decoded by PyAV directly: a reference independent of ``read_video``."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 @pytest.fixture(scope="module")
-def car(shared_data) -> np.ndarray:
-    return read_video(shared_data / CAR)
+def skiing_clip() -> Clip:
+    path = clip_path(SKIING)
+    return Clip(path, *FACTS[path])
+
+
+@pytest.fixture(scope="module")
+def car_clip(tmp_path_factory) -> Clip:
+    """car-turn.mp4, else the example clip remuxed with its index first, as car-turn has it."""
+    path = clip_path(CAR)
+    facts = FACTS[path]
+    if path == EXAMPLE:
+        path = index_first(path, tmp_path_factory.mktemp("car") / "example-index-first.mp4")
+    return Clip(path, *facts)
+
+
+@pytest.fixture(scope="module")
+def skiing(skiing_clip) -> np.ndarray:
+    return read_video(skiing_clip.path)
+
+
+@pytest.fixture(scope="module")
+def car(car_clip) -> np.ndarray:
+    return read_video(car_clip.path)
+
+
+@pytest.fixture(scope="module")
+def skiing_by_pyav(skiing_clip) -> np.ndarray:
+    return decoded_by_pyav(skiing_clip.path)
 
 
 @pytest.fixture(scope="module")
@@ -44,47 +110,76 @@ def small(car) -> np.ndarray:
 
 # --- reading ---------------------------------------------------------------------------
 
-def test_full_decode(skiing, car, shared_data):
-    assert skiing.shape == (91, 718, 718, 3) and skiing.dtype == np.uint8
-    assert car.shape == (80, 480, 480, 3) and car.dtype == np.uint8
-    assert video_fps(shared_data / SKIING) == pytest.approx(30000 / 1001)
-    assert video_fps(shared_data / CAR) == pytest.approx(10.0)
+def test_full_decode(skiing, car, skiing_clip, car_clip, skiing_by_pyav):
+    for clip, frames in ((skiing_clip, skiing), (car_clip, car)):
+        assert frames.shape == (clip.frames, clip.side, clip.side, 3) and frames.dtype == np.uint8
+        assert video_fps(clip.path) == pytest.approx(clip.fps)
+    np.testing.assert_array_equal(skiing, skiing_by_pyav)
+    np.testing.assert_array_equal(car, decoded_by_pyav(car_clip.path))
 
 
-@pytest.mark.parametrize("start, stride, n_frames", [
-    (0, 1, 8), (0, 2, 24), (5, 3, 10), (90, 1, 1), (0, 7, None), (60, 10, None), (0, 45, 3),
-])
-def test_stride_sampling_picks_the_right_frames(skiing, shared_data, start, stride, n_frames):
-    got = read_video(shared_data / SKIING, start=start, stride=stride, n_frames=n_frames)
-    want = skiing[start::stride][:n_frames]
+# (start, stride, n_frames) for a clip of n frames; on the full man-skiing (91) these are
+# (0, 1, 8), (0, 2, 24), (5, 3, 10), (90, 1, 1), (0, 7, None), (60, 10, None), (0, 45, 3)
+PICKS = {
+    "first 8": lambda n: (0, 1, 8),
+    "every 2nd": lambda n: (0, 2, 24),
+    "from 5 every 3rd": lambda n: (5, 3, 10),
+    "the last": lambda n: (n - 1, 1, 1),
+    "every 7th to the end": lambda n: (0, 7, None),
+    "late start to the end": lambda n: (2 * n // 3, 10, None),
+    "three far apart": lambda n: (0, (n - 1) // 2, 3),
+}
+
+
+@pytest.mark.parametrize("pick", PICKS.values(), ids=PICKS.keys())
+def test_stride_sampling_picks_the_right_frames(skiing_clip, skiing_by_pyav, pick):
+    start, stride, n_frames = pick(skiing_clip.frames)
+    got = read_video(skiing_clip.path, start=start, stride=stride, n_frames=n_frames)
+    want = skiing_by_pyav[start::stride][:n_frames]
+    assert len(want) == (n_frames or len(want)) and len(want) >= 1
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
 
 
-def test_resize_is_bicubic_of_the_sampled_frames(car, shared_data):
-    got = read_video(shared_data / CAR, start=1, stride=4, n_frames=6, size=64)
+def test_resize_is_bicubic_of_the_sampled_frames(car, car_clip):
+    got = read_video(car_clip.path, start=1, stride=4, n_frames=6, size=64)
     assert got.shape == (6, 64, 64, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.stack([bicubic(f, 64) for f in car[1::4][:6]]))
-    same = read_video(shared_data / CAR, n_frames=2, size=480)
+    same = read_video(car_clip.path, n_frames=2, size=car_clip.side)
     np.testing.assert_array_equal(same, car[:2])
 
 
-def test_video_stream_is_found_behind_an_audio_stream(skiing, shared_data, tmp_path):
-    """Remux man-skiing with its audio track first; the video must still be read."""
-    out_path = tmp_path / "audio-first.mkv"
-    with av.open(str(shared_data / SKIING)) as src, av.open(str(out_path), "w") as out:
-        audio = out.add_stream_from_template(src.streams.audio[0])
-        vid = out.add_stream_from_template(src.streams.video[0])
-        streams = {src.streams.audio[0].index: audio, src.streams.video[0].index: vid}
-        for packet in src.demux():
+def audio_first(src: Path, dst: Path) -> None:
+    """``src``'s video behind an audio stream: its own audio track, remuxed, or (the example
+    clip has none) a second of encoded silence."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        own = inp.streams.audio[:1]
+        audio = out.add_stream_from_template(own[0]) if own else out.add_stream("aac", rate=48000, layout="mono")
+        vid = out.add_stream_from_template(inp.streams.video[0])
+        if not own:
+            for i in range(48):
+                silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                silence.sample_rate, silence.pts = 48000, i * 1024
+                for packet in audio.encode(silence):
+                    out.mux(packet)
+            for packet in audio.encode(None):
+                out.mux(packet)
+        streams = {inp.streams.video[0].index: vid, **{a.index: audio for a in own}}
+        for packet in inp.demux([inp.streams.video[0], *own]):
             if packet.dts is None:
                 continue
             packet.stream = streams[packet.stream.index]
             out.mux(packet)
+
+
+def test_video_stream_is_found_behind_an_audio_stream(skiing, skiing_clip, tmp_path):
+    """Remux man-skiing with an audio track first; the video must still be read."""
+    out_path = tmp_path / "audio-first.mkv"
+    audio_first(skiing_clip.path, out_path)
     with av.open(str(out_path)) as check:
         assert check.streams[0].type == "audio"
     np.testing.assert_array_equal(read_video(out_path, stride=3, n_frames=5), skiing[::3][:5])
-    assert video_fps(out_path) == pytest.approx(30000 / 1001)
+    assert video_fps(out_path) == pytest.approx(skiing_clip.fps)
 
 
 def test_folder_is_sorted_naturally_and_cropped(tmp_path):
@@ -124,7 +219,7 @@ def test_gif_keeps_identical_frames_and_decodes_in_ffmpeg(small, tmp_path):
     np.testing.assert_array_equal(ffmpeg, back)
 
 
-def test_decoding_stops_at_the_last_needed_frame(shared_data, monkeypatch):
+def test_decoding_stops_at_the_last_needed_frame(skiing_clip, monkeypatch):
     seen = []
     original = video._av_frames
 
@@ -134,7 +229,7 @@ def test_decoding_stops_at_the_last_needed_frame(shared_data, monkeypatch):
             yield item
 
     monkeypatch.setattr(video, "_av_frames", counting)
-    read_video(shared_data / SKIING, start=4, stride=3, n_frames=5)
+    read_video(skiing_clip.path, start=4, stride=3, n_frames=5)
     assert len(seen) == 4 + 3 * 4 + 1
 
 
@@ -189,30 +284,33 @@ def test_unsupported_extension(tmp_path):
         read_video(tmp_path / "clip.txt")
 
 
-@pytest.mark.parametrize("clip", [SKIING, CAR])
-def test_truncated_to_2kb(shared_data, tmp_path, clip):
-    path = truncated(shared_data / clip, tmp_path / clip, 2048)
+@pytest.mark.parametrize("clip", ["skiing_clip", "car_clip"])
+def test_truncated_to_2kb(request, tmp_path, clip):
+    src = request.getfixturevalue(clip).path
+    path = truncated(src, tmp_path / src.name, 2048)
     with pytest.raises(VideoError):
         read_video(path, n_frames=8)
 
 
-def test_truncated_to_half_moov_at_end(shared_data, tmp_path):
+def test_truncated_to_half_moov_at_end(skiing_clip, tmp_path):
     """man-skiing keeps its index at the end: half the file is unreadable."""
-    src = shared_data / SKIING
+    src = skiing_clip.path
+    assert not index_comes_first(src)
     path = truncated(src, tmp_path / SKIING, src.stat().st_size // 2)
     with pytest.raises(VideoError):
         read_video(path, n_frames=8)
 
 
-def test_truncated_to_half_moov_at_start(car, shared_data, tmp_path):
+def test_truncated_to_half_moov_at_start(car, car_clip, tmp_path):
     """car-turn keeps its index first: half the file decodes its first frames."""
-    src = shared_data / CAR
+    src = car_clip.path
+    assert index_comes_first(src)
     path = truncated(src, tmp_path / CAR, src.stat().st_size // 2)
     np.testing.assert_array_equal(read_video(path, n_frames=8), car[:8])  # enough frames
     with pytest.raises(VideoError, match="truncated"):
         read_video(path)  # "all frames" of a damaged file
     with pytest.raises(VideoError, match="truncated"):
-        read_video(path, n_frames=70)
+        read_video(path, n_frames=car_clip.frames - 10)  # 70 of car-turn's 80
 
 
 def test_folder_without_images(tmp_path):
@@ -221,11 +319,12 @@ def test_folder_without_images(tmp_path):
         read_video(tmp_path)
 
 
-def test_too_few_frames_says_how_many(shared_data, tmp_path, small):
-    with pytest.raises(VideoError, match=r"has 91 frames .*n_frames=24 need 94"):
-        read_video(shared_data / SKIING, start=47, stride=2, n_frames=24)
-    with pytest.raises(VideoError, match=r"has 80 frames .*start=80"):
-        read_video(shared_data / CAR, start=80)
+def test_too_few_frames_says_how_many(skiing_clip, car_clip, tmp_path, small):
+    n = skiing_clip.frames  # start n - 44, 24 frames 2 apart: frame n + 2 is the last needed
+    with pytest.raises(VideoError, match=rf"has {n} frames .*n_frames=24 need {n + 3}"):
+        read_video(skiing_clip.path, start=n - 44, stride=2, n_frames=24)
+    with pytest.raises(VideoError, match=rf"has {car_clip.frames} frames .*start={car_clip.frames}"):
+        read_video(car_clip.path, start=car_clip.frames)
     gif = write_video(tmp_path / "short.gif", small[:4])
     with pytest.raises(VideoError, match="has 4 frames"):
         read_video(gif, n_frames=5)
@@ -235,9 +334,9 @@ def test_too_few_frames_says_how_many(shared_data, tmp_path, small):
     {"start": -1}, {"stride": 0}, {"stride": -2}, {"n_frames": 0}, {"n_frames": -3},
     {"size": 0}, {"size": -64}, {"start": 1.5}, {"n_frames": True}, {"size": "64"},
 ])
-def test_invalid_arguments(shared_data, kwargs):
+def test_invalid_arguments(car_clip, kwargs):
     with pytest.raises(InputError) as info:
-        read_video(shared_data / CAR, **kwargs)
+        read_video(car_clip.path, **kwargs)
     assert not isinstance(info.value, VideoError)
 
 
