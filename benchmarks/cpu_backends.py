@@ -127,7 +127,7 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
         with Pipeline.open(args.engine_dir, "ort-cpu" if backend == "ort" else backend, args.threads,
                            precision=precision) as pipe:
             open_s = time.perf_counter() - started
-            steps = args.steps or pipe.default_steps()
+            steps = args.steps or pipe.settings_for().steps
             pipe.generate(args.prompt, latent=start_latent, steps=1)  # warm-up
 
             def sample() -> Any:
@@ -140,7 +140,7 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                 times.append(time.perf_counter() - t0)
             row = {"open_s": open_s, "generate_s": statistics.median(times), "steps": steps,
                    "precision": pipe.describe_precision(), "backend": pipe.describe(),
-                   "notes": list(pipe.engine.notes)}
+                   "notes": list(pipe.placement.notes)}
         if ref_frames is None:
             ref_frames, ref_latents = video.frames, video.latents
         else:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from apla_rt import Pipeline
     from apla_rt.backends import openvino as openvino_runner
-    from apla_rt.api import start_timestep_of
+    from apla_rt.folder.latents import folder_start_timestep
     from apla_rt.backends.precision import CACHE_ENV
 
     machine = {**lscpu(), "openvino": openvino.__version__, "onnxruntime": onnxruntime.__version__,
@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         with Pipeline.open(args.engine_dir, "ort-cpu", args.threads, precision="fp32") as pipe:
             start = pipe.generate("x", steps=1)[0].start  # the folder's start latent
             args.prompt = pipe.manifest.prompt or "a video"
-            args.guidance = pipe.default_guidance()
-            args.steps_resolved = args.steps or pipe.default_steps()
-            args.start_timestep = start_timestep_of(pipe.manifest)  # the torch side's grid starts there too
+            args.guidance = pipe.settings_for().guidance
+            args.steps_resolved = args.steps or pipe.settings_for().steps
+            args.start_timestep = folder_start_timestep(pipe.manifest)  # the torch side's grid starts there too
         args.start = str(Path(tmp) / "start.npy")
         args.workdir = tmp
         np.save(args.start, start)

@@ -107,20 +107,18 @@ def cpu_info() -> dict[str, str]:
 
 
 class RowCounter:
-    """Counts the rows each UNet graph ran (wraps ``Engine._run_outputs`` of one pipeline,
-    which every network call goes through)."""
+    """Counts the rows each UNet graph ran in the sampling loop (wraps the ``unet`` method of
+    one pipeline's runner pool, which the loop calls and the warm-up does not)."""
 
     def __init__(self, engine: Any):
         self.rows: dict[str, int] = {}
-        inner = engine._run_outputs
+        inner = engine.pool.unet
 
-        def counted(name: str, feeds: dict[str, np.ndarray],
-                    preferred: int | None = None) -> dict[str, np.ndarray]:
-            if name.startswith("unet"):
-                self.rows[name] = self.rows.get(name, 0) + int(next(iter(feeds.values())).shape[0])
-            return inner(name, feeds, preferred)
+        def counted(graph: str, feeds: dict[str, np.ndarray], halves: bool) -> dict[str, np.ndarray]:
+            self.rows[graph] = self.rows.get(graph, 0) + int(feeds["sample"].shape[0])
+            return inner(graph, feeds, halves)
 
-        engine._run_outputs = counted
+        engine.pool.unet = counted
 
     def take(self) -> dict[str, int]:
         rows, self.rows = self.rows, {}
@@ -289,19 +287,17 @@ def torch_ddim50(run: Path, engine_dir: Path, prompt: str, from_noise: bool, thr
     """Sample seconds of the PyTorch eager reference sampler at DDIM 50 (text, loop, decode),
     in a child process (``benchmarks/rt_vs_torch.py``'s worker), from the start latent the
     runtime uses for the same case."""
-    from apla_rt.api import start_timestep_of, timestep_path_for
+    from apla_rt.folder.latents import StartLatents, timestep_path_for
     from apla_rt.folder.manifest import Manifest
-    from apla_rt.engine import start_latent
-    from apla_rt.sampling.solvers import noise_timestep
 
     manifest = Manifest.open(engine_dir)
-    start = start_latent(manifest, None, 0, from_noise, None)
-    start_t = noise_timestep(manifest.scheduler) if from_noise else start_timestep_of(manifest)
-    guidance = float(manifest.sample_default("guidance", 12.5))
+    start = StartLatents(manifest, False).resolve(None, 0, from_noise, None)
+    guidance = manifest.sampling_defaults().guidance
+    guidance = 12.5 if guidance is None else guidance
     with tempfile.TemporaryDirectory(prefix="fast-sampling-") as name:
         tmp = Path(name)
-        np.save(tmp / "start.npy", start)
-        timestep_path_for(tmp / "start.npy").write_text(json.dumps({"timestep": start_t}))
+        np.save(tmp / "start.npy", start.start)
+        timestep_path_for(tmp / "start.npy").write_text(json.dumps({"timestep": start.timestep}))
         cmd = [sys.executable, str(ROOT / "benchmarks" / "rt_vs_torch.py"), "--worker", "torch",
                "--run", str(run), "--engine-dir", str(engine_dir), "--steps", "50",
                "--guidance", repr(guidance), "--threads", str(threads), "--prompt", prompt,

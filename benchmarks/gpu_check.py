@@ -185,10 +185,12 @@ def export(run: Path, engines: Path, backend: str) -> dict[str, Any]:
 def generate(engines: Path, backend: str, steps: int, threads: int | None, keep: dict) -> dict[str, Any]:
     import numpy as np
 
-    from apla_rt.oneshot import generate as rt_generate
+    from apla_rt import Pipeline
 
-    result = rt_generate(engines, PROMPT, None, steps=steps, backend=backend, threads=threads)
-    out: dict[str, Any] = {"backend": result.backend, "stages": result.timings.as_dict()}
+    with Pipeline.open(engines, backend, threads) as pipe:
+        result, = pipe.generate(PROMPT, steps=steps)
+        out: dict[str, Any] = {"backend": f"{pipe.describe()}, precision {pipe.describe_precision()}",
+                               "stages": pipe.timings.as_dict()}
     if "reference" not in keep:
         keep["reference"] = result
     else:

@@ -83,17 +83,20 @@ def worker_torch(args: argparse.Namespace) -> dict:
 def worker_rt(args: argparse.Namespace) -> dict:
     for name in ("torch", "apla_train", "export"):
         sys.modules[name] = None  # type: ignore[assignment]  # prove the runtime needs none
-    from apla_rt.oneshot import generate
+    from apla_rt import Pipeline
 
-    result = generate(args.engine_dir, args.prompt, latent=args.start, steps=args.steps,
-                      guidance=args.guidance, negative_prompt=args.negative_prompt,
-                      backend="ort", threads=args.threads, precision="fp32")
-    np.save(args.latents, result.latents)
-    np.save(args.frames_out, result.frames)
-    load_s = result.timings.seconds["load"]
-    return {"load_s": load_s, "sample_s": result.timings.total - load_s,
-            "peak_rss_mib": _peak_rss_mib(), "stages": result.timings.as_dict(),
-            "backend": result.backend}
+    with Pipeline.open(args.engine_dir, "ort", args.threads, precision="fp32") as pipe:
+        video, = pipe.generate(args.prompt, latent=args.start, steps=args.steps,
+                               guidance=args.guidance, negative_prompt=args.negative_prompt)
+        timings = pipe.timings
+        backend = f"{pipe.describe()}, precision {pipe.describe_precision()}"
+    np.save(args.latents, video.latents)
+    np.save(args.frames_out, video.frames)
+    load_s = timings.seconds["load"]
+    # the warm-up calls made when the pipeline opens count as sampling: the PyTorch side's
+    # first calls are inside its sampling too
+    return {"load_s": load_s, "sample_s": timings.total - load_s,
+            "peak_rss_mib": _peak_rss_mib(), "stages": timings.as_dict(), "backend": backend}
 
 
 # --------------------------------------------------------------------------- parent
@@ -165,29 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
+    from apla_rt.folder.latents import StartLatents, timestep_path_for
     from apla_rt.folder.manifest import Manifest
-    from apla_rt.engine import start_latent
     from apla_rt.media.video import psnr as video_psnr  # torch-free, like this parent must stay
 
     manifest = Manifest.open(args.engine_dir)
+    defaults = manifest.sampling_defaults()
     if args.steps is None:
-        args.steps = int(manifest.sample_default("steps", 50))
+        args.steps = defaults.steps or 50
     if args.guidance is None:
-        args.guidance = float(manifest.sample_default("guidance", 12.5))
+        args.guidance = defaults.guidance if defaults.guidance is not None else 12.5
     args.prompt = args.prompt if args.prompt is not None else manifest.prompt
     with tempfile.TemporaryDirectory(prefix="rt-vs-torch-") as name:
         tmp = Path(name)
         start_path = tmp / "start.npy"
         shape = manifest.start_latent_shape()
         from_noise = shape is None or args.frames not in (None, shape[2])
-        start = start_latent(manifest, args.frames, args.seed, from_noise, None)
+        start = StartLatents(manifest, False).resolve(args.frames, args.seed, from_noise, None)
         origin = f"Gaussian noise (seed {args.seed})" if from_noise else "the engine folder's start latent"
-        np.save(start_path, start)
-        from apla_rt.api import start_timestep_of, timestep_path_for
-        from apla_rt.sampling.solvers import noise_timestep
-
-        start_t = noise_timestep(manifest.scheduler) if from_noise else start_timestep_of(manifest)
-        timestep_path_for(start_path).write_text(json.dumps({"timestep": start_t}))
+        np.save(start_path, start.start)
+        timestep_path_for(start_path).write_text(json.dumps({"timestep": start.timestep}))
         pairs = [_pair(args, tmp, start_path, torch_first=i % 2 == 0) for i in range(args.repeat)]
         torch_r, rt_r = _median([p[0] for p in pairs]), _median([p[1] for p in pairs])
         diff = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "rt.npy")).max())

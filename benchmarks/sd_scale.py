@@ -106,12 +106,15 @@ def worker_bare(args: argparse.Namespace) -> dict:
 def worker_generate(args: argparse.Namespace) -> dict:
     for name in ("torch", "apla_train", "export"):
         sys.modules[name] = None  # type: ignore[assignment]  # the runtime needs none of them
-    from apla_rt.oneshot import generate
+    from apla_rt import Pipeline
 
-    result = generate(args.engine_dir, args.prompt, args.out_video, steps=args.steps,
-                      threads=args.threads, backend="ort", force=True)
-    return {"timings_s": {k: round(v, 3) for k, v in result.timings.as_dict().items()},
-            "total_s": round(result.timings.total, 3), "backend": result.backend}
+    with Pipeline.open(args.engine_dir, "ort", args.threads) as pipe:
+        video, = pipe.generate(args.prompt, steps=args.steps)
+        with pipe.timings("video write"):
+            video.save(args.out_video, force=True)
+        return {"timings_s": {k: round(v, 3) for k, v in pipe.timings.as_dict().items()},
+                "total_s": round(pipe.timings.total, 3),
+                "backend": f"{pipe.describe()}, precision {pipe.describe_precision()}"}
 
 
 def worker_weights(args: argparse.Namespace) -> dict:
