@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backends.placement import Placement, place
-from .backends.pool import RunnerPool
+from .backends.pool import RunnerPool, serving_graph
 from .backends.runners import Runner
 from .errors import BackendUnavailable, InputError
 from .folder.latents import Latent
@@ -65,7 +65,8 @@ class Engine:
         timings = timings or Timings()
         with timings("load"):
             manifest = engine_dir if isinstance(engine_dir, Manifest) else Manifest.open(engine_dir)
-            present = tuple(n for n in networks if manifest.has(n) or n not in ("vgt", *CACHE_NETWORKS))
+            present = tuple(dict.fromkeys(serving_graph(manifest, n) for n in networks
+                                          if manifest.has(n) or n not in ("vgt", *CACHE_NETWORKS)))
             placement = place(manifest, present, backend, precision, threads,
                               guidance_batch=guidance_batch)
         engine = cls(manifest, placement, timings)

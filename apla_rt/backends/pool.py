@@ -6,6 +6,11 @@ shape the run will use: nothing opens, compiles or runs for the first time insid
 It then runs them for the loop (``apla_rt.sampling.loop.Networks``) and for the text
 encoder and the VAE:
 
+* the UNet's full calls run on the DeepCache feature graph (``unet_feature``: the whole UNet,
+  which also returns the cached branch's feature) wherever the folder has it, cached steps or
+  not (``serving_graph``), so that the UNet's weights are held once however the run samples:
+  the plain ``unet`` graph beside it would hold them a second time, the shallow graph shares
+  none of the deep blocks' weights;
 * a call larger than a network's profile allows on dim 0 (batch or frames) runs in chunks;
 * ``pinned``: the text embeddings are handed to the UNet graphs once for the whole loop (on a
   GPU they stay there), and a call that feeds the same array leaves it out;
@@ -26,9 +31,19 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from ..folder.manifest import Manifest
+from ..sampling.deepcache import FULL_NETWORK
 from ..sampling.timings import Timings
 from .placement import UNET_GRAPHS, Placement
 from .runners import Runner, open_runner
+
+
+def serving_graph(manifest: Manifest, name: str) -> str:
+    """The graph that runs ``name``'s calls: ``unet_feature`` for ``unet`` where the folder has
+    it (and, for TensorRT, its engine), else ``name`` itself."""
+    if name != "unet" or not manifest.has(FULL_NETWORK):
+        return name
+    unet, full = manifest.network("unet"), manifest.network(FULL_NETWORK)
+    return FULL_NETWORK if full.engine is not None or unet.engine is None else name
 
 
 def dim0_limit(profile: Mapping[str, tuple[int, int, int]], dims: list[object]) -> int | None:
@@ -52,7 +67,7 @@ class RunnerPool:
 
     def open(self, names: tuple[str, ...]) -> None:
         """Open the runners of ``names`` not open yet (each file verified first)."""
-        for name in names:
+        for name in dict.fromkeys(self.graph(n) for n in names):
             if name in self.runners:
                 continue
             choice = self.placement.choice(name)
@@ -71,6 +86,7 @@ class RunnerPool:
                 halves: bool = False) -> dict[str, np.ndarray] | None:
         """Run ``name`` once on ``feeds`` (as the loop will: in halves for a guidance batch)
         unless it already ran at these shapes; its outputs, or None where it did not run."""
+        name = self.graph(name)
         key = (name, tuple(sorted((k, v.shape) for k, v in feeds.items())))
         if key in self._warm or not self.warm:
             return None
@@ -82,22 +98,26 @@ class RunnerPool:
         self._warm.add(key)
         return out
 
+    def graph(self, name: str) -> str:
+        """The runner that serves ``name`` (``serving_graph``)."""
+        return serving_graph(self.manifest, name)
+
     def runner(self, name: str) -> Runner:
-        return self.runners[name]
+        return self.runners[self.graph(name)]
 
     def has(self, name: str) -> bool:
-        return name in self.runners
+        return self.graph(name) in self.runners
 
     # -- calls -----------------------------------------------------------------------------
 
     def run(self, name: str, feeds: Mapping[str, np.ndarray], preferred: int | None = None) -> np.ndarray:
         """The network's first output, dim 0 split into the chunks its profile takes."""
-        return self.run_outputs(name, feeds, preferred)[self.runners[name].spec.output_names[0]]
+        return self.run_outputs(name, feeds, preferred)[self.runner(name).spec.output_names[0]]
 
     def run_outputs(self, name: str, feeds: Mapping[str, np.ndarray],
                     preferred: int | None = None) -> dict[str, np.ndarray]:
         """``run`` with every output of the network."""
-        runner = self.runners[name]
+        runner = self.runner(name)
         spec = runner.spec
         limit = dim0_limit(spec.profile, [spec.input(k).dims[0] for k in feeds])
         n = next(iter(feeds.values())).shape[0]
@@ -140,7 +160,7 @@ class RunnerPool:
     def pinned(self, text: np.ndarray, graphs: tuple[str, ...]) -> Iterator[None]:
         """Hand ``text`` to the UNet graphs ``graphs`` once for the loop, where every call takes
         it whole (not split into halves or profile chunks: those feed it per call)."""
-        runners = [self.runners[g] for g in graphs]
+        runners = [self.runner(g) for g in dict.fromkeys(graphs)]
         limits = [dim0_limit(r.spec.profile, ["batch"]) for r in runners]
         if any(x is not None and x < text.shape[0] for x in limits) or self.placement.split_guidance:
             yield
