@@ -31,7 +31,7 @@ import numpy as np
 from apla_rt.folder.atomic import write_file
 from apla_rt.errors import BackendUnavailable, ConfigError, IntegrityError
 from apla_rt.backends.gpu import trt_available
-from apla_rt.folder.manifest import sha256_file
+from apla_rt.folder.files import sha256_file
 
 from .fp16 import FP16_TOLERANCE as FP16_ONNX_TOLERANCE
 from .trt_plan import SHAPE_SETS, Shape, Shapes, profile_shapes, validation_plan

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from apla_rt.folder.manifest import Manifest, NetworkSpec
+from apla_rt.folder.contract import NetworkSpec
+from apla_rt.folder.manifest import Manifest
 from apla_rt.engine import Engine
 from apla_rt.sampling.schedule import SchedulerConfig
 from apla_train.components import byte_alphabet  # the same byte-level alphabet CLIP uses
