@@ -27,8 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import precision as cpu_precision
+from .compare import run_check, seeded_feeds
 from .precision import (CHECK_SEEDS, CpuInfo, VerdictCache, bf16_unavailable, cache_dir,
-                            miss_line, run_check, seeded_feeds, verdict_key)
+                            miss_line, verdict_key)
 from ..errors import AplaError, BackendUnavailable, IntegrityError
 from ..folder.manifest import Manifest, NetworkSpec
 from .ort import OrtRunner, _ConstantsMixin, _onnx_files
