@@ -66,7 +66,7 @@ def timed(fn: Callable[[], Any], warmup: int, repeat: int) -> float:
 def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from apla_rt import Pipeline
     from apla_rt.backends import openvino as openvino_runner, precision as cpu_precision
-    from apla_rt.backends.precision import compare_outputs, seeded_feeds
+    from apla_rt.backends.compare import compare_outputs, seeded_feeds, worst
     from apla_rt.folder.manifest import Manifest
     from apla_rt.backends.runners import open_runner
     from apla_rt.media.video import psnr
@@ -110,11 +110,9 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
             r.close()
             del r
         if "openvino-bf16" in outputs:
-            worst = {"max_abs": 0.0, "rel_rms": 0.0}
-            for ref, got in zip(outputs["ort-fp32"], outputs["openvino-bf16"]):
-                errs = compare_outputs(ref, got)
-                worst = {k: max(worst[k], errs[k]) for k in worst}
-            row["bf16_error"] = worst
+            pairs = zip(outputs["ort-fp32"], outputs["openvino-bf16"])
+            errors = [compare_outputs(ref, got) for ref, got in pairs]
+            row["bf16_error"] = worst(errors, ("max_abs", "rel_rms"))
         out["networks"][name] = row
         log(f"{name:<13} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items() if k != "shape"))

@@ -17,10 +17,10 @@
   scores and the softmax in FP32.
 
 ``compare`` runs both files in ONNX Runtime on the same seeded inputs and reports the
-error of FP16 against FP32. On a CPU this is a numerics check only: the CPU provider has
-few FP16 kernels and ONNX Runtime runs the others in FP32 between inserted Casts, so FP16
-*storage* (weights and activations rounded to 11 significant bits) is what is measured; the
-CUDA provider's FP16 GEMMs are not. Speed is a GPU matter (``benchmarks/gpu_check.py``).
+error of FP16 against FP32 (the metrics of ``apla_rt.backends.compare``). On a CPU this is a
+numerics check only: the CPU provider has few FP16 kernels and ONNX Runtime runs the others in
+FP32 between inserted Casts, so FP16 *storage* (weights and activations rounded to 11
+significant bits) is what is measured; the CUDA provider's FP16 GEMMs are not. Speed is a GPU matter (``benchmarks/gpu_check.py``).
 
 The tolerances below were measured (docs/export.md, "FP16"), not guessed:
 ``benchmarks/fp16_tolerance.py`` on the tiny model and on the SD-1.5-shaped random model.
@@ -35,6 +35,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from apla_rt.backends.compare import error_stats, within, worst
+
 FP16_SUFFIX = ".fp16.onnx"
 # Networks written in FP16 for the CUDA provider (the UNet is >95 % of the sampling time).
 FP16_NETWORKS = ("unet",)
@@ -46,7 +48,8 @@ FP32_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization",
 FP32_NODE_SCOPES = re.compile(r"(^|/)time_proj(/|$)")
 
 # FP16 vs FP32 (ONNX Runtime, same inputs) on noise_pred, whose values are O(1):
-# max abs error per output element, and the RMS error relative to the reference's RMS.
+# max abs error per output element, and ``rel_rms`` (apla_rt.backends.compare: the RMS error
+# over max(the reference's RMS, 1)).
 # ~3x the worst of the measured seeds (docs/export.md "FP16").
 FP16_TOLERANCE = {
     "tiny": {"max_abs": 2e-2, "rel_rms": 1e-2},
@@ -159,25 +162,6 @@ def cast_feeds(feeds: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> di
     return {k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in feeds.items()}
 
 
-def error_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
-    """Max/mean abs error, RMS error relative to the reference's RMS, finiteness."""
-    ref64 = ref.astype(np.float64)
-    got64 = got.astype(np.float64)
-    finite = bool(np.isfinite(got64).all())
-    if not finite or ref64.shape != got64.shape:
-        return {"max_abs": float("inf"), "mean_abs": float("inf"), "rel_rms": float("inf"),
-                "ref_abs_max": float(np.abs(ref64).max()), "finite": finite}
-    err = np.abs(got64 - ref64)
-    rms_ref = float(np.sqrt(np.mean(ref64 ** 2))) or 1.0
-    return {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
-            "rel_rms": float(np.sqrt(np.mean(err ** 2)) / rms_ref),
-            "ref_abs_max": float(np.abs(ref64).max()), "finite": True}
-
-
-def within(stats: Mapping[str, Any], tolerance: Mapping[str, float]) -> bool:
-    return bool(stats["finite"]) and all(stats[k] <= v for k, v in tolerance.items())
-
-
 def compare(fp32_path: Path, fp16_file: Path, feeds_list: list[dict[str, np.ndarray]],
             tolerance: Mapping[str, float], threads: int | None = None,
             providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, Any]:
@@ -197,9 +181,8 @@ def compare(fp32_path: Path, fp16_file: Path, feeds_list: list[dict[str, np.ndar
             stats = error_stats(ref, got.astype(np.float32))
             checks.append({"output": name, "shape": list(ref.shape), **stats,
                            "passed": within(stats, tolerance)})
-    worst = {k: max(c[k] for c in checks) for k in ("max_abs", "mean_abs", "rel_rms")}
     return {"tolerance": dict(tolerance), "providers": list(fp16.get_providers()),
-            "checks": checks, "worst": worst, "passed": all(c["passed"] for c in checks)}
+            "checks": checks, "worst": worst(checks), "passed": all(c["passed"] for c in checks)}
 
 
 def _np_type(ort_type: str) -> str:

@@ -2,7 +2,7 @@
 
 The wrappers only rename inputs/outputs to the contract of docs/architecture.md; the
 networks themselves are ``apla_train``'s classes, rebuilt from the run (nothing re-declared).
-Each contract is ``apla_rt.folder.manifest``'s ``NetworkSpec`` and ``TensorSpec``: what the export
+Each contract is ``apla_rt.folder.contract``'s ``NetworkSpec`` and ``TensorSpec``: what the export
 declares is what the runtime reads back.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from apla_rt.folder.manifest import NetworkSpec, TensorSpec
+from apla_rt.folder.contract import NetworkSpec, TensorSpec
 from apla_rt.engine import DECODE_CHUNK
 from apla_train.deepcache import feature_dims, unet_shallow, unet_with_feature
 

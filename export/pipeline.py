@@ -23,7 +23,8 @@ import torch
 
 from apla_rt.folder.atomic import atomic_dir, check_writable
 from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
-from apla_rt.folder.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from apla_rt.folder.files import sha256_file
+from apla_rt.folder.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from apla_rt.sampling.schedule import SchedulerConfig
 from apla_rt.sampling.solvers import inverted_timestep
 

@@ -28,18 +28,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 
 import numpy as np
 
+from apla_rt.backends.compare import CLIP_VOCAB_SIZE, InputsMeta, seeded_inputs
 from apla_rt.folder.atomic import write_file
 from apla_rt.errors import BackendUnavailable, ConfigError, IntegrityError
 from apla_rt.backends.gpu import trt_available
-from apla_rt.folder.manifest import sha256_file
+from apla_rt.folder.files import sha256_file
 
 from .fp16 import FP16_TOLERANCE as FP16_ONNX_TOLERANCE
-from .trt_plan import SHAPE_SETS, Shape, Shapes, profile_shapes, validation_plan
+from .trt_plan import SHAPE_SETS, Shapes, profile_shapes, validation_plan
 
 if TYPE_CHECKING:
     import tensorrt as trt
-
-FeedMetadata = dict[str, tuple[np.dtype, Shape]]  # input name -> (dtype, shape)
 
 ENGINE_SUFFIX = ".plan"
 TIMING_CACHE_NAME = "timing.cache"  # one tactic timing cache per engine folder
@@ -59,8 +58,6 @@ _NORM_SCOPE = re.compile(r"norm|^ln(_|\d|$)", re.IGNORECASE)
 # storage costs there (measured on the SD-1.5-shaped model; TensorRT's own FP16 arithmetic is not).
 FP16_TOLERANCE = (FP16_ONNX_TOLERANCE["sd"]["max_abs"], FP16_ONNX_TOLERANCE["sd"]["max_abs"])
 FP32_TOLERANCE = (1e-3, 1e-3)
-MAX_TIMESTEP = 999  # integer `timestep` inputs are drawn from [0, MAX_TIMESTEP]
-CLIP_VOCAB_SIZE = 49408  # `input_ids` range when the ONNX does not reveal its vocabulary
 
 
 Log = Callable[[str], None]
@@ -234,7 +231,7 @@ def build_engine(
 # --------------------------------------------------------------------------- comparison
 
 
-def comparison_inputs(input_dtypes: Mapping[str, Any], shapes: Shapes, which: str = "opt") -> FeedMetadata:
+def comparison_inputs(input_dtypes: Mapping[str, Any], shapes: Shapes, which: str = "opt") -> InputsMeta:
     """Input name -> (dtype, shape) at the ``which`` ("min", "opt", "max") profile shape."""
     if which not in SHAPE_SETS:
         raise ConfigError(f"shape set {which!r} is not one of {list(SHAPE_SETS)}")
@@ -243,37 +240,6 @@ def comparison_inputs(input_dtypes: Mapping[str, Any], shapes: Shapes, which: st
         raise ConfigError(f"no profile shapes for the ONNX inputs {missing}")
     index = SHAPE_SETS.index(which)
     return {name: (np.dtype(dtype), tuple(shapes[name][index])) for name, dtype in input_dtypes.items()}
-
-
-def random_feeds(metadata: FeedMetadata, seed: int, vocab_size: int = CLIP_VOCAB_SIZE,
-                 max_timestep: int = MAX_TIMESTEP) -> dict[str, np.ndarray]:
-    """Seeded inputs for ``metadata``: in-range ints, latents ~ N(0, 1), images in [-1, 1].
-
-    Integer inputs: ``*timestep*`` in [0, max_timestep], ``input_ids`` in [0, vocab_size),
-    any other (masks) in {0, 1}. Float inputs: ``image`` uniform in [-1, 1], others N(0, 1).
-    """
-    if vocab_size < 1 or max_timestep < 0:
-        raise ConfigError(f"bad input ranges: vocab_size={vocab_size}, max_timestep={max_timestep}")
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for name, (dtype, shape) in metadata.items():
-        if dtype.kind in "iub":
-            if "timestep" in name:
-                hi = max_timestep + 1
-            elif name == "input_ids":
-                hi = vocab_size
-            else:
-                hi = 2
-            feeds[name] = rng.integers(0, hi, size=shape).astype(dtype)
-        elif dtype.kind == "f":
-            if name == "image":
-                values = rng.uniform(-1.0, 1.0, size=shape)
-            else:
-                values = rng.standard_normal(size=shape)
-            feeds[name] = values.astype(dtype)
-        else:
-            raise ConfigError(f"input {name!r} has dtype {dtype}, which the comparison cannot feed")
-    return feeds
 
 
 def vocab_size_of(model: Any, input_name: str = "input_ids") -> Optional[int]:
@@ -365,8 +331,9 @@ def compare_engine_with_onnxrt(
     fused-attention flavour where there is one, see ``export.trt_plan``) at the ``which``
     profile shapes, on ``providers`` (default: CUDA where onnxruntime-gpu sees a GPU, else CPU).
 
-    Inputs are seeded per shape set (``seed + i``); ``input_ids`` are drawn below the ONNX's
-    own embedding size unless ``vocab_size`` is given. Returns ``compare_runners``' summary.
+    Inputs are seeded per shape set (``seed + i``, ``apla_rt.backends.compare.seeded_inputs``);
+    ``input_ids`` are drawn below the ONNX's own embedding size unless ``vocab_size`` is given.
+    Returns ``compare_runners``' summary.
     """
     require_trt()
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -374,7 +341,7 @@ def compare_engine_with_onnxrt(
 
     dtypes, onnx_vocab = onnx_input_spec(onnx_path)
     vocab = vocab_size or onnx_vocab or CLIP_VOCAB_SIZE
-    feeds = [(w, random_feeds(comparison_inputs(dtypes, shapes, w), seed + i, vocab_size=vocab))
+    feeds = [(w, seeded_inputs(comparison_inputs(dtypes, shapes, w), seed + i, vocab_size=vocab))
              for i, w in enumerate(which)]
     runners = [
         TrtRunner(EngineFromPath(str(plan_path)), name="tensorrt"),

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from apla_rt.errors import ConfigError
-from apla_rt.folder.manifest import is_int
+from apla_rt.folder.contract import is_int
 
 Shape = tuple[int, ...]
 Shapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)

@@ -2,13 +2,15 @@
 
 Two halves, so that the PyTorch module can be freed before any ONNX Runtime session holds
 the same weights: ``reference_outputs`` runs PyTorch at every shape (small arrays kept),
-``compare_network`` opens one session and checks it against them.
+``compare_network`` opens one session and checks it against them (the error metrics of
+``apla_rt.backends.compare``; the network's tolerance bounds ``max_abs``).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from apla_rt.backends.compare import error_stats, within
 
 from .networks import NetworkExport
 
@@ -46,15 +48,10 @@ def compare_network(spec: NetworkExport, onnx_path, refs: list[tuple], threads: 
         for sizes, feeds, ref_outs in refs:
             outs = session.run([t.name for t in spec.outputs], feeds)
             for t, r, o in zip(spec.outputs, ref_outs, outs):
-                finite = bool(np.isfinite(o).all())
-                same_shape = tuple(o.shape) == tuple(r.shape)
-                err = np.abs(o.astype(np.float64) - r) if same_shape else np.array([np.inf])
-                max_abs = float(err.max()) if finite else float("inf")
-                mean_abs = float(err.mean()) if finite else float("inf")
-                ok = finite and same_shape and max_abs <= spec.tolerance["max_abs"]
+                stats = error_stats(r, o)
                 checks.append({"shape": dict(sizes), "traced": sizes == spec.validate_at[0], "output": t.name,
-                               "output_shape": list(o.shape), "max_abs": max_abs, "mean_abs": mean_abs,
-                               "ref_abs_max": float(np.abs(r).max()), "finite": finite, "passed": ok})
+                               "output_shape": list(o.shape), **stats,
+                               "passed": within(stats, {"max_abs": spec.tolerance["max_abs"]})})
     finally:
         del session
     return {"network": spec.name, "tolerance": spec.tolerance, "checks": checks,

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from apla_rt.folder.manifest import Manifest, NetworkSpec
 from apla_rt.backends.placement import Choice, Placement
+from apla_rt.folder.contract import NetworkSpec
+from apla_rt.folder.manifest import Manifest
 from apla_rt.engine import Engine
 from apla_rt.sampling.settings import SamplingSettings
 from apla_rt.sampling.schedule import SchedulerConfig

@@ -25,7 +25,8 @@ from conftest import require
 
 from apla_rt.sampling.deepcache import FeatureCache, check_cache_interval, full_steps
 from apla_rt.errors import InputError
-from apla_rt.folder.manifest import Manifest, sha256_file
+from apla_rt.folder.files import sha256_file
+from apla_rt.folder.manifest import Manifest
 
 STEPS = 7  # cache interval 3: full at 0, 3, 6; shallow at 1, 2, 4, 5
 UNET_GRAPHS = ("unet", "unet_feature", "unet_shallow")

@@ -21,7 +21,8 @@ require("openvino")
 from apla_rt import Pipeline  # noqa: E402
 from apla_rt.backends import openvino as openvino_runner, precision as cpu_precision  # noqa: E402
 from apla_rt.cli import main  # noqa: E402
-from apla_rt.backends.precision import CpuInfo, VerdictCache, compare_outputs, seeded_feeds  # noqa: E402
+from apla_rt.backends.compare import compare_outputs, seeded_feeds  # noqa: E402
+from apla_rt.backends.precision import CpuInfo, VerdictCache  # noqa: E402
 from apla_rt.errors import AplaError, BackendUnavailable  # noqa: E402
 from apla_rt.folder.manifest import Manifest  # noqa: E402
 from apla_rt.backends.runners import open_runner  # noqa: E402

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import require
 
+from apla_rt.backends.compare import TIMESTEPS, seeded_inputs
 from apla_rt.errors import BackendUnavailable, ConfigError
 from apla_rt.backends import gpu as G
 from export import trt as T
@@ -205,7 +206,7 @@ def test_decomposed_layernorm_export_is_selected(tmp_path):
 # --------------------------------------------------------------------------- comparison inputs
 
 
-def test_comparison_inputs_and_random_feeds():
+def test_comparison_inputs_and_seeded_inputs():
     shapes = T.profile_shapes(UNET_INPUTS, {"batch": [1, 2, 2], "frames": [1, 3, 4],
                                             "height": [2, 4, 6], "width": [2, 4, 6]})
     dtypes = {"sample": "float32", "timestep": np.int64, "encoder_hidden_states": np.dtype("float32")}
@@ -216,29 +217,29 @@ def test_comparison_inputs_and_random_feeds():
     assert T.comparison_inputs(dtypes, shapes, "max")["sample"][1] == (2, 4, 4, 6, 6)
 
     meta["timestep"] = (np.dtype("int64"), (4096,))
-    feeds = T.random_feeds(meta, seed=0)
+    feeds = seeded_inputs(meta, seed=0)
     assert {k: (v.dtype, v.shape) for k, v in feeds.items()} == {k: v for k, v in meta.items()}
     t = feeds["timestep"]
-    assert t.min() >= 0 and t.max() <= T.MAX_TIMESTEP and t.max() > 900
+    assert t.min() >= 0 and t.max() < TIMESTEPS and t.max() > 900
     assert abs(float(feeds["sample"].std()) - 1.0) < 0.2
-    again = T.random_feeds(meta, seed=0)
+    again = seeded_inputs(meta, seed=0)
     assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
-    other = T.random_feeds(meta, seed=1)
+    other = seeded_inputs(meta, seed=1)
     assert not np.array_equal(feeds["sample"], other["sample"])
 
 
-def test_random_feeds_token_ids_images_masks():
+def test_seeded_inputs_token_ids_images_masks():
     meta = {"input_ids": (np.dtype("int64"), (2, 2000)), "image": (np.dtype("float32"), (2, 3, 8, 8)),
             "attention_mask": (np.dtype("int32"), (2, 50)), "half": (np.dtype("float16"), (3,))}
-    feeds = T.random_feeds(meta, seed=3, vocab_size=37)
+    feeds = seeded_inputs(meta, seed=3, vocab_size=37)
     assert feeds["input_ids"].min() >= 0 and feeds["input_ids"].max() == 36
     assert feeds["image"].min() >= -1 and feeds["image"].max() <= 1
     assert set(np.unique(feeds["attention_mask"])) <= {0, 1}
     assert feeds["half"].dtype == np.float16
     with pytest.raises(ConfigError):
-        T.random_feeds({"s": (np.dtype("U3"), (1,))}, seed=0)
+        seeded_inputs({"s": (np.dtype("U3"), (1,))}, seed=0)
     with pytest.raises(ConfigError):
-        T.random_feeds(meta, seed=0, vocab_size=0)
+        seeded_inputs(meta, seed=0, vocab_size=0)
 
 
 def test_comparison_inputs_rejects():
@@ -277,7 +278,7 @@ def _ort_runner(path: Path, name: str):
 def _tiny_feeds(path: Path):
     shapes = T.profile_shapes(TINY_INPUTS, TINY_PROFILE)
     dtypes, _ = T.onnx_input_spec(path)
-    return [(w, T.random_feeds(T.comparison_inputs(dtypes, shapes, w), i))
+    return [(w, seeded_inputs(T.comparison_inputs(dtypes, shapes, w), i))
             for i, w in enumerate(("opt", "min", "max"))]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import IntegrityError
-from apla_rt.folder.manifest import NetworkSpec, TensorSpec
+from apla_rt.folder.contract import NetworkSpec, TensorSpec
 from apla_rt.backends.trt import EngineTensor, check_engine_io
 from export import trt_plan as P
 

@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import precision as cpu_precision
-from .precision import (CHECK_SEEDS, CpuInfo, VerdictCache, cache_dir, run_check, seeded_feeds,
-                        verdict_key)
+from .compare import run_check, seeded_feeds
+from .precision import CHECK_SEEDS, CpuInfo, VerdictCache, cache_dir, verdict_key
 from ..errors import AplaError, BackendUnavailable, IntegrityError
 from ..folder.manifest import Manifest, NetworkSpec
 from .ort import OrtRunner, _ConstantsMixin, _onnx_files

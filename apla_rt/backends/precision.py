@@ -16,10 +16,11 @@
 
 No reduced precision runs unchecked: before a network's first bf16 use on a machine, it is run
 in bf16 and in the exact reference (ONNX Runtime fp32, same file) on seeded inputs at its
-profile's opt shape (``seeded_feeds``); the worst max abs and RMS / reference RMS must be
-within ``BF16_TOLERANCE`` (calibrated in docs/cpu.md). The verdict is cached per machine
-(``VerdictCache``: CPU model and flags, OpenVINO version, the file's sha256, the network and
-the tolerance make its key); a miss falls back to fp32 with one line saying so.
+profile's opt shape (``compare.seeded_feeds``); the worst max abs and ``rel_rms``
+(``apla_rt.backends.compare``) must be within ``BF16_TOLERANCE`` (calibrated in docs/cpu.md).
+The verdict is cached per machine (``VerdictCache``: CPU model and flags, OpenVINO version, the
+file's sha256, the network and the tolerance make its key); a miss falls back to fp32 with one
+line saying so.
 
 The cache folder (``cache_dir``) is ``$APLA_CACHE_DIR``, else ``$XDG_CACHE_HOME/apla``, else
 ``~/.cache/apla``; it also holds OpenVINO's compiled-model cache (``openvino/<sha256>/<precision>/``).
@@ -33,13 +34,10 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import numpy as np
+from typing import Any, Mapping
 
 from ..folder.atomic import write_text
 from ..errors import BackendUnavailable, InputError
-from ..folder.manifest import NetworkSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = ("auto: bf16 on OpenVINO (--backend openvino, or auto on an AMX CPU for a large "
@@ -186,62 +184,7 @@ class VerdictCache:
         write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n", force=True)
 
 
-# --------------------------------------------------------------------------- the check
-
-
-def seeded_feeds(spec: NetworkSpec, seed: int, token_ids: np.ndarray | None = None,
-                 timesteps: int = 1000) -> dict[str, np.ndarray]:
-    """Inputs at the profile's opt shape: N(0, 1) floats, timesteps in [0, ``timesteps``),
-    ``input_ids`` rows drawn from ``token_ids`` (real prompts' ids: any id of the vocabulary)."""
-    rng = np.random.default_rng(seed)
-    sizes = {d: r[1] for d, r in spec.profile.items()}
-    feeds: dict[str, np.ndarray] = {}
-    for t in spec.inputs:
-        shape = t.shape(sizes)
-        if t.name == "input_ids":
-            assert token_ids is not None, "input_ids need token ids to draw from"
-            rows = rng.integers(0, token_ids.shape[0], shape[0])
-            feeds[t.name] = np.ascontiguousarray(token_ids[rows, :shape[1]], dtype=t.dtype)
-        elif np.issubdtype(t.dtype, np.integer):
-            feeds[t.name] = np.full(shape, rng.integers(0, timesteps), dtype=t.dtype)
-        else:
-            feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    return feeds
-
-
-def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Worst max abs and ``rel_rms`` over the outputs (NaN/Inf: infinite error).
-
-    ``rel_rms`` is the error's RMS over max(reference RMS, 1): relative for outputs of unit
-    size or more (noise predictions, hidden states, images), absolute for small ones (a VGT's
-    perturbation near initialisation is O(1e-3) and is added to an O(1) noise prediction, so
-    its error matters on that scale)."""
-    worst = {"max_abs": 0.0, "rel_rms": 0.0}
-    for name, r in ref.items():
-        r64, g64 = r.astype(np.float64), got[name].astype(np.float64)
-        if not np.isfinite(g64).all():
-            return {"max_abs": float("inf"), "rel_rms": float("inf")}
-        diff = g64 - r64
-        rms_ref = max(float(np.sqrt(np.mean(r64 ** 2))), 1.0)
-        worst["max_abs"] = max(worst["max_abs"], float(np.abs(diff).max(initial=0.0)))
-        worst["rel_rms"] = max(worst["rel_rms"], float(np.sqrt(np.mean(diff ** 2))) / rms_ref)
-    return worst
-
-
-Run = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-
-
-def run_check(reference: Run, candidate: Run, feeds_list: list[dict[str, np.ndarray]],
-              tolerance: Mapping[str, float]) -> dict[str, Any]:
-    """``candidate`` (bf16) against ``reference`` (fp32) on every feed set: the worst errors
-    and whether they are within ``tolerance``."""
-    worst = {"max_abs": 0.0, "rel_rms": 0.0}
-    for feeds in feeds_list:
-        errs = compare_outputs(reference(feeds), candidate(feeds))
-        worst = {k: max(worst[k], errs[k]) for k in worst}
-    passed = all(worst[k] <= tolerance[k] for k in tolerance)
-    return {"passed": passed, "worst": {k: float(f"{v:.4g}") for k, v in worst.items()},
-            "tolerance": dict(tolerance), "checks": len(feeds_list)}
+# --------------------------------------------------------------------------- the verdict
 
 
 def miss_line(network: str, verdict: Mapping[str, Any]) -> str:

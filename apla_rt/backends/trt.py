@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple
 import numpy as np
 
 from ..errors import BackendUnavailable, IntegrityError
-from ..folder.manifest import NetworkSpec
+from ..folder.contract import NetworkSpec
 from .ort import _ConstantsMixin
 
 if TYPE_CHECKING:

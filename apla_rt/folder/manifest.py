@@ -1,14 +1,12 @@
 """The engine folder's ``manifest.json`` (format 1): read, validate, verify, typed accessors.
 
 The manifest is the only contract the runtime reads (docs/architecture.md). ``Manifest.open``
-checks the schema (format name and version, the five networks' tensor names from the
-contract, dims, dtypes, profile ranges, the scheduler, the VAE factor, the tokenizer), and
-that every path it names is relative, stays inside the folder (no ``..``, no absolute path,
-no symlink pointing out) and exists. Artifacts are checked against the sha256 in ``files``
-when they are used (``verify``): each file is hashed once per open, streamed in 1 MiB
-blocks. A mismatch or a missing file is an ``IntegrityError`` naming the file.
-``verify_in_background`` hashes in a thread while the caller loads the same files (ONNX
-Runtime creating its session), and the caller waits for the verdict before using anything
+checks the schema (format name and version, the networks against ``contract.CONTRACT``, dims,
+dtypes, profile ranges, the noise schedule, the VAE factor, the tokenizer), and that every path
+it names is relative, stays inside the folder and exists (``files.safe_path``). Artifacts are
+checked against the sha256 in ``files`` when they are used (``verify``): each file is hashed
+once per open. ``verify_in_background`` hashes in a thread while the caller loads the same files
+(ONNX Runtime creating its session), and the caller waits for the verdict before using anything
 the files produced.
 """
 
@@ -19,10 +17,9 @@ import json
 import math
 import os
 import re
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -30,249 +27,17 @@ from ..errors import ConfigError, InputError, IntegrityError
 from ..sampling.schedule import SchedulerConfig
 from ..sampling.settings import SamplingSettings, check_steps
 from ..sampling.solvers import check_solver
+from .contract import NetworkSpec, TensorSpec, is_int, parse_networks
+from .files import (Verification, check_file, invalid_manifest, listed_under, optional_path,
+                    safe_path, sha256_file)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "NetworkSpec", "TensorSpec",
+           "Verification", "check_latent", "is_int", "load_npy", "safe_path", "sha256_file"]
 
 FORMAT = "apla-engines"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-
-# Contract: network -> (input names, output names), docs/architecture.md.
-CONTRACT: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "text_encoder": (("input_ids",), ("last_hidden_state",)),
-    "unet": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
-    "vgt": (("sample", "timestep"), ("delta",)),
-    "vae_decoder": (("latent",), ("image",)),
-    "vae_encoder": (("image",), ("latent",)),
-    # optional, the deep/shallow UNet cache (apla_rt.sampling.deepcache): the full UNet with the cached
-    # branch's feature as a second output, and the outer blocks fed that feature
-    "unet_feature": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred", "feature")),
-    "unet_shallow": (("sample", "timestep", "encoder_hidden_states", "feature"), ("noise_pred",)),
-}
-# Inputs a network may have besides the contract's: the VGT's clean source latent (vgt.source).
-OPTIONAL_INPUTS: Mapping[str, tuple[str, ...]] = {"vgt": ("source",)}
-# vgt is absent for a Tune-A-Video run (vgt.kind=none); vae_encoder is only needed to invert;
-# the cache graphs exist only in folders exported since they were added.
-REQUIRED_NETWORKS = ("text_encoder", "unet", "vae_decoder")
-DTYPES = ("float32", "float16", "int64", "int32")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 20
-
-
-def _fail(message: str) -> IntegrityError:
-    return IntegrityError(f"invalid manifest: {message}; re-run the export")
-
-
-def is_int(value: Any) -> bool:
-    """An integer (Python or NumPy), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-# --------------------------------------------------------------------------- tensors and networks
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One network input or output: name, dtype and dims (fixed ints or dim names)."""
-
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | str, ...]
-
-    @classmethod
-    def parse(cls, entry: Any, where: str) -> "TensorSpec":
-        if not isinstance(entry, Mapping) or not {"name", "dtype", "dims"} <= set(entry):
-            raise _fail(f"{where} needs 'name', 'dtype' and 'dims', got {entry!r}")
-        name, dtype, dims = entry["name"], entry["dtype"], entry["dims"]
-        if not isinstance(name, str) or not name:
-            raise _fail(f"{where}: name must be a non-empty string")
-        if dtype not in DTYPES:
-            raise _fail(f"{where} {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        if not isinstance(dims, list) or not dims:
-            raise _fail(f"{where} {name!r}: dims must be a non-empty list")
-        for d in dims:
-            if not ((is_int(d) and d >= 1) or (isinstance(d, str) and d)):
-                raise _fail(f"{where} {name!r}: dim {d!r} is neither a positive integer nor a name")
-        return cls(name, np.dtype(dtype), tuple(dims))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest entry (``parse`` reads it back)."""
-        return {"name": self.name, "dtype": self.dtype.name, "dims": list(self.dims)}
-
-    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        """The concrete shape with each named dim taken from ``sizes``."""
-        return tuple(sizes[d] if isinstance(d, str) else int(d) for d in self.dims)
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """A network of the engine folder: files, tensors and the profile's [min, opt, max]."""
-
-    name: str
-    onnx: Path | None
-    engine: Path | None
-    external_data: tuple[Path, ...]  # the ONNX file's external weights, if any
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    profile: Mapping[str, tuple[int, int, int]]
-    tolerance: Mapping[str, Any] = field(default_factory=dict)
-    # the same network with ONNX Runtime's fused attention ops (preferred by the ORT runner)
-    onnx_ort: Path | None = None
-    # an FP16 copy for ONNX Runtime's CUDA provider and its tensors' dtypes (name -> dtype;
-    # the runner casts at the boundaries): ``apla-export --fp16``
-    onnx_fp16: Path | None = None
-    fp16_io: Mapping[str, np.dtype] = field(default_factory=dict)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-    def input(self, name: str) -> TensorSpec:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        raise KeyError(f"{self.name} has no input {name!r}")
-
-    def dim_range(self, dim: str) -> tuple[int, int, int] | None:
-        """[min, opt, max] of a named dim, None when this network does not have it."""
-        return self.profile.get(dim)
-
-    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Check names, dtypes, ranks, fixed dims and profile ranges; return the named dims.
-
-        Raises ``InputError`` (one line) for anything the network cannot take.
-        """
-        names = set(feeds)
-        if names != set(self.input_names):
-            raise InputError(f"{self.name} takes inputs {sorted(self.input_names)}, got {sorted(names)}")
-        bound: dict[str, int] = {}
-        for spec in self.inputs:
-            value = feeds[spec.name]
-            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
-                got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
-                raise InputError(f"{self.name} input {spec.name!r} must be {spec.dtype}, got {got}")
-            if value.ndim != len(spec.dims):
-                raise InputError(f"{self.name} input {spec.name!r} must have {len(spec.dims)} dims "
-                                 f"{list(spec.dims)}, got shape {list(value.shape)}")
-            for size, dim in zip(value.shape, spec.dims):
-                if is_int(dim):
-                    if size != dim:
-                        raise InputError(f"{self.name} input {spec.name!r} has shape {list(value.shape)}"
-                                         f" but its dims are {list(spec.dims)}")
-                    continue
-                assert isinstance(dim, str)
-                if bound.setdefault(dim, size) != size:
-                    raise InputError(f"{self.name}: dim {dim!r} is {bound[dim]} in one input and "
-                                     f"{size} in {spec.name!r}")
-                lo, _opt, hi = self.profile[dim]
-                if not lo <= size <= hi:
-                    raise InputError(f"{dim} = {size} is outside the engines' range {lo}..{hi} "
-                                     f"({self.name} input {spec.name!r})")
-        return bound
-
-    @classmethod
-    def parse(cls, name: str, entry: Any, root: Path) -> "NetworkSpec":
-        if not isinstance(entry, Mapping):
-            raise _fail(f"networks.{name} must be an object")
-        onnx = _optional_path(root, entry.get("onnx"), f"networks.{name}.onnx")
-        engine = _optional_path(root, entry.get("engine"), f"networks.{name}.engine")
-        if onnx is None and engine is None:
-            raise _fail(f"networks.{name} has neither an 'onnx' nor an 'engine' file")
-        ins, outs = entry.get("inputs"), entry.get("outputs")
-        if not isinstance(ins, list) or not isinstance(outs, list):
-            raise _fail(f"networks.{name} needs 'inputs' and 'outputs' lists")
-        inputs = tuple(TensorSpec.parse(e, f"networks.{name} input") for e in ins)
-        outputs = tuple(TensorSpec.parse(e, f"networks.{name} output") for e in outs)
-        external = entry.get("external_data") or []
-        if not isinstance(external, list):
-            raise _fail(f"networks.{name}.external_data must be a list of file names")
-        external_data = tuple(safe_path(root, rel, f"networks.{name}.external_data") for rel in external)
-        want_in, want_out = CONTRACT[name]
-        optional = OPTIONAL_INPUTS.get(name, ())
-        for kind, got, want in (("inputs", inputs, want_in), ("outputs", outputs, want_out)):
-            got_names = sorted(t.name for t in got)
-            extra = set(got_names) - set(want) - (set(optional) if kind == "inputs" else set())
-            if not set(want) <= set(got_names) or extra or len(set(got_names)) != len(got_names):
-                raise _fail(f"networks.{name} {kind} are {got_names}; the contract says {sorted(want)}")
-        profile = _profile(entry.get("profile"), name)
-        for spec in inputs:
-            for dim in spec.dims:
-                if isinstance(dim, str) and dim not in profile:
-                    raise _fail(f"networks.{name}: dim {dim!r} of {spec.name!r} has no profile range")
-        tolerance = entry.get("tolerance") or {}
-        if not isinstance(tolerance, Mapping):
-            raise _fail(f"networks.{name}.tolerance must be an object")
-        onnx_ort = _optional_path(root, entry.get("onnx_ort"), f"networks.{name}.onnx_ort")
-        onnx_fp16 = _optional_path(root, entry.get("onnx_fp16"), f"networks.{name}.onnx_fp16")
-        fp16_io = _fp16_io(entry.get("onnx_fp16_io"), name, inputs + outputs) if onnx_fp16 else {}
-        return cls(name, onnx, engine, external_data, inputs, outputs, profile, dict(tolerance), onnx_ort,
-                   onnx_fp16, fp16_io)
-
-
-def _fp16_io(io: Any, name: str, tensors: tuple[TensorSpec, ...]) -> dict[str, np.dtype]:
-    """``onnx_fp16_io`` ({"inputs"|"outputs": {tensor: dtype}}) -> {tensor: dtype}, covering
-    exactly the network's tensors."""
-    where = f"networks.{name}.onnx_fp16_io"
-    if not isinstance(io, Mapping) or not all(isinstance(io.get(k), Mapping) for k in ("inputs", "outputs")):
-        raise _fail(f"{where} must map 'inputs' and 'outputs' to {{tensor: dtype}}")
-    merged = {**io["inputs"], **io["outputs"]}
-    want = sorted(t.name for t in tensors)
-    if sorted(merged) != want:
-        raise _fail(f"{where} names {sorted(merged)}; the network's tensors are {want}")
-    for tensor, dtype in merged.items():
-        if dtype not in DTYPES:
-            raise _fail(f"{where}[{tensor!r}]: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return {k: np.dtype(v) for k, v in merged.items()}
-
-
-def _profile(profile: Any, name: str) -> dict[str, tuple[int, int, int]]:
-    if not isinstance(profile, Mapping):
-        raise _fail(f"networks.{name}.profile must map dim names to [min, opt, max]")
-    out: dict[str, tuple[int, int, int]] = {}
-    for dim, rng in profile.items():
-        if (not isinstance(rng, list) or len(rng) != 3 or not all(is_int(v) for v in rng)
-                or not 1 <= rng[0] <= rng[1] <= rng[2]):
-            raise _fail(f"networks.{name}.profile[{dim!r}] = {rng!r} is not [min, opt, max] "
-                        "with 1 <= min <= opt <= max")
-        out[str(dim)] = (int(rng[0]), int(rng[1]), int(rng[2]))
-    return out
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def safe_path(root: Path, rel: Any, what: str) -> Path:
-    """``root / rel`` for a relative path that stays inside ``root`` (symlinks resolved)."""
-    if not isinstance(rel, str) or not rel.strip():
-        raise _fail(f"{what} must be a non-empty relative path, got {rel!r}")
-    posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or rel.startswith(("/", "\\")):
-        raise IntegrityError(f"{what} {rel!r} is an absolute path; the manifest may only name "
-                             "files inside the engine folder")
-    if ".." in posix.parts or ".." in windows.parts:
-        raise IntegrityError(f"{what} {rel!r} points outside the engine folder ('..'); refusing it")
-    path = root / rel
-    real_root = root.resolve()
-    real = path.resolve()
-    if real != real_root and real_root not in real.parents:
-        raise IntegrityError(f"{what} {rel!r} resolves outside the engine folder (a symlink to "
-                             f"{real}); refusing it")
-    return path
-
-
-def _optional_path(root: Path, rel: Any, what: str) -> Path | None:
-    return None if rel is None else safe_path(root, rel, what)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -320,83 +85,23 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, root: Path) -> "Manifest":
-        if not isinstance(data, dict):
-            raise _fail("the top level must be an object")
-        if data.get("format") != FORMAT:
-            raise IntegrityError(f"{root / MANIFEST_NAME} is not an apla engine manifest "
-                                 f"(format {data.get('format')!r}, expected {FORMAT!r})")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION or not is_int(version):
-            raise IntegrityError(f"engine folder {root} has manifest format_version {version!r}; this "
-                                 f"apla-rt reads format_version {FORMAT_VERSION}: re-export it with "
-                                 "this apla version, or use the apla-rt that matches the export")
-
-        files = data.get("files")
-        if not isinstance(files, dict) or not files:
-            raise _fail("'files' must map every artifact to its sha256")
-        for rel, digest in files.items():
-            safe_path(root, rel, "files entry")
-            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-                raise _fail(f"files[{rel!r}] is not a lowercase hex sha256")
-
-        nets = data.get("networks")
-        if not isinstance(nets, dict):
-            raise _fail("'networks' must be an object")
-        unknown = sorted(set(nets) - set(CONTRACT))
-        if unknown:
-            raise _fail(f"unknown networks {unknown}; known: {sorted(CONTRACT)}")
-        missing = [n for n in REQUIRED_NETWORKS if n not in nets]
-        if missing:
-            raise _fail(f"networks {missing} are missing")
-        networks = {name: NetworkSpec.parse(name, entry, root) for name, entry in nets.items()}
-
-        sched = data.get("scheduler")
-        if not isinstance(sched, dict):
-            raise _fail("'scheduler' must be an object of scheduler settings")
-        try:
-            scheduler = SchedulerConfig.from_dict(sched)
-        except ConfigError as err:
-            raise _fail(str(err)) from err
-
-        factor = data.get("vae_scaling_factor")
-        if (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                or not math.isfinite(factor) or factor <= 0):
-            raise _fail(f"vae_scaling_factor must be a positive number, got {factor!r}")
-        channels, down = data.get("latent_channels", 4), data.get("vae_downsample", 8)
-        for key, value in (("latent_channels", channels), ("vae_downsample", down)):
-            if not is_int(value) or value < 1:
-                raise _fail(f"{key} must be a positive integer, got {value!r}")
-
-        tok = data.get("tokenizer")
-        if not isinstance(tok, dict) or "dir" not in tok:
-            raise _fail("'tokenizer' must be an object with 'dir' (and 'model_max_length')")
-        tokenizer_dir = safe_path(root, tok["dir"], "tokenizer.dir")
-        max_len = tok.get("model_max_length", 77)
-        if not is_int(max_len) or max_len < 2:
-            raise _fail(f"tokenizer.model_max_length must be an integer >= 2, got {max_len!r}")
-
-        start = _optional_path(root, data.get("start_latent"), "start_latent")
+        """Validate the parsed ``manifest.json`` of the folder ``root`` (see the module docstring)."""
+        _check_format(data, root)
+        files = _files(data.get("files"), root)
+        networks = parse_networks(data.get("networks"), root)
+        scheduler = _scheduler(data.get("scheduler"))
+        factor, channels, down = _vae(data)
+        tokenizer_dir, max_len = _tokenizer(data.get("tokenizer"), root)
+        start = optional_path(root, data.get("start_latent"), "start_latent")
         prompt = data.get("prompt", "")
         if not isinstance(prompt, str):
-            raise _fail("'prompt' must be a string")
-
-        source = _optional_path(root, data.get("source_latent"), "source_latent")
-        start_t = data.get("start_timestep")  # absent in folders exported before it was recorded
-        if start_t is not None and (not is_int(start_t) or not scheduler.steps_offset <= start_t
-                                    < scheduler.num_train_timesteps):
-            raise _fail(f"start_timestep must be an integer from {scheduler.steps_offset} to "
-                        f"{scheduler.num_train_timesteps - 1}, got {start_t!r}")
-        manifest = cls(root, data, networks, scheduler, float(factor), int(channels), int(down),
-                       tokenizer_dir, int(max_len), start, prompt, dict(files),
-                       source_latent_path=source,
-                       start_timestep=int(start_t) if start_t is not None else None)
-        for spec in networks.values():
-            for path in (spec.onnx, spec.onnx_ort, spec.onnx_fp16, spec.engine, *spec.external_data):
-                if path is not None:
-                    manifest._listed(path)
-        for latent in (start, source):
-            if latent is not None:
-                manifest._listed(latent)
+            raise invalid_manifest("'prompt' must be a string")
+        source = optional_path(root, data.get("source_latent"), "source_latent")
+        start_t = _start_timestep(data.get("start_timestep"), scheduler)
+        manifest = cls(root, data, networks, scheduler, factor, channels, down, tokenizer_dir, max_len,
+                       start, prompt, files, source_latent_path=source, start_timestep=start_t)
+        for path in _named_files(networks, (start, source)):
+            manifest._listed(path)
         return manifest
 
     # -- integrity ----------------------------------------------------------------------
@@ -407,7 +112,7 @@ class Manifest:
     def _listed(self, path: Path) -> str:
         rel = self.rel(path)
         if rel not in self.files:
-            raise _fail(f"{rel} is used but has no sha256 in 'files'")
+            raise invalid_manifest(f"{rel} is used but has no sha256 in 'files'")
         return rel
 
     def verify(self, paths: Iterable[Path | str] | None = None) -> None:
@@ -420,31 +125,22 @@ class Manifest:
             if rel not in self._verified:
                 self._check_file(rel, sha256_file)
 
-    def verify_in_background(self, paths: Iterable[Path | str]) -> "Verification":
+    def verify_in_background(self, paths: Iterable[Path | str]) -> Verification:
         """Start hashing ``paths`` (as ``verify``) in a thread; ``wait()`` on the result
         raises the ``IntegrityError`` if one differs. The caller loads the files meanwhile:
         the hash and the load share the page cache, so the disk is read once."""
         wanted = [rel for rel in self._wanted(paths) if rel not in self._verified]
-        return Verification(self, wanted)
+        return Verification(lambda rel: self._check_file(rel, sha256_file), wanted)
 
     def _wanted(self, paths: Iterable[Path | str] | None) -> list[str]:
         if paths is None:
             return list(self.files)
-        wanted: list[str] = []
-        for p in paths:
-            rel = self.rel(Path(p)) if isinstance(p, Path) else p
-            inside = [f for f in self.files if f == rel or f.startswith(rel.rstrip("/") + "/")]
-            if not inside:
-                raise _fail(f"{rel} is used but has no sha256 in 'files'")
-            wanted += [f for f in inside if f not in wanted]
-        return wanted
+        return listed_under(self.files, (self.rel(p) if isinstance(p, Path) else p for p in paths))
 
     def read_verified(self, path: Path) -> bytes:
         """One listed file's bytes, checked against its sha256 as read: what is loaded is
         what was verified, and a large file (a TensorRT engine) is read once."""
-        rel = self.rel(path)
-        if rel not in self.files:
-            raise _fail(f"{rel} is used but has no sha256 in 'files'")
+        rel = self._listed(path)
         data = b""
 
         def digest(full: Path) -> str:
@@ -456,13 +152,7 @@ class Manifest:
         return data
 
     def _check_file(self, rel: str, digest: Callable[[Path], str]) -> None:
-        path = safe_path(self.root, rel, "files entry")
-        if not path.is_file():
-            raise IntegrityError(f"{rel} is listed in the manifest but missing from {self.root}; "
-                                 "re-run the export")
-        if digest(path) != self.files[rel]:
-            raise IntegrityError(f"{rel} does not match its sha256 in the manifest (corrupted or "
-                                 "modified); re-run the export")
+        check_file(self.root, rel, self.files, digest)
         self._verified.add(rel)
 
     # -- accessors ----------------------------------------------------------------------
@@ -534,7 +224,7 @@ class Manifest:
         ranges = [s.profile["frames"] for n, s in self.networks.items()
                   if n in ("unet", "vgt") and "frames" in s.profile]
         if not ranges:
-            raise _fail("the unet profile has no 'frames' range")
+            raise invalid_manifest("the unet profile has no 'frames' range")
         lo = max(r[0] for r in ranges)
         hi = min(r[2] for r in ranges)
         opt = min(max(ranges[0][1], lo), hi)
@@ -586,31 +276,91 @@ class Manifest:
                             self.rel(self.source_latent_path))
 
 
-class Verification:
-    """Files of a manifest being hashed in a thread (``Manifest.verify_in_background``)."""
 
-    def __init__(self, manifest: Manifest, rels: list[str]):
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        if rels:
-            self._thread = threading.Thread(target=self._run, args=(manifest, rels),
-                                            name="apla-verify", daemon=True)
-            self._thread.start()
+# --------------------------------------------------------------------------- parsing the parts
 
-    def _run(self, manifest: Manifest, rels: list[str]) -> None:
-        try:
-            for rel in rels:
-                manifest._check_file(rel, sha256_file)
-        except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
-            self._error = err
 
-    def wait(self) -> None:
-        """Block until every file is hashed; raise the first ``IntegrityError`` (or I/O error)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise self._error
+def _check_format(data: Any, root: Path) -> None:
+    """An object of this format and version."""
+    if not isinstance(data, dict):
+        raise invalid_manifest("the top level must be an object")
+    if data.get("format") != FORMAT:
+        raise IntegrityError(f"{root / MANIFEST_NAME} is not an apla engine manifest "
+                             f"(format {data.get('format')!r}, expected {FORMAT!r})")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION or not is_int(version):
+        raise IntegrityError(f"engine folder {root} has manifest format_version {version!r}; this "
+                             f"apla-rt reads format_version {FORMAT_VERSION}: re-export it with "
+                             "this apla version, or use the apla-rt that matches the export")
+
+
+def _files(files: Any, root: Path) -> dict[str, str]:
+    """``files``: every artifact inside the folder, mapped to its lowercase hex sha256."""
+    if not isinstance(files, dict) or not files:
+        raise invalid_manifest("'files' must map every artifact to its sha256")
+    for rel, digest in files.items():
+        safe_path(root, rel, "files entry")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise invalid_manifest(f"files[{rel!r}] is not a lowercase hex sha256")
+    return dict(files)
+
+
+def _scheduler(sched: Any) -> SchedulerConfig:
+    """``scheduler``: the noise schedule's settings."""
+    if not isinstance(sched, dict):
+        raise invalid_manifest("'scheduler' must be an object of scheduler settings")
+    try:
+        return SchedulerConfig.from_dict(sched)
+    except ConfigError as err:
+        raise invalid_manifest(str(err)) from err
+
+
+def _vae(data: dict[str, Any]) -> tuple[float, int, int]:
+    """(``vae_scaling_factor``, ``latent_channels``, ``vae_downsample``)."""
+    factor = data.get("vae_scaling_factor")
+    if (isinstance(factor, bool) or not isinstance(factor, (int, float))
+            or not math.isfinite(factor) or factor <= 0):
+        raise invalid_manifest(f"vae_scaling_factor must be a positive number, got {factor!r}")
+    channels, down = data.get("latent_channels", 4), data.get("vae_downsample", 8)
+    for key, value in (("latent_channels", channels), ("vae_downsample", down)):
+        if not is_int(value) or value < 1:
+            raise invalid_manifest(f"{key} must be a positive integer, got {value!r}")
+    return float(factor), int(channels), int(down)
+
+
+def _tokenizer(tok: Any, root: Path) -> tuple[Path, int]:
+    """(the tokenizer folder, ``model_max_length``)."""
+    if not isinstance(tok, dict) or "dir" not in tok:
+        raise invalid_manifest("'tokenizer' must be an object with 'dir' (and 'model_max_length')")
+    tokenizer_dir = safe_path(root, tok["dir"], "tokenizer.dir")
+    max_len = tok.get("model_max_length", 77)
+    if not is_int(max_len) or max_len < 2:
+        raise invalid_manifest(f"tokenizer.model_max_length must be an integer >= 2, got {max_len!r}")
+    return tokenizer_dir, int(max_len)
+
+
+def _start_timestep(start_t: Any, scheduler: SchedulerConfig) -> int | None:
+    """The timestep the start latent belongs to; None in folders exported before it was recorded."""
+    if start_t is None:
+        return None
+    if not is_int(start_t) or not scheduler.steps_offset <= start_t < scheduler.num_train_timesteps:
+        raise invalid_manifest(f"start_timestep must be an integer from {scheduler.steps_offset} to "
+                               f"{scheduler.num_train_timesteps - 1}, got {start_t!r}")
+    return int(start_t)
+
+
+def _named_files(networks: dict[str, NetworkSpec], latents: Iterable[Path | None]) -> Iterator[Path]:
+    """Every file the networks and the latents name (each must be listed in ``files``)."""
+    for spec in networks.values():
+        for path in (spec.onnx, spec.onnx_ort, spec.onnx_fp16, spec.engine, *spec.external_data):
+            if path is not None:
+                yield path
+    for latent in latents:
+        if latent is not None:
+            yield latent
+
+
+# --------------------------------------------------------------------------- latent files
 
 
 def load_npy(path: Path) -> np.ndarray:

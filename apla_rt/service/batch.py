@@ -47,7 +47,8 @@ from ..api import Pipeline, Request
 from ..folder.atomic import check_writable, write_bytes, write_text
 from ..errors import AplaError, InputError
 from ..folder.jsonfile import read_text_file
-from ..folder.manifest import Manifest
+from ..folder.files import sha256_file
+from ..folder.manifest import MANIFEST_NAME, Manifest
 from ..engine import Engine
 from .raycluster import connect, disconnect
 from ..backends.placement import check_threads
@@ -117,7 +118,7 @@ class Plan:
 
 def engine_identity(manifest: Manifest) -> str:
     """The engine folder's identity: the sha256 of its manifest (which lists every file's)."""
-    return hashlib.sha256((manifest.root / "manifest.json").read_bytes()).hexdigest()
+    return sha256_file(manifest.root / MANIFEST_NAME)
 
 
 def video_name(line: int, request: Request, fmt: str, options: BatchOptions, engine_id: str) -> str:
@@ -155,17 +156,6 @@ def read_jobs(options: BatchOptions, pipe: Pipeline, engine_id: str) -> list[Job
     return jobs
 
 
-def _sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
 def plan(options: BatchOptions) -> Plan:
     """Check the options, the engine folder, every line and the output folder, without
     starting Ray or writing anything; decide which lines still need their video."""
@@ -195,7 +185,13 @@ def plan(options: BatchOptions) -> Plan:
         recorded = {e.get("file"): e for e in index.get("videos", []) if isinstance(e, dict)}
         for job in jobs:
             entry = recorded.get(job.name)
-            if entry is not None and _sha256(out / job.name) == entry.get("sha256"):
+            if entry is None:
+                continue
+            try:
+                intact = sha256_file(out / job.name) == entry.get("sha256")
+            except OSError:  # gone or unreadable: the video is made again
+                intact = False
+            if intact:
                 entries[job.line] = entry
     todo = [j for j in jobs if j.line not in entries]
     return Plan(jobs, job_id, engine_id, todo, entries)

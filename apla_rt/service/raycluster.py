@@ -1,4 +1,4 @@
-"""Connecting ``apla-rt`` to Ray: join a running cluster or start a local instance.
+"""Connecting ``apla-rt`` to Ray: join a running cluster or start a local instance, and leave it.
 
 One entry point, ``connect(address)``, used by ``apla-rt serve`` (and any other command that
 runs on Ray):
@@ -16,7 +16,11 @@ runs on Ray):
   token authentication (on unless the user set ``RAY_AUTH_MODE=disabled``). Ray's own
   processes still listen on all interfaces: docs/serving.md says how to firewall them.
 
-Ray is imported only inside the functions, so importing this module costs nothing.
+Leaving: ``disconnect``; for a local instance at the end of a long-running command,
+``stop_local`` bounds every step and ends Ray's processes that are left by pid (also when a
+signal to the whole process group has already ended some of them).
+
+Ray (and psutil) are imported only inside the functions, so importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import AplaError
 
@@ -170,3 +176,98 @@ def disconnect(connection: RayConnection) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+STOP_SECONDS = 12.0  # the most a stop takes before what is left of a local instance is killed
+
+
+def stop_local(connection: RayConnection, watched: list[Any], stop_apps: Callable[[], Any],
+               deadline: float, log: Callable[[str], None]) -> None:
+    """Stop what runs on the local instance this process started (``stop_apps``, e.g. Serve's
+    shutdown), then the instance, each step bounded by the monotonic ``deadline``, and end by pid
+    whatever of its processes is left.
+
+    A signal to the whole process group (systemd's default) also reaches Ray's own processes:
+    once the raylet is gone Ray's calls wait on it forever. So when one of ``watched`` (this
+    process's descendants while it ran, ``descendants``) has ended, or a step does not finish in
+    time, the steps are skipped or abandoned, the processes left are ended and this process exits
+    at once (Ray's exit hook would wait on the raylet too)."""
+    time.sleep(0.5)  # a signal to the whole group has ended some of Ray's processes by now
+    family = descendants()
+    clean = (_all_running(watched) and bounded(stop_apps, deadline - 6.0)
+             and bounded(lambda: disconnect(connection), deadline - 4.0))
+    _end(family + descendants())
+    if not clean:
+        exit_now(log)
+
+
+def exit_now(log: Callable[[str], None]) -> None:
+    """Exit this process at once (no exit hooks: Ray's would wait on a raylet already gone)."""
+    log("stopped (Ray's processes were already ending)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def bounded(step: Callable[[], Any], until: float) -> bool:
+    """Run ``step`` on a daemon thread; whether it finished before the monotonic ``until``."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:  # a cluster half gone: the rest of the stop still runs
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(max(0.0, until - time.monotonic()))
+
+
+def descendants() -> list[Any]:
+    """This process's descendants (psutil processes: on a local instance, Ray's); [] without
+    psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _all_running(processes: list[Any]) -> bool:
+    """Whether every one of ``processes`` is still running (none ended, none a zombie)."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+    except psutil.Error:
+        return False
+
+
+def _end(processes: list[Any], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to those of ``processes`` still running."""
+    if not processes:
+        return
+    import psutil
+
+    for p in processes:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -360,8 +359,8 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
     """Join the cluster at ``address`` (else ``RAY_ADDRESS``; see ``apla_rt.service.raycluster``) or
     start a local Ray instance, run the app on ``host:port`` and block until SIGINT or SIGTERM.
     Then delete the app (a cluster joined keeps running) or, on a local instance, stop Serve and
-    Ray and end whatever process of theirs is left: within ``STOP_SECONDS`` in all, also when
-    the signal reached Ray's processes too (a whole process group stopped at once)."""
+    Ray and end whatever process of theirs is left: within ``raycluster.STOP_SECONDS`` in all,
+    also when the signal reached Ray's processes too (a whole process group stopped at once)."""
     from . import raycluster
 
     options.check()
@@ -385,7 +384,7 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
             f"{options.max_batch}; Ctrl-C stops")
         if ready is not None:
             ready()
-        ray_processes = _descendants()  # to tell, at the stop, whether a signal reached them too
+        ray_processes = raycluster.descendants()  # at the stop: did a signal reach them too?
         while not stop.wait(0.5):
             pass
         log("stopping")
@@ -396,95 +395,17 @@ def run_server(options: ServeOptions, host: str, port: int, log: Callable[[str],
             _stop(connection, log, ray_processes)
 
 
-STOP_SECONDS = 12.0  # the most a stop takes before what is left of a local instance is killed
-
-
 def _stop(connection: Any, log: Callable[[str], None], ray_processes: list[Any]) -> None:
-    """Delete the app (joined) or shut Serve down (local), then leave Ray, each step bounded.
-    A signal to the whole process group (systemd's default) also reaches Ray's own processes:
-    once the raylet is gone Serve's and Ray's calls wait on it forever, so then a local
-    instance's processes that are left are ended by pid and this process exits at once
-    (Ray's exit hook would wait on the raylet too)."""
+    """Delete the app and leave the cluster (joined), or shut Serve down with the local instance
+    (``raycluster.stop_local``), each step bounded: within ``raycluster.STOP_SECONDS`` in all."""
     from . import raycluster
 
-    deadline = time.monotonic() + STOP_SECONDS
-    if not connection.started:
-        if not _bounded(lambda: serve.delete(APP_NAME), deadline - 2.0):
-            log(f"could not delete the application {APP_NAME!r} in time; `serve status` on the "
-                "cluster shows it, `serve delete` removes it")
-        if not _bounded(lambda: raycluster.disconnect(connection), deadline):
-            _exit_now(log)
+    deadline = time.monotonic() + raycluster.STOP_SECONDS
+    if connection.started:
+        raycluster.stop_local(connection, ray_processes, serve.shutdown, deadline, log)
         return
-    time.sleep(0.5)  # a signal to the whole group has ended some of Ray's processes by now
-    family = _descendants()
-    clean = (_all_running(ray_processes) and _bounded(serve.shutdown, deadline - 6.0)
-             and _bounded(lambda: raycluster.disconnect(connection), deadline - 4.0))
-    _end(family + _descendants())
-    if not clean:
-        _exit_now(log)
-
-
-def _exit_now(log: Callable[[str], None]) -> None:
-    log("stopped (Ray's processes were already ending)")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _all_running(processes: list[Any]) -> bool:
-    """Whether every one of ``processes`` is still running (none ended, none a zombie)."""
-    try:
-        import psutil
-    except ImportError:
-        return True
-    try:
-        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
-    except psutil.Error:
-        return False
-
-
-def _bounded(step: Callable[[], Any], until: float) -> bool:
-    """Run ``step`` on a daemon thread; whether it finished before the monotonic ``until``."""
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            step()
-        except Exception:  # a cluster half gone: the rest of the stop still runs
-            pass
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    return done.wait(max(0.0, until - time.monotonic()))
-
-
-def _descendants() -> list[Any]:
-    try:
-        import psutil
-    except ImportError:
-        return []
-    try:
-        return psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _end(processes: list[Any], grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, to those of ``processes`` still running."""
-    if not processes:
-        return
-    import psutil
-
-    for p in processes:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    if not raycluster.bounded(lambda: serve.delete(APP_NAME), deadline - 2.0):
+        log(f"could not delete the application {APP_NAME!r} in time; `serve status` on the "
+            "cluster shows it, `serve delete` removes it")
+    if not raycluster.bounded(lambda: raycluster.disconnect(connection), deadline):
+        raycluster.exit_now(log)
