@@ -70,6 +70,22 @@ def clip_path(name: str) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+    """The runtime's per-machine cache (bf16 verdicts, measured backend choices, OpenVINO's
+    compiled models) in a folder of the session's, never the user's; subprocesses inherit it.
+    Tests of the cache itself set their own."""
+    import os
+
+    old = os.environ.get("APLA_CACHE_DIR")
+    os.environ["APLA_CACHE_DIR"] = str(tmp_path_factory.mktemp("apla-cache"))
+    yield
+    if old is None:
+        os.environ.pop("APLA_CACHE_DIR", None)
+    else:
+        os.environ["APLA_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _two_torch_threads():
     """The suite's timings assume 2 CPU threads, whatever the machine has."""
     import torch

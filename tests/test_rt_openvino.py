@@ -29,6 +29,8 @@ from apla_rt.backends.runners import open_runner  # noqa: E402
 
 NO_BF16 = CpuInfo("Fake EPYC without bf16", frozenset({"avx2", "fma", "avx512f"}))
 WITH_BF16 = CpuInfo("Fake Xeon with AMX", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+AVX512_BF16_ONLY = CpuInfo("Fake Xeon with avx512_bf16, no AMX",
+                           frozenset({"avx2", "avx512f", "avx512_bf16", "avx_vnni"}))
 FP32_TOL = 1e-4  # OpenVINO fp32 vs ONNX Runtime fp32 (measured 1.5e-6 on the tiny UNet)
 TINY_BF16_PSNR_DB = 40.0  # the tiny model's bf16 video vs fp32 (measured 47-49 dB; docs/cpu.md)
 
@@ -213,77 +215,109 @@ def test_no_bf16_units_refused_in_one_line(exported, monkeypatch):
     assert "Fake EPYC" in message
 
 
-def test_auto_without_units_keeps_todays_path(exported, monkeypatch):
-    def no_check(*args, **kwargs):
-        raise AssertionError("no bf16 check without bf16 units")
+def _timed(monkeypatch, seconds: dict[tuple[str, str], float], calls: list | None = None) -> None:
+    """The measured choice with these call times per (backend, precision): every candidate is
+    still opened, run and checked for real; only its time is replaced."""
+    from apla_rt.backends import choice
 
+    real = choice._row
+
+    def row(manifest, name, backend, precision, *args):
+        out = real(manifest, name, backend, precision, *args)
+        if calls is not None:
+            calls.append((name, backend, precision))
+        return {**out, "seconds": seconds[(backend, precision)]}
+
+    monkeypatch.setattr(choice, "_row", row)
+
+
+def _table(pipe, name: str) -> dict:
+    from apla_rt.backends import choice
+
+    cpu = cpu_precision.probe_cpu()
+    table = choice.measured(pipe.manifest, name, pipe.placement.threads, cpu, run=False)
+    assert table is not None, name
+    return table
+
+
+def test_auto_without_bf16_units_measures_no_bf16(exported, monkeypatch, fresh_cache):
+    """A CPU without bf16 dot products: bf16 is not even a candidate; ``auto`` chooses among
+    ONNX Runtime and OpenVINO fp32 by their times."""
     fake_cpu(monkeypatch, NO_BF16, ("FP32",))
-    monkeypatch.setattr(openvino_runner, "bf16_verdict", no_check)
-    with Pipeline.open(exported[1], "auto", 2) as pipe:  # precision auto: ONNX Runtime fp32
+    monkeypatch.setattr(openvino_runner, "bf16_verdict", lambda *a, **k: pytest.fail("no bf16 check"))
+    _timed(monkeypatch, {("ort", "fp32"): 1.0, ("openvino", "fp32"): 2.0})
+    with Pipeline.open(exported[1], "auto", 2) as pipe:
         assert pipe.placement.backend == "ort" and pipe.describe_precision() == "fp32"
         assert all(r.backend == "onnxruntime-cpu" for r in pipe.engine.runners.values())
-    with Pipeline.open(exported[1], "openvino", 2) as pipe:
+        for name in pipe.engine.runners:
+            assert {(r["backend"], r["precision"]) for r in _table(pipe, name)["rows"]} == {
+                ("ort", "fp32"), ("openvino", "fp32")}
+    with Pipeline.open(exported[1], "openvino", 2) as pipe:  # OpenVINO's fastest: fp32
         assert pipe.describe_precision() == "fp32" and pipe.placement.notes == ()
 
 
-AVX512_BF16_ONLY = CpuInfo("Fake Xeon with avx512_bf16, no AMX",
-                           frozenset({"avx2", "avx512f", "avx512_bf16", "avx_vnni"}))
-
-
-def test_auto_without_amx_keeps_fp32_and_runs_no_check(exported, monkeypatch):
-    """bf16 dot products without the matrix units measured slower than fp32 (docs/cpu.md):
-    ``auto`` keeps fp32 there; an explicit ``bf16`` still runs, checked."""
-    checked: list[str] = []
-
-    def fake_check(manifest, name, threads, cpu, run=True, token_ids=None):
-        if run:  # the check runs for the networks opened now
-            checked.append(name)
-        return None  # no verdict: the network stays fp32, silently
-
+def test_auto_takes_the_fastest_faithful_candidate(exported, monkeypatch, fresh_cache):
+    """Measured, not read off a flag: bf16 runs where it is faster and passes its check, on an
+    AMX CPU or not; where it is slower, or misses its tolerance, the fastest faithful other
+    candidate runs; ``--backend ort-cpu`` or ``--precision fp32`` measure nothing."""
     fake_cpu(monkeypatch, AVX512_BF16_ONLY)
-    monkeypatch.setattr(openvino_runner, "bf16_verdict", fake_check)
-    with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:
-        assert pipe.describe_precision() == "fp32" and pipe.placement.notes == () and checked == []
-    with Pipeline.open(exported[1], "openvino", 2, precision="bf16") as pipe:
-        assert sorted(checked) == sorted(pipe.engine.runners)  # bf16 asked for: each one checked
-    assert not cpu_precision.auto_picks_bf16(AVX512_BF16_ONLY, ("FP32", "BF16"))
-    assert cpu_precision.auto_picks_bf16(WITH_BF16, ("FP32", "BF16"))
-    assert not cpu_precision.auto_picks_bf16(WITH_BF16, ("FP32",))
-
-
-def test_default_backend_takes_openvino_bf16_only_for_a_large_unet_on_amx(exported, monkeypatch):
-    """``--backend auto --precision auto`` (every default) runs OpenVINO, bf16 where checked,
-    on an AMX CPU for a UNet of AUTO_OPENVINO_MIN_UNET_MB or more; ONNX Runtime fp32, today's
-    path, for a smaller UNet, without AMX, or with either option given."""
-    checked: list[str] = []
-
-    def fake_check(manifest, name, threads, cpu, run=True, token_ids=None):
-        if run:  # the check runs for the networks opened now
-            checked.append(name)
-        return None  # no verdict: the network stays fp32, silently
-
-    amx = CpuInfo(WITH_BF16.model, WITH_BF16.flags | {"amx_tile"})
-    monkeypatch.setattr(openvino_runner, "bf16_verdict", fake_check)
-    fake_cpu(monkeypatch, amx)
-    with Pipeline.open(exported[1], threads=2) as pipe:  # the tiny UNet: under the bound
-        assert pipe.placement.backend == "ort" and pipe.describe_precision() == "fp32" and checked == []
-    monkeypatch.setattr(cpu_precision, "AUTO_OPENVINO_MIN_UNET_MB", 0.0)
+    _timed(monkeypatch, {("ort", "fp32"): 1.0, ("openvino", "fp32"): 2.0, ("openvino", "bf16"): 0.5})
     with Pipeline.open(exported[1], threads=2) as pipe:
-        assert pipe.placement.backend == "openvino", pipe.describe()
-        assert "amx_bf16" in pipe.placement.why
-        assert sorted(checked) == sorted(pipe.engine.runners)  # each network checked before use
+        assert pipe.placement.backend == "openvino" and pipe.describe_precision() == "bf16", pipe.describe()
+        assert all(r.backend == "openvino-cpu-bf16" for r in pipe.engine.runners.values())
+        assert "measured fastest faithful here (0.5 s a call, ONNX Runtime fp32 1 s)" in pipe.placement.choice("vgt").why
+        video, = pipe.generate("a man is skiing")  # runs, in bf16
     info = CliRunner().invoke(main, ["info", "--engine-dir", str(exported[1])])
-    assert info.exit_code == 0 and "backend (auto): openvino-cpu (amx_bf16 on this CPU" in info.output, info.output
-    checked.clear()
+    assert info.exit_code == 0, info.output
+    assert "openvino-cpu-bf16" in info.output and "measured fastest faithful" in info.output
+    fake_cpu(monkeypatch, WITH_BF16)  # another machine: measured again, here bf16 is slower
+    _timed(monkeypatch, {("ort", "fp32"): 1.0, ("openvino", "fp32"): 0.9, ("openvino", "bf16"): 1.2})
+    with Pipeline.open(exported[1], threads=2) as pipe:
+        assert pipe.placement.backend == "openvino" and pipe.describe_precision() == "fp32"
+    fake_cpu(monkeypatch, CpuInfo("Fake Xeon 3", WITH_BF16.flags))  # bf16 fastest but unfaithful
+    monkeypatch.setattr(cpu_precision, "BF16_TOLERANCE", {"max_abs": 0.0, "rel_rms": 0.0})
+    _timed(monkeypatch, {("ort", "fp32"): 1.0, ("openvino", "fp32"): 2.0, ("openvino", "bf16"): 0.1})
+    with Pipeline.open(exported[1], threads=2) as pipe:
+        missed = {n for n in pipe.engine.runners if not next(
+            r["passed"] for r in _table(pipe, n)["rows"] if r["precision"] == "bf16")}
+        assert missed, "a zero tolerance is met by no bf16 output here"
+        assert all(pipe.placement.choice(n).precision == "fp32" for n in missed)
+    calls: list = []
+    _timed(monkeypatch, {}, calls)
     for backend, precision in (("ort-cpu", "auto"), ("auto", "fp32")):
         with Pipeline.open(exported[1], backend, 2, precision=precision) as pipe:
-            assert pipe.placement.backend == "ort" and checked == []
-    fake_cpu(monkeypatch, AVX512_BF16_ONLY)
+            assert pipe.placement.backend == "ort" and pipe.describe_precision() == "fp32"
+    assert calls == []
+
+
+def test_measured_choice_is_cached_per_machine_and_threads(exported, monkeypatch, fresh_cache):
+    calls: list = []
+    _timed(monkeypatch, {("ort", "fp32"): 1.0, ("openvino", "fp32"): 2.0, ("openvino", "bf16"): 3.0}, calls)
+    fake_cpu(monkeypatch, WITH_BF16)
     with Pipeline.open(exported[1], threads=2) as pipe:
-        assert pipe.placement.backend == "ort" and checked == []
-    rule = cpu_precision.auto_openvino_reason
-    assert rule(amx, ("FP32", "BF16"), 3400.0) and rule(amx, ("FP32",), 3400.0) is None
-    assert rule(AVX512_BF16_ONLY, ("FP32", "BF16"), 3400.0) is None
+        opened = sorted(pipe.engine.runners)
+    assert sorted({c[0] for c in calls}) == opened and len(calls) == 3 * len(opened)
+    calls.clear()
+    with Pipeline.open(exported[1], threads=2):
+        pass
+    assert calls == []  # cached: nothing measured again
+    with Pipeline.open(exported[1], threads=1):
+        pass
+    assert sorted({c[0] for c in calls}) == opened  # another thread count: measured again
+
+
+def test_the_real_measurement_chooses_its_fastest_faithful_row(exported, fresh_cache):
+    """On this machine, unfaked: every candidate has a time and a verdict, and the chosen one
+    is the fastest that passed."""
+    with Pipeline.open(exported[1], threads=2) as pipe:
+        for name in pipe.engine.runners:
+            table = _table(pipe, name)
+            passing = [r for r in table["rows"] if r["passed"]]
+            assert ("ort", "fp32") in {(r["backend"], r["precision"]) for r in passing}
+            best = min(passing, key=lambda r: r["seconds"])
+            assert table["chosen"] == [best["backend"], best["precision"]]
+            choice = pipe.placement.choice(name)
+            assert (choice.backend, choice.precision) == tuple(table["chosen"])
 
 
 def test_openvino_without_bf16_capability_is_refused(exported, monkeypatch):
@@ -317,9 +351,8 @@ def test_check_miss_falls_back_to_fp32_with_one_line(exported, monkeypatch, fres
         summary = pipe.summary()
         assert summary["precision_notes"] == list(pipe.placement.notes)
     assert len(VerdictCache(fresh_cache)._read()) == len(networks)
-    with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:  # cached verdicts
-        assert sorted(calls) == networks
-        assert {line.split()[4] for line in pipe.placement.notes} == missed
+    with Pipeline.open(exported[1], "openvino", 2, precision="auto") as pipe:  # measured
+        assert sorted(calls) == networks  # the forced check's verdicts are not run again
         assert all(pipe.placement.choice(n).precision == "fp32" for n in missed)
 
 
@@ -333,21 +366,25 @@ def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
         return dict(verdict)
 
     monkeypatch.setattr(openvino_runner, "bf16_check", counted)
-    nets = ("unet", "vgt")
+    from apla_rt.backends.pool import serving_graph
+
+    unet = serving_graph(Manifest.open(exported[1]), "unet")  # the graph that serves the UNet
+    nets = (unet, "vgt")
 
     def open_bf16() -> list[str]:
         from apla_rt.engine import Engine
 
-        with Engine.open(exported[1], "openvino", nets, 2, precision="bf16") as engine:
-            assert engine.precisions() == {n: "bf16" for n in nets} and engine.notes == []
+        with Engine.open(exported[1], "openvino", ("unet", "vgt"), 2, precision="bf16") as engine:
+            assert {n: engine.placement.choice(n).precision for n in nets} == {n: "bf16" for n in nets}
+            assert engine.placement.notes == ()
             assert all(r.backend == "openvino-cpu-bf16" for r in engine.runners.values())
         return sorted(calls)
 
-    assert open_bf16() == ["unet", "vgt"]  # first use on this "machine": checked
-    assert open_bf16() == ["unet", "vgt"]  # cached: not checked again
+    assert open_bf16() == sorted(nets)  # first use on this "machine": checked
+    assert open_bf16() == sorted(nets)  # cached: not checked again
     stored = VerdictCache(fresh_cache)._read()
     keys = sorted(e["key"]["network"] for e in stored.values())
-    assert keys == ["unet", "vgt"]
+    assert keys == sorted(nets)
     key = next(iter(stored.values()))["key"]
     assert set(key) == {"cpu_model", "cpu_flags", "openvino", "sha256", "network", "tolerance"}
     assert key["cpu_model"] == WITH_BF16.model and key["openvino"] == openvino_runner.ov_version()
@@ -356,7 +393,7 @@ def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
     assert onnx is not None and key["sha256"] == m.files[m.rel(onnx)]
     # another CPU (flags), another OpenVINO version, another tolerance: checked again
     fake_cpu(monkeypatch, CpuInfo(WITH_BF16.model, WITH_BF16.flags | {"amx_tile"}))
-    assert open_bf16() == ["unet", "unet", "vgt", "vgt"]
+    assert open_bf16() == sorted(nets + nets)
     monkeypatch.setattr(openvino_runner, "ov_version", lambda: "0.0-other")
     assert len(open_bf16()) == 6
     monkeypatch.setattr(cpu_precision, "BF16_TOLERANCE", {"max_abs": 0.1, "rel_rms": 0.01})

@@ -225,3 +225,8 @@ def prompt_token_ids(manifest: Manifest) -> np.ndarray:
     tok = ClipTokenizer.load(manifest.tokenizer_dir, manifest.model_max_length)
     prompts = ["", manifest.prompt or "a video", "a panda is surfing at sunset", "a red car turns"]
     return np.asarray(tok(prompts), dtype=np.int64)
+
+
+def int8_available(manifest: Manifest, name: str) -> tuple[bool, str]:
+    """Whether network ``name`` has an int8 model whose recorded check passed, and why (not)."""
+    return False, f"the engine folder has no int8 model for {name}"

@@ -5,12 +5,16 @@ precision per network, and why), which the runner pool opens, and ``apla-rt info
 
 ``--backend auto|ort-cpu|ort-cuda|trt|ort|openvino`` (``select_backend``): TensorRT where the
 folder has engines and TensorRT and a GPU are usable, else ONNX Runtime's CUDA provider where
-onnxruntime-gpu sees a GPU, else the CPU: ONNX Runtime, or OpenVINO where ``--precision auto``
-finds that it pays (``auto_cpu_backend``: an AMX CPU and a UNet of 100 MB or more).
+onnxruntime-gpu sees a GPU, else the CPU.
 
-``--precision auto|fp32|bf16`` (``apla_rt.backends.precision``): bf16 runs on OpenVINO only,
-network by network where its check against ONNX Runtime fp32 passed (cached per machine); a
-network whose check missed runs fp32 and the placement says so (``notes``).
+``--precision auto|fp32|bf16`` (``apla_rt.backends.precision``): on the CPU, ``auto`` (with
+``--backend auto``, or among OpenVINO's precisions with ``--backend openvino``) runs each
+network where it measured fastest among the candidates that stay faithful
+(``apla_rt.backends.choice``: ONNX Runtime fp32, OpenVINO fp32, bf16 and int8; measured once
+per machine and cached). ``fp32`` keeps the exact reference (ONNX Runtime fp32 unless
+``--backend`` says otherwise). ``bf16`` runs on OpenVINO only, network by network where its
+check against ONNX Runtime fp32 passed (cached per machine); a network whose check missed runs
+fp32 and the placement says so (``notes``).
 
 ``--threads N`` (``check_threads``): the CPU threads of ONNX Runtime or OpenVINO; with N >= 2
 on a CPU the UNet's two guidance halves run side by side (``Placement.split_guidance``).
@@ -25,13 +29,12 @@ from ..errors import AplaError, BackendUnavailable, InputError
 from ..folder.manifest import Manifest
 from . import precision as cpu_precision
 from .gpu import ort_cuda_available, ort_cuda_status, trt_available
-from .ort import _onnx_files
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort", "openvino")
 BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a GPU are usable, "
-                "else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU, else the CPU (ONNX "
-                "Runtime; OpenVINO in bf16 on an AMX CPU for a UNet of 100 MB or more with "
-                "--precision auto); "
+                "else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU, else the CPU: "
+                "with --precision auto each network where it measured fastest and faithful on "
+                "this machine (ONNX Runtime fp32, OpenVINO fp32/bf16/int8; measured once, cached); "
                 "ort-cpu / ort-cuda: ONNX Runtime on that provider; trt: TensorRT engines; "
                 "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32 or "
                 "bf16, see --precision; the [openvino] extra).")
@@ -106,29 +109,52 @@ def place(manifest: Manifest, networks: tuple[str, ...], backend: str = "auto",
           check: bool = True) -> Placement:
     """Decide where the folder's networks run (module docstring): the backend from
     ``networks``, those opened now; the others (the VAE encoder of a pipeline opened for
-    generation, the cache graphs before a request uses them) run on the same backend.
+    generation, the cache graphs before a request uses them) are placed alike.
     ``guidance_batch``: the UNet will run guidance batches (generation; inversion runs batch 1).
-    A bf16 check not cached yet runs for ``networks`` only, and not at all with
+    A check or measurement not cached yet runs for ``networks`` only, and not at all with
     ``check=False`` (``apla-rt info``): such a network is placed in fp32, saying so."""
     check_threads(threads)
     precision = cpu_precision.check_precision(precision)
-    if precision == "bf16" and backend == "auto":
+    if precision != "fp32" and precision != "auto" and backend == "auto":
         backend = "openvino"
     chosen, why = select_backend(backend, manifest, networks)
-    if backend == "auto" and precision == "auto" and chosen == "ort":
-        chosen, why = auto_cpu_backend(manifest, networks) or (chosen, why)
-    if precision == "bf16" and chosen != "openvino":
-        raise InputError(f"--precision bf16 runs on --backend openvino only (backend {backend} "
-                         "computes in fp32); drop --backend or use openvino")
+    if precision not in ("auto", "fp32") and chosen != "openvino":
+        raise InputError(f"--precision {precision} runs on --backend openvino only (backend "
+                         f"{backend} computes in fp32); drop --backend or use openvino")
     every = tuple(networks) + tuple(n for n in manifest.networks if n not in networks)
-    if chosen == "openvino":
-        checked = networks if check else ()
+    checked = networks if check else ()
+    notes: tuple[str, ...] = ()
+    if precision == "auto" and (chosen, backend) in (("ort", "auto"), ("openvino", "openvino")):
+        choices = _measured(manifest, every, checked, threads, None if backend == "auto" else "openvino")
+    elif chosen == "openvino":
         choices, notes = _openvino_precisions(manifest, every, checked, precision, threads)
     else:
-        choices, notes = {n: _file_precision(manifest, n, chosen) for n in every}, ()
-    split = (guidance_batch and chosen in ("ort", "openvino") and threads is not None
+        choices = {n: _file_precision(manifest, n, chosen) for n in every}
+    unet = next((choices[n] for n in UNET_GRAPHS if n in networks), choices[every[0]] if every else None)
+    kind = unet.backend if unet is not None else chosen
+    split = (guidance_batch and kind in ("ort", "openvino") and threads is not None
              and threads >= 2 and not ort_cuda_available())
-    return Placement(chosen, why, choices, threads, split, notes)
+    return Placement(kind, why, choices, threads, split, notes)
+
+
+def _measured(manifest: Manifest, networks: tuple[str, ...], checked: tuple[str, ...],
+              threads: int | None, only: str | None) -> dict[str, Choice]:
+    """Each network where it measured fastest and faithful (``apla_rt.backends.choice``), on
+    backend ``only`` if given; measured now for ``checked`` where no measurement is cached."""
+    from . import choice
+
+    cpu = cpu_precision.probe_cpu()
+    out = {}
+    for name in networks:
+        table = choice.measured(manifest, name, threads, cpu, run=name in checked)
+        if table is None:
+            out[name] = Choice(only or "ort", "fp32", "not measured on this machine yet")
+            continue
+        rows = [r for r in table["rows"] if r["passed"] and (only is None or r["backend"] == only)]
+        best = min(rows, key=lambda r: r["seconds"]) if rows else {"backend": only, "precision": "fp32"}
+        pick = {**table, "chosen": [best["backend"], best["precision"]]}
+        out[name] = Choice(best["backend"], best["precision"], choice.describe(pick))
+    return out
 
 
 def _file_precision(manifest: Manifest, name: str, backend: str) -> Choice:
@@ -143,19 +169,14 @@ def _file_precision(manifest: Manifest, name: str, backend: str) -> Choice:
 
 def _openvino_precisions(manifest: Manifest, networks: tuple[str, ...], checked: tuple[str, ...],
                          precision: str, threads: int | None) -> tuple[dict[str, Choice], tuple[str, ...]]:
-    """bf16 per network where asked for (or ``auto`` on an AMX CPU) and its check passed; the
-    check runs now for the networks ``checked`` whose verdict is not cached."""
+    """OpenVINO in the precision asked for: fp32, or bf16 per network where its check passed
+    (the check runs now for the networks ``checked`` whose verdict is not cached)."""
     from . import openvino
 
     if precision == "fp32":
         return {n: Choice("openvino", "fp32", "requested") for n in networks}, ()
     cpu = cpu_precision.probe_cpu()
-    capabilities = openvino.ov_capabilities()
-    if precision == "bf16":
-        cpu_precision.require_bf16(cpu, capabilities)
-    elif not cpu_precision.auto_picks_bf16(cpu, capabilities):
-        why = f"no {cpu_precision.AUTO_BF16_FLAG} on this CPU: bf16 would be slower"
-        return {n: Choice("openvino", "fp32", why) for n in networks}, ()
+    cpu_precision.require_bf16(cpu, openvino.ov_capabilities())
     choices, notes = {}, []
     for name in networks:
         verdict = openvino.bf16_verdict(manifest, name, threads, cpu, run=name in checked)
@@ -213,25 +234,3 @@ def select_backend(requested: str, manifest: Manifest, networks: tuple[str, ...]
     if requested == "trt" or no_onnx:
         raise BackendUnavailable(f"--backend trt: {why}; or use --backend ort-cuda / ort-cpu")
     return ("ort-cuda" if ort_cuda_available() else "ort"), why
-
-
-def auto_cpu_backend(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str, str] | None:
-    """("openvino", why) where ``--backend auto --precision auto`` would otherwise run ONNX
-    Runtime on the CPU but this CPU's AMX runs the folder's UNet faster in bf16
-    (``precision.auto_openvino_reason``); None where it stays on ONNX Runtime."""
-    specs = [manifest.network(n) for n in networks]
-    if "unet" not in networks or any(s.onnx is None for s in specs):
-        return None
-    unet = manifest.network("unet")
-    assert unet.onnx is not None
-    unet_mb = sum((manifest.root / rel).stat().st_size
-                  for rel in _onnx_files(manifest, unet, unet.onnx) if (manifest.root / rel).exists()) / 2**20
-    cpu = cpu_precision.probe_cpu()
-    if not cpu_precision.auto_openvino_may_pay(cpu, unet_mb):  # OpenVINO is not even imported
-        return None
-    from .openvino import openvino_status, ov_capabilities
-
-    if not openvino_status()[0]:
-        return None
-    why = cpu_precision.auto_openvino_reason(cpu, ov_capabilities(), unet_mb)
-    return ("openvino", why) if why else None

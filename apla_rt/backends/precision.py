@@ -4,17 +4,17 @@
 
 * ``fp32``: every backend, today's arithmetic.
 * ``bf16``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=bf16`` (``--backend
-  openvino``; ``auto`` picks it). Refused in one line on a CPU without bf16 matrix units
-  (neither ``amx_bf16`` nor ``avx512_bf16`` in its flags) or where OpenVINO does not report
-  BF16 among the CPU's optimisation capabilities.
-* ``auto``: bf16 on the OpenVINO backend where the CPU has AMX (``amx_bf16``) and the check
-  passed, otherwise fp32. ``avx512_bf16`` alone is not enough for ``auto``: on such a CPU
-  (Intel Xeon with avx512_bf16, no AMX) OpenVINO's bf16 UNet call took 1.1-2.2x the time of
-  ONNX Runtime fp32 at SD shape, and the whole generate 1.3x (two runs, docs/cpu.md);
-  ``--precision bf16`` still runs it there. Other
-  backends (``--backend auto`` included) keep their fp32 path.
+  openvino``, which ``--precision bf16`` implies). Refused in one line on a CPU without bf16
+  dot products (neither ``amx_bf16`` nor ``avx512_bf16`` in its flags) or where OpenVINO does
+  not report BF16 among the CPU's optimisation capabilities.
+* ``auto``: what measures fastest among the faithful candidates on this machine
+  (``apla_rt.backends.choice``), with ``--backend auto`` or ``openvino`` on a CPU; bf16 is a
+  candidate where the CPU has bf16 dot products, and is chosen only where it is measured
+  faster (on a Xeon with avx512_bf16 and no AMX, OpenVINO's bf16 UNet call took 1.1-2.2x the
+  time of ONNX Runtime fp32 at SD shape: docs/cpu.md). Other backends keep their files'
+  precision.
 
-No reduced precision runs unchecked: before a network's first bf16 use on a machine, it is run
+No reduced precision runs unchecked: before a network's first forced bf16 use on a machine, it is run
 in bf16 and in the exact reference (ONNX Runtime fp32, same file) on seeded inputs at its
 profile's opt shape (``compare.seeded_feeds``); the worst max abs and ``rel_rms``
 (``apla_rt.backends.compare``) must be within ``BF16_TOLERANCE`` (calibrated in docs/cpu.md).
@@ -97,37 +97,6 @@ def bf16_unavailable(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> s
     return None
 
 
-# What ``auto`` needs before it tries bf16: the matrix units (AMX). Measured on a CPU with
-# avx512_bf16 and no AMX, bf16 was slower than fp32 (docs/cpu.md), so auto keeps fp32 there.
-AUTO_BF16_FLAG = "amx_bf16"
-
-
-def auto_picks_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> bool:
-    """Whether ``--precision auto`` tries bf16 (then still only if its check passes)."""
-    return AUTO_BF16_FLAG in cpu.flags and bf16_unavailable(cpu, ov_capabilities) is None
-
-
-# The smallest UNet (its ONNX files, in MB) for which ``--backend auto --precision auto`` runs
-# OpenVINO (bf16 where checked) on an AMX CPU instead of ONNX Runtime fp32. Measured on an AMX
-# Xeon, 2 threads: the SD-1.5-shaped UNet (3.4 GB) ran its guided call 2.9x faster in bf16 and
-# the whole generate 3.4x; the tiny preset's (under 10 MB: matrices a few dozen wide) ran
-# slower on OpenVINO in either precision (docs/cpu.md). The bound sits between the two.
-AUTO_OPENVINO_MIN_UNET_MB = 100.0
-
-
-def auto_openvino_may_pay(cpu: CpuInfo, unet_mb: float) -> bool:
-    """The part of ``auto_openvino_reason`` that needs no OpenVINO: AMX and a UNet that large."""
-    return AUTO_BF16_FLAG in cpu.flags and unet_mb >= AUTO_OPENVINO_MIN_UNET_MB
-
-
-def auto_openvino_reason(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None,
-                         unet_mb: float) -> str | None:
-    """Why ``--backend auto --precision auto`` runs OpenVINO here, or None for ONNX Runtime."""
-    if not auto_openvino_may_pay(cpu, unet_mb) or not auto_picks_bf16(cpu, ov_capabilities):
-        return None
-    return f"{AUTO_BF16_FLAG} on this CPU and a {unet_mb:,.0f} MB UNet: bf16 where its check passed"
-
-
 def require_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> None:
     why = bf16_unavailable(cpu, ov_capabilities)
     if why is not None:
@@ -155,10 +124,11 @@ def verdict_key(cpu: CpuInfo, ov_version: str, sha256: str, network: str,
 
 
 class VerdictCache:
-    """bf16 verdicts on disk (``bf16-checks.json`` in the cache folder), one per key."""
+    """Verdicts on disk, one per key: bf16 checks (``bf16-checks.json`` in the cache folder) or
+    another file of measurements (``apla_rt.backends.choice``)."""
 
-    def __init__(self, root: Path | None = None):
-        self.path = (root or cache_dir()) / "bf16-checks.json"
+    def __init__(self, root: Path | None = None, file: str = "bf16-checks.json"):
+        self.path = (root or cache_dir()) / file
 
     @staticmethod
     def _id(key: Mapping[str, Any]) -> str:
