@@ -112,38 +112,58 @@ class _Item:
                 dataclasses.replace(self.settings, guidance=None))
 
 
+@dataclass(frozen=True)
+class Opening:
+    """How ``Pipeline.open`` opens an engine folder, besides its backend and threads."""
+
+    use_vgt: bool = True  # add the VGT's perturbation (False: Tune-A-Video)
+    max_batch: int | None = None  # videos per loop (None: what the engines' profiles take)
+    for_inversion: bool = False  # open what ``invert`` needs, the UNet for batch 1
+    precision: str = "auto"  # apla_rt.backends.placement
+    cache: bool | None = None  # the DeepCache graphs too (None: where the defaults use them)
+    # DDIM at the run's steps in fp32, as exported: no tuned setting, ONNX Runtime fp32
+    exact: bool = False
+
+
 class Pipeline:
     """An opened engine folder (see the module docstring). Close it, or use ``with``."""
 
-    def __init__(self, engine: Engine, use_vgt: bool = True, max_batch: int | None = None):
+    def __init__(self, engine: Engine, use_vgt: bool = True, max_batch: int | None = None,
+                 tuned: dict[str, Any] | None = None):
         self.engine = engine
         self.use_vgt = use_vgt
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                       or max_batch < 1):
             raise InputError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
         self.max_batch = max_batch or self.profile_batch()
-        self.defaults = self.manifest.sampling_defaults()
+        self.tuned = tuned  # this machine's entry of the folder's tuned.json, where it applies
+        run = self.manifest.sampling_defaults()
+        self.defaults = run if tuned is None else SamplingSettings.from_dict(tuned["settings"]).over(run)
         self.starts = StartLatents(self.manifest, use_vgt and engine.vgt_reads_source)
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-             *, use_vgt: bool = True, max_batch: int | None = None, for_inversion: bool = False,
-             precision: str = "auto", cache: bool | None = None) -> "Pipeline":
-        """Open, verify and warm up the networks ``generate`` needs (``for_inversion``: those
-        ``invert`` needs, the UNet set up for batch 1). ``cache``: also the DeepCache graphs
-        (None: where the run's default settings use them; a request that uses them opens them
-        before its loop). ``backend``, ``precision`` and ``threads``: see
-        ``apla_rt.backends.placement``."""
-        names: tuple[str, ...] = INVERT_NETWORKS if for_inversion else GENERATE_NETWORKS
-        if not use_vgt:
-            names = tuple(n for n in names if n != "vgt")
+             **options: Any) -> "Pipeline":
+        """Open, verify and warm up the networks ``generate`` needs. ``backend``, ``precision``
+        and ``threads``: see ``apla_rt.backends.placement``; the other ``options`` are
+        ``Opening``'s. Where ``apla-rt tune`` chose a setting for this folder on this machine
+        (``tuned.json``) it is the default, unless ``exact``."""
+        o = Opening(**options)
         check_threads(threads)
-        engine = Engine.open(engine_dir, backend, names, threads, None,
-                             guidance_batch=not for_inversion, precision=precision)
+        if o.exact and o.precision not in ("auto", "fp32"):
+            raise InputError(f"--exact runs fp32; drop --precision {o.precision}")
+        names: tuple[str, ...] = INVERT_NETWORKS if o.for_inversion else GENERATE_NETWORKS
+        if not o.use_vgt:
+            names = tuple(n for n in names if n != "vgt")
+        precision = "fp32" if o.exact else o.precision
+        engine = Engine.open(engine_dir, "ort-cpu" if o.exact and backend == "auto" else backend,
+                             names, threads, None, guidance_batch=not o.for_inversion,
+                             precision=precision)
         try:
-            pipe = cls(engine, use_vgt, max_batch)
-            if not for_inversion:
-                pipe.warm_up(cache)
+            tuned = None if o.exact or o.for_inversion else tuned_for(engine.manifest, backend, precision, threads)
+            pipe = cls(engine, o.use_vgt, o.max_batch, tuned)
+            if not o.for_inversion:
+                pipe.warm_up(o.cache)
             return pipe
         except BaseException:
             engine.close()
@@ -232,7 +252,10 @@ class Pipeline:
             "precision_notes": list(self.placement.notes), "placement": self.placement.to_dict(),
             "checkpoint_sha256": m.checkpoint_sha256, "versions": m.versions,
         }
-        return {**out, **self.defaults.to_dict()}
+        tuned = None if self.tuned is None else {"mode": self.tuned["mode"],
+                                                  "settings": self.defaults.to_dict(),
+                                                  "budget_db": self.tuned.get("budget_db")}
+        return {**out, **self.defaults.to_dict(), "tuned": tuned}
 
     def close(self) -> None:
         self.engine.close()
@@ -350,3 +373,29 @@ class Pipeline:
         clean = self.engine.encode_frames(pixels)
         z = self.engine.invert_latents(clean, steps, self.use_vgt, callback)
         return Latent(z, clean, inverted_timestep(manifest.scheduler, steps))
+
+
+def tuned_for(manifest: Manifest, backend: str, precision: str, threads: int | None) -> dict[str, Any] | None:
+    """The tuned setting for these options on this machine (``tuned.json``): the one tuned
+    with every precision that passed for ``auto``, the fp32-only one for ``fp32``."""
+    from .backends.choice import machine_key
+    from .folder.tuned import tuned_entry
+
+    if backend != "auto" or precision not in ("auto", "fp32"):
+        return None
+    entry = tuned_entry(manifest.root, machine_key(manifest, threads))
+    chosen = (entry or {}).get("modes", {}).get(precision)
+    if not isinstance(chosen, dict) or not isinstance(chosen.get("settings"), dict):
+        return None
+    return {**chosen, "mode": precision, "budget_db": entry.get("budget_db")}
+
+
+def tuned_line(pipe: Pipeline) -> str | None:
+    """The line that says a tuned setting is ``pipe``'s default, or None."""
+    if pipe.tuned is None:
+        return None
+    d = pipe.defaults
+    cache = f", cache interval {d.cache_interval}" if (d.cache_interval or 1) > 1 else ""
+    return (f"the setting apla-rt tune chose for this model on this machine: {d.solver} "
+            f"{d.steps} steps{cache} ({pipe.tuned['mode']}, within {pipe.tuned.get('budget_db')} dB "
+            "of DDIM 50 fp32); --exact runs DDIM at the run's steps in fp32")

@@ -49,10 +49,13 @@ _threads = click.option("--threads", type=int, default=None,
 
 _precision = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                           show_default=True, help=PRECISION_HELP)
+_exact = click.option("--exact", is_flag=True,
+                      help="DDIM at the run's steps in fp32 (ONNX Runtime), as exported: not the "
+                           "setting apla-rt tune chose for this machine (docs/tune.md).")
 
 
 def _notes(lines: Any) -> None:
-    for line in lines:  # a bf16 check that missed: that network runs fp32
+    for line in lines:  # a bf16 check that missed, the tuned setting that runs
         click.echo(f"note: {line}", err=True)
 
 
@@ -93,6 +96,7 @@ def _notes(lines: Any) -> None:
                    "(DeepCache's non-uniform schedule) [default: uniform].")
 @_backend
 @_precision
+@_exact
 @_threads
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif"]), default="mp4", show_default=True,
               help="Video format in an --out folder.")
@@ -106,13 +110,13 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
              guidance_interval: str | None, guidance: float | None, seeds: tuple[int, ...],
              num_videos: int | None, negative_prompt: str, no_vgt: bool, from_noise: bool,
              latent: Path | None, cache_interval: int | None, cache_schedule: str | None, backend: str,
-             precision: str, threads: int | None, fmt: str, fps: float | None, timings: bool,
-             force: bool, quiet: bool) -> None:
+             precision: str, exact: bool, threads: int | None, fmt: str, fps: float | None,
+             timings: bool, force: bool, quiet: bool) -> None:
     """Generate videos for --prompt (or --prompts-file) with the model in --engine-dir.
 
     Every prompt is sampled with every seed; the videos run through the networks in batches.
     """
-    from .api import Pipeline, Request
+    from .api import Pipeline, Request, tuned_line
     from .sampling.settings import SamplingSettings
 
     check_threads(threads)
@@ -132,8 +136,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
     names = _output_names(out, len(requests), [r.seed for r in requests], fmt, force)
     cache = True if (settings.cache_interval or 1) > 1 else None
     with Pipeline.open(engine_dir, backend, threads, use_vgt=not no_vgt, precision=precision,
-                       cache=cache) as pipe:
-        _notes(pipe.placement.notes)
+                       cache=cache, exact=exact) as pipe:
+        _notes(pipe.placement.notes + ((tuned_line(pipe),) if pipe.tuned and not quiet else ()))
         for r in requests:
             pipe.check(r, from_noise=from_noise, latent=latent)
         steps_each = pipe.settings_for(settings).steps or 0
@@ -146,7 +150,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
             if names is None:
                 written = [_save(videos[0], out, fps or videos[0].fps, force)]
             else:
-                written = _write_folder(out, names, videos, fps, force, pipe.placement.to_dict())
+                ran = {**pipe.placement.to_dict(), "tuned": None if pipe.tuned is None else pipe.tuned["mode"]}
+                written = _write_folder(out, names, videos, fps, force, ran)
         if not quiet:
             click.echo(_summary(videos, pipe, f"{written[0]}" if names is None else
                                 f"{len(videos)} videos and index.json to {out}"), err=True)
@@ -233,7 +238,8 @@ def _write_folder(out: Path, names: list[str], videos: list[Any], fps: float | N
         path = _save(video, out / name, fps or video.fps, force)
         paths.append(path)
         index.append({**video.record(), "file": name, "sha256": sha256_file(path),
-                      "backend": placement["backend"], "precision": placement["precision"]})
+                      "backend": placement["backend"], "precision": placement["precision"],
+                      "tuned": placement["tuned"]})
     write_text(out / "index.json", json.dumps(index, indent=2) + "\n", force=force)
     return paths
 
@@ -320,12 +326,14 @@ def invert(video: Path, engine_dir: Path, out: Path, steps: int | None, frames: 
               help="Print the Serve config file for these options (serve run / serve deploy) and exit.")
 @_backend
 @_precision
+@_exact
 @_threads
 @_user_errors
 def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
           batch_wait_ms: float, max_queue: int, num_gpus: float, num_cpus: float,
           timeout_s: float, from_noise: bool, address: str | None, proxy_location: str,
-          print_config: bool, backend: str, precision: str, threads: int | None) -> None:
+          print_config: bool, backend: str, precision: str, exact: bool,
+          threads: int | None) -> None:
     """Serve the model in --engine-dir over HTTP with Ray Serve (pip install -e ".[serve]").
 
     Joins the Ray cluster at --address or RAY_ADDRESS if given, else starts a local one on
@@ -340,7 +348,7 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
         raise AplaError(f"apla-rt serve needs Ray Serve ({err}); pip install -e \".[serve]\"") from None
     options = ServeOptions(str(engine_dir.resolve()), replicas, max_batch, batch_wait_ms, max_queue,
                            num_gpus, num_cpus, backend, threads, from_noise, timeout_s,
-                           precision=precision)
+                           precision=precision, exact=exact)
     if print_config:
         import yaml
 
@@ -377,13 +385,14 @@ def _dims(dims: tuple[Any, ...]) -> str:
 @click.option("--no-vgt", is_flag=True, help="Leave out the VGT perturbation (Tune-A-Video).")
 @_backend
 @_precision
+@_exact
 @_threads
 @click.option("--force", is_flag=True,
               help="Make every video again, also over another job's folder.")
 @click.option("--quiet", is_flag=True, help="No progress lines, no summary line.")
 def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: int,
           num_gpus: float, max_batch: int, from_noise: bool, no_vgt: bool, backend: str,
-          precision: str, threads: int | None, force: bool, quiet: bool) -> None:
+          precision: str, exact: bool, threads: int | None, force: bool, quiet: bool) -> None:
     """Generate every line of --jobs as a resumable Ray Data job (pip install -e ".[batch]").
 
     Every line is checked before anything runs; a rerun into the same --out skips the videos
@@ -398,7 +407,8 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
             raise AplaError(f"apla-rt batch needs Ray Data ({err}); "
                             "pip install -e \".[batch]\"") from None
     options = BatchOptions(str(engine_dir), str(jobs), str(out), address, actors, num_gpus,
-                           threads, max_batch, backend, from_noise, not no_vgt, force, precision)
+                           threads, max_batch, backend, from_noise, not no_vgt, force, precision,
+                           exact)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     with reported_to_user(interrupted=f"the videos indexed in {out / 'index.json'} are kept; "
                                       "the same command resumes"):

@@ -99,7 +99,7 @@ def test_openvino_generate_matches_onnxruntime(exported):
     results = {}
     for backend, threads in (("ort-cpu", 2), ("openvino", 2), ("openvino", 1)):
         with Pipeline.open(engine, backend, threads, precision="fp32") as pipe:
-            assert pipe.engine.split_guidance == (threads == 2)
+            assert pipe.placement.split_guidance == (threads == 2)
             video, = pipe.generate("a man is skiing", steps=3)
             results[(backend, threads)] = video
             assert pipe.describe_precision() == "fp32"

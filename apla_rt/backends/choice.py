@@ -168,3 +168,15 @@ def describe(table: Mapping[str, Any]) -> str:
         return f"measured fastest here ({reference['seconds']:.3g} s a call)"
     return (f"measured fastest faithful here ({chosen['seconds']:.3g} s a call, ONNX Runtime fp32 "
             f"{reference['seconds']:.3g} s)")
+
+
+def machine_key(manifest: Manifest, threads: int | None) -> dict[str, Any]:
+    """What a measurement of this folder on this machine depends on (``tuned.json``'s key):
+    the CPU's model and flags, the libraries' versions, the threads, the folder's manifest."""
+    import hashlib
+
+    cpu = cpu_precision.probe_cpu()
+    manifest_sha = hashlib.sha256((manifest.root / "manifest.json").read_bytes()).hexdigest()
+    flags = hashlib.sha256(" ".join(sorted(cpu.flags)).encode()).hexdigest()[:16]
+    return {"cpu_model": cpu.model, "cpu_flags": flags, "threads": threads, **_versions(),
+            "manifest": manifest_sha}

@@ -70,12 +70,16 @@ class SamplingSettings:
             cache_interval=None if self.cache_interval is None else check_cache_interval(self.cache_interval),
             cache_schedule=None if self.cache_schedule is None else check_cache_schedule(self.cache_schedule))
 
+    def over(self, defaults: "SamplingSettings") -> "SamplingSettings":
+        """These settings, with ``defaults``' where these are None."""
+        return dataclasses.replace(self, **{f.name: getattr(defaults, f.name)
+                                            for f in dataclasses.fields(self) if getattr(self, f.name) is None})
+
     def filled(self, defaults: "SamplingSettings") -> "SamplingSettings":
         """Complete settings: these, ``defaults`` where these are None, then no guidance
         interval (every step guided) and no cache; an ``InputError`` naming the flag to pass
         for steps, guidance or the solver where neither gives it."""
-        out = dataclasses.replace(self, **{f.name: getattr(defaults, f.name)
-                                           for f in dataclasses.fields(self) if getattr(self, f.name) is None})
+        out = self.over(defaults)
         for name in ("steps", "guidance", "solver"):
             if getattr(out, name) is None:
                 raise InputError(f"the engine folder does not record the run's {name}; pass "

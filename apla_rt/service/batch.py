@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..api import Pipeline, Request
+from ..api import Pipeline, Request, tuned_for
 from ..folder.atomic import check_writable, write_bytes, write_text
 from ..errors import AplaError, InputError
 from ..folder.jsonfile import read_text_file
@@ -78,6 +78,7 @@ class BatchOptions:
     use_vgt: bool = True
     force: bool = False
     precision: str = "auto"  # apla_rt.backends.placement; index.json records what ran
+    exact: bool = False  # DDIM at the run's steps in fp32, not the setting tuned for the machine
 
     def check(self) -> "BatchOptions":
         for name, value in (("--actors", self.actors), ("--max-batch", self.max_batch)):
@@ -161,11 +162,13 @@ def plan(options: BatchOptions) -> Plan:
     starting Ray or writing anything; decide which lines still need their video."""
     options.check()
     manifest = Manifest.open(options.engine_dir)
-    engine_id = engine_identity(manifest)
+    # the folder, and the setting tuned for this machine that the lines' defaults come from
+    tuned = None if options.exact else tuned_for(manifest, options.backend, options.precision, options.threads)
+    engine_id = engine_identity(manifest, tuned)
     # A pipeline that opens no network (so the backend does not matter, and the driver needs
     # no GPU): what ``Pipeline.check`` needs, the tokenizer and the manifest.
     checker = Pipeline(Engine.open(manifest, "ort-cpu", networks=()), options.use_vgt,
-                       options.max_batch)
+                       options.max_batch, tuned)
     jobs = read_jobs(options, checker, engine_id)
     job_id = hashlib.sha256("\n".join(j.name for j in jobs).encode()).hexdigest()
     out = Path(options.out)
@@ -226,10 +229,11 @@ class Generator:
     def __init__(self, options: dict[str, Any]):
         o = BatchOptions(**options)
         self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, use_vgt=o.use_vgt,
-                                  max_batch=o.max_batch, precision=o.precision)
+                                  max_batch=o.max_batch, precision=o.precision, exact=o.exact)
         self.from_noise = o.from_noise
         placement = self.pipe.placement
-        self.ran = {"backend": placement.describe(), "precision": placement.describe_precision()}
+        self.ran = {"backend": placement.describe(), "precision": placement.describe_precision(),
+                    "tuned": None if self.pipe.tuned is None else self.pipe.tuned["mode"]}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parsed = [parse_request(json.loads(str(s)), seed_required=True) for s in batch["spec"]]
@@ -306,8 +310,8 @@ def run_batch(options: BatchOptions, log: Callable[[str], None] = lambda m: None
                 p.entries[job.line] = {
                     "line": job.line, "prompt": job.request.prompt, "seed": int(job.request.seed),
                     "settings": {k: v for k, v in meta.items()
-                                 if k not in ("prompt", "seed", "batch_size", "backend", "precision")},
-                    "backend": meta["backend"], "precision": meta["precision"],
+                                 if k not in ("prompt", "seed", "batch_size", "backend", "precision", "tuned")},
+                    "backend": meta["backend"], "precision": meta["precision"], "tuned": meta["tuned"],
                     "file": job.name, "sha256": hashlib.sha256(data).hexdigest()}
             made += len(rows)
             write_index(out, p, options, jobs_file)

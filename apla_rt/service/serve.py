@@ -74,6 +74,7 @@ class ServeOptions:
     timeout_s: float = 300.0
     autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces ``replicas``
     precision: str = "auto"  # apla_rt.backends.precision; /info says what ran
+    exact: bool = False  # DDIM at the run's steps in fp32, not the setting tuned for the machine
 
     def check(self) -> "ServeOptions":
         for name, value, low in (("--replicas", self.replicas, 1), ("--max-batch", self.max_batch, 1),
@@ -220,7 +221,7 @@ class AplaServer:
         self.settings = ServeOptions(**options).check()
         o = self.settings
         self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, max_batch=o.max_batch,
-                                  precision=o.precision)
+                                  precision=o.precision, exact=o.exact)
         batcher: Any = self.generate_batch  # Serve's batch wrapper
         batcher.set_max_batch_size(o.max_batch)
         batcher.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
