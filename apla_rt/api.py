@@ -318,7 +318,7 @@ class Pipeline:
             raise InputError(f"--seed must be an integer from 0 to 2**63 - 1, got {r.seed!r}")
         self.engine.tokenizer([r.negative_prompt, r.prompt])  # an over-long prompt fails here
         settings = self.settings_for(r.settings)
-        if settings.cache_interval > 1:
+        if (settings.cache_interval or 1) > 1:
             self.engine.check_cache()
         start = self.starts.resolve(r.frames, int(r.seed), from_noise, latent)
         assert start.timestep is not None and settings.steps is not None
@@ -332,9 +332,9 @@ class Pipeline:
         unique = list(dict.fromkeys(texts))
         encoded = engine.encode_text(unique)
         text = encoded if unique == texts else np.ascontiguousarray(encoded[[unique.index(t) for t in texts]])
-        clean = [it.start.clean for it in items]
+        clean = [it.start.clean for it in items if it.start.clean is not None]
         start = Latent(np.concatenate([it.start.start for it in items]),
-                       None if clean[0] is None else np.concatenate(clean), items[0].start.timestep)
+                       np.concatenate(clean) if clean else None, items[0].start.timestep)
         guidance = np.array([it.settings.guidance for it in items], dtype=np.float32)
         z = engine.sample(start, text, items[0].settings, guidance, self.use_vgt, callback)
         videos = []
@@ -384,7 +384,9 @@ def tuned_for(manifest: Manifest, backend: str, precision: str, threads: int | N
     if backend != "auto" or precision not in ("auto", "fp32"):
         return None
     entry = tuned_entry(manifest.root, machine_key(manifest, threads))
-    chosen = (entry or {}).get("modes", {}).get(precision)
+    if entry is None:
+        return None
+    chosen = entry.get("modes", {}).get(precision)
     if not isinstance(chosen, dict) or not isinstance(chosen.get("settings"), dict):
         return None
     return {**chosen, "mode": precision, "budget_db": entry.get("budget_db")}

@@ -129,8 +129,9 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
         raise AplaError(f"--prompts-file {prompts_file} holds no prompt")
     if any(not p.strip() for p in texts):
         raise AplaError("--prompt must not be empty")
-    settings = SamplingSettings(steps, guidance, scheduler, guidance_interval, cache_interval,
-                                cache_schedule).check()
+    settings = SamplingSettings.from_dict({
+        "steps": steps, "guidance": guidance, "scheduler": scheduler, "guidance_interval": guidance_interval,
+        "cache_interval": cache_interval, "cache_schedule": cache_schedule})
     requests = [Request(p, s, frames, negative_prompt, settings)
                 for p in texts for s in _seeds(seeds, num_videos, from_noise)]
     names = _output_names(out, len(requests), [r.seed for r in requests], fmt, force)

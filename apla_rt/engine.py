@@ -136,6 +136,7 @@ class Engine:
         cfg = self.manifest.scheduler
         t0 = noise_timestep(cfg) if start.timestep is None else check_start_timestep(cfg, start.timestep)
         assert settings.steps is not None and settings.solver is not None and settings.guidance is not None
+        assert settings.cache_interval is not None and settings.cache_schedule is not None
         check_steps_fit(cfg, settings.steps, t0)
         solver = make_solver(settings.solver, cfg, settings.steps, t0)
         cache = None

@@ -42,7 +42,7 @@ def test_print_config_is_serves_schema_with_the_cli_options(fake_engine):
                            "--proxy-location", "HeadOnly")
     schema = _validate(config)
     app, = schema.applications
-    assert app.import_path == "apla_rt.service.serve:build_app" and app.name == "apla" and app.route_prefix == "/"
+    assert app.import_path == "apla_rt.serve:build_app" and app.name == "apla" and app.route_prefix == "/"
     assert app.args == {"engine_dir": str(fake_engine.resolve()), "replicas": 3, "max_batch": 2,
                         "max_queue": 5, "num_gpus": 0.5, "from_noise": True}
     deployment, ingress = app.deployments
@@ -87,7 +87,7 @@ def test_the_kuberay_manifest_carries_a_valid_serve_config_and_token_auth():
     config = yaml.safe_load(spec["serveConfigV2"])
     schema = _validate(config)
     app, = schema.applications
-    assert app.import_path == "apla_rt.service.serve:build_app"
+    assert app.import_path == "apla_rt.serve:build_app"
     from apla_rt.service.serve import ServeOptions, deployment_options, ingress_options, serve_config
 
     options = ServeOptions(**app.args).check()  # the args are build_app's

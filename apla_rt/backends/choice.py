@@ -115,7 +115,7 @@ def measure(manifest: Manifest, name: str, threads: int | None, cpu: CpuInfo) ->
 
 
 def _row(manifest: Manifest, name: str, backend: str, precision: str, threads: int | None,
-         feeds: list[dict[str, np.ndarray]], expected: list[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+         feeds: list[dict[str, np.ndarray]], expected: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """One candidate's time and fidelity; a candidate that cannot open or run is a failed row."""
     row: dict[str, Any] = {"backend": backend, "precision": precision}
     try:

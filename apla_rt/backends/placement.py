@@ -153,7 +153,7 @@ def _measured(manifest: Manifest, networks: tuple[str, ...], checked: tuple[str,
         rows = [r for r in table["rows"] if r["passed"] and (only is None or r["backend"] == only)]
         best = min(rows, key=lambda r: r["seconds"]) if rows else {"backend": only, "precision": "fp32"}
         pick = {**table, "chosen": [best["backend"], best["precision"]]}
-        out[name] = Choice(best["backend"], best["precision"], choice.describe(pick))
+        out[name] = Choice(str(best["backend"]), str(best["precision"]), choice.describe(pick))
     return out
 
 

@@ -117,9 +117,13 @@ class Plan:
     entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> index entry
 
 
-def engine_identity(manifest: Manifest) -> str:
-    """The engine folder's identity: the sha256 of its manifest (which lists every file's)."""
-    return sha256_file(manifest.root / MANIFEST_NAME)
+def engine_identity(manifest: Manifest, tuned: dict[str, Any] | None = None) -> str:
+    """The engine folder's identity: the sha256 of its manifest (which lists every file's), and
+    of the tuned setting that gives the lines their defaults, if any."""
+    digest = sha256_file(manifest.root / MANIFEST_NAME)
+    if tuned is None:
+        return digest
+    return hashlib.sha256((digest + json.dumps(tuned["settings"], sort_keys=True)).encode()).hexdigest()
 
 
 def video_name(line: int, request: Request, fmt: str, options: BatchOptions, engine_id: str) -> str:
