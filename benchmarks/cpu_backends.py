@@ -10,7 +10,7 @@ capabilities, versions); per network at its profile's opt shape the median call 
 backend after ``--warmup`` calls and the bf16 error against ONNX Runtime fp32 over
 ``--tolerance-seeds`` seeds (the calibration of ``apla_rt.backends.precision.BF16_TOLERANCE``);
 start-up per backend (ONNX Runtime session creation; OpenVINO compile with an empty cache and
-with a warm one); the whole ``generate`` (text, DDIM loop, decode; loading excluded) of each
+with a warm one); the whole ``generate`` (text, sampling loop, decode; loading excluded) of each
 backend from the same start latent with the same seed, and its fidelity against ONNX Runtime
 fp32: PSNR of the decoded frames and RMSE of the final latents. ``--steps`` defaults to the
 run's sampling steps. The PyTorch figures run in a child process (the runtime's side never

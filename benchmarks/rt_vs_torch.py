@@ -8,7 +8,7 @@ seeded Gaussian noise when ``--frames`` differs from its frame count), with the 
 steps and guidance, and each runs in its own subprocess so that each one's peak RSS is its
 own (``getrusage(RUSAGE_SELF)`` in the child). torch threads = the runtime's ``--threads``
 (with 2 or more its UNet runs the two guidance halves side by side, ``--threads`` threads in
-all). Timed: text encoding + the DDIM loop + decoding (``*_s``); model loading is reported
+all). Timed: text encoding + the sampling loop + decoding (``*_s``); model loading is reported
 separately (``*_load_s``). The runtime child never imports torch.
 
 ``--repeat R`` runs the pair R times (torch first in odd pairs, the runtime first in even

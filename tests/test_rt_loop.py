@@ -1,4 +1,4 @@
-"""The runtime's DDIM loop (``Engine.sample`` / ``invert_latents``) on the fake networks'
+"""The runtime's sampling loop (``Engine.sample`` / ``invert_latents``, ``sampling.loop.walk``) on the fake networks'
 NumPy twins: against the equations written out in float64 and against the PyTorch reference
 sampler of apla_train, with the guidance batch whole or split, and a VGT that reads the
 clean source latent.

@@ -69,8 +69,9 @@ def full_steps(steps: int, interval: int, schedule: str = "uniform") -> tuple[in
 class FeatureCache:
     """One sampling run's cache: which steps run full, the feature kept, the calls made.
 
-    ``Engine.predict_noise`` asks ``feature_for`` (None: run the full graph), then hands the
-    call's outputs to ``record``, which also moves to the next step."""
+    The sampling loop (``apla_rt.sampling.loop.walk``) asks ``feature_for`` (None: run the
+    full graph), then hands the call's outputs to ``record``, which also moves to the next
+    step."""
 
     full: tuple[bool, ...]
     step: int = 0
