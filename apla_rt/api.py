@@ -230,10 +230,11 @@ class Pipeline:
         return steps
 
     def describe(self) -> str:
-        return self.placement.describe()
+        """The runners that run (``Placement.describe``) and why."""
+        return self.placement.describe(self.engine.runners)
 
     def describe_precision(self) -> str:
-        return self.placement.describe_precision()
+        return self.placement.describe_precision(self.engine.runners)
 
     def summary(self) -> dict[str, Any]:
         """What the engine folder holds and how this pipeline samples it (JSON-ready)."""
@@ -249,7 +250,7 @@ class Pipeline:
                                        for name, spec in m.networks.items()},
             "vgt": self.vgt, "vgt_reads_source": self.vgt_reads_source, "max_batch": self.max_batch,
             "backend": self.describe(), "precision": self.describe_precision(),
-            "precision_notes": list(self.placement.notes), "placement": self.placement.to_dict(),
+            "precision_notes": list(self.placement.notes), "placement": self.placement.to_dict(self.engine.runners),
             "checkpoint_sha256": m.checkpoint_sha256, "versions": m.versions,
         }
         tuned = None if self.tuned is None else {"mode": self.tuned["mode"],

@@ -151,7 +151,8 @@ def generate(engine_dir: Path, prompts: tuple[str, ...], prompts_file: Path | No
             if names is None:
                 written = [_save(videos[0], out, fps or videos[0].fps, force)]
             else:
-                ran = {**pipe.placement.to_dict(), "tuned": None if pipe.tuned is None else pipe.tuned["mode"]}
+                ran = {**pipe.placement.to_dict(pipe.engine.runners),
+                       "tuned": None if pipe.tuned is None else pipe.tuned["mode"]}
                 written = _write_folder(out, names, videos, fps, force, ran)
         if not quiet:
             click.echo(_summary(videos, pipe, f"{written[0]}" if names is None else

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "process_speedup": round(float(np.median([t["process_wall_s"] / r["process_wall_s"]
                                                   for t, r in pairs])), 2),
         "rt_stages_s": rt_r["stages"], "rt_backend": rt_r["backend"],
-        "frames": int(start.shape[2]), "latent": list(start.shape), "start": origin,
+        "frames": int(start.start.shape[2]), "latent": list(start.start.shape), "start": origin,
         "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
         "prompt": args.prompt, "repeat": args.repeat,
         "runs": [{"torch_s": round(t["sample_s"], 3), "rt_s": round(r["sample_s"], 3)}

@@ -110,7 +110,7 @@ def test_batch_equals_one_at_a_time_on_the_exported_run(exported, tmp_path):
     for folder, threads, unet_rows in ((exported_folder, 1, 2), (wide, 1, 6), (wide, 2, 3)):
         with Pipeline.open(folder, "ort", threads=threads, max_batch=3) as pipe:
             assert pipe.placement.split_guidance == (threads == 2)
-            rows = _record_rows(pipe.engine.runners["unet"])
+            rows = _record_rows(pipe.engine.pool.runner("unet"))
             batch = pipe.generate(PROMPTS, seeds=[1, 2, 3], from_noise=True, steps=2)
             clip = pipe.generate(PROMPTS, steps=2)
             assert max(rows) == unet_rows

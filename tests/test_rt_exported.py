@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import IntegrityError
+from apla_rt.backends.pool import serving_graph
 from apla_rt.engine import Engine
+from apla_rt.folder.manifest import Manifest
 from rt_run import generate, invert
 from apla_rt.sampling.schedule import DDIMSchedule, ddim_step
 from apla_rt.media.video import read_video
@@ -97,11 +99,13 @@ def test_exported_tampered_unet_is_refused(exported, tmp_path):
     _, folder = exported
     copy = tmp_path / "engine"
     shutil.copytree(folder, copy)
-    # the ONNX Runtime backend loads the fused-attention flavour; it is what must be verified
-    data = bytearray((copy / "unet.ort.onnx").read_bytes())
+    # the ONNX Runtime backend loads the fused-attention flavour of the graph that serves the
+    # UNet's calls (the feature graph where the folder has it); it is what must be verified
+    served = serving_graph(Manifest.open(copy), "unet")
+    data = bytearray((copy / f"{served}.ort.onnx").read_bytes())
     data[-100] ^= 0xFF
-    (copy / "unet.ort.onnx").write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=r"unet\.ort\.onnx does not match its sha256"):
+    (copy / f"{served}.ort.onnx").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"{served}\.ort\.onnx does not match its sha256"):
         generate(copy, "a man is skiing", steps=1)
 
 

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 from rt_fakes import (C, HIDDEN, LAT, PATCH, SEQ, FakeNets, edit_manifest, make_engine_folder, numpy_engine,
-                      rehash)
+                      rehash, settings)
 
 from apla_rt import Latent
 from apla_rt.folder.latents import folder_start_timestep
@@ -107,7 +107,7 @@ def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
         return real(self, feeds)
 
     monkeypatch.setattr(runners.OrtRunner, "run", spy)
-    one = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=1)
+    one = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=1, backend="ort-cpu")
     # one thread: one batch-2 call to warm up when the pipeline opens, then one per step
     assert [(b, t) for _, b, t in seen] == [(2, 2)] * 4
     seen.clear()
@@ -115,7 +115,7 @@ def test_cpu_guidance_halves_run_side_by_side(fake_engine, monkeypatch):
         assert engine.placement.split_guidance
         options = engine.runners["unet"].session.get_session_options()
         assert options.intra_op_num_threads == 1  # + the second caller: 2 threads in all
-    two = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=2)
+    two = generate(fake_engine, "a man is skiing", steps=3, guidance=5.0, threads=2, backend="ort-cpu")
     assert [(b, t) for _, b, t in seen] == [(1, 1)] * 8  # the warm-up in halves too
     assert len({tid for tid, _, _ in seen}) == 2
     np.testing.assert_allclose(two.latents, one.latents, rtol=0, atol=1e-5)

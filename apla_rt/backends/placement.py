@@ -23,7 +23,7 @@ on a CPU the UNet's two guidance halves run side by side (``Placement.split_guid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import AplaError, BackendUnavailable, InputError
 from ..folder.manifest import Manifest
@@ -81,27 +81,30 @@ class Placement:
     def choice(self, name: str) -> Choice:
         return self.networks[name]
 
-    def describe(self) -> str:
-        """"onnxruntime-cpu (why)": the runners' names and why that backend."""
-        kinds = sorted({c.runner for c in self.networks.values()})
+    def describe(self, names: Iterable[str] | None = None) -> str:
+        """"onnxruntime-cpu (why)": the runners' names (of ``names``, or all) and why."""
+        kinds = sorted({c.runner for c in self._of(names).values()})
         return f"{', '.join(kinds) or RUNNER_NAMES[self.backend]} ({self.why})"
 
-    def describe_precision(self) -> str:
+    def describe_precision(self, names: Iterable[str] | None = None) -> str:
         """"fp32", "bf16", or per precision its networks ("bf16 (unet, vgt), fp32 (...)")."""
         by: dict[str, list[str]] = {}
-        for name, choice in self.networks.items():
+        for name, choice in self._of(names).items():
             by.setdefault(choice.precision, []).append(name)
         if len(by) <= 1:
             return next(iter(by), "fp32")
         return ", ".join(f"{p} ({', '.join(names)})" for p, names in sorted(by.items()))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON for ``/info`` and ``index.json``."""
-        return {"backend": self.describe(), "precision": self.describe_precision(),
+    def to_dict(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """JSON for ``/info`` and ``index.json`` (the networks ``names``, or all)."""
+        return {"backend": self.describe(names), "precision": self.describe_precision(names),
                 "threads": self.threads, "split_guidance": self.split_guidance,
                 "networks": {n: {"backend": c.runner, "precision": c.precision, "why": c.why}
-                             for n, c in self.networks.items()},
+                             for n, c in self._of(names).items()},
                 "notes": list(self.notes)}
+
+    def _of(self, names: Iterable[str] | None) -> Mapping[str, Choice]:
+        return self.networks if names is None else {n: self.networks[n] for n in names}
 
 
 def place(manifest: Manifest, networks: tuple[str, ...], backend: str = "auto",

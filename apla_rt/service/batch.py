@@ -235,8 +235,7 @@ class Generator:
         self.pipe = Pipeline.open(o.engine_dir, o.backend, o.threads, use_vgt=o.use_vgt,
                                   max_batch=o.max_batch, precision=o.precision, exact=o.exact)
         self.from_noise = o.from_noise
-        placement = self.pipe.placement
-        self.ran = {"backend": placement.describe(), "precision": placement.describe_precision(),
+        self.ran = {"backend": self.pipe.describe(), "precision": self.pipe.describe_precision(),
                     "tuned": None if self.pipe.tuned is None else self.pipe.tuned["mode"]}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
