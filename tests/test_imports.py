@@ -2,7 +2,8 @@
 ``export`` reaches itself through its imports, counting the imports inside functions (a lazy
 import hides a cycle, it does not remove it). The sampling loop (``apla_rt.pipeline``) sits
 below the API that uses it (``apla_rt.api``), which sits below the one-call entry points
-(``apla_rt.oneshot``); the TensorRT validation plan (``export.trt_plan``) below the builder."""
+(``apla_rt.oneshot``); the TensorRT validation plan (``export.trt_plan``) below the builder;
+``apla_ui`` above every other package, imported by none."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("package", ["apla_rt", "export", "apla_train", "apla_eval"])
+@pytest.mark.parametrize("package", ["apla_rt", "export", "apla_train", "apla_eval", "apla_ui"])
 def test_no_import_cycle(package):
     cycle = find_cycle(module_imports(package))
     assert cycle is None, f"{package} modules import each other in a cycle: {' -> '.join(cycle)}"
@@ -79,6 +80,20 @@ def test_the_loop_sits_below_the_api():
     assert "api" in graph["oneshot"] and "pipeline" in graph["api"]
     assert not {"api", "oneshot"} & graph["pipeline"]
     assert "trt_plan" in module_imports("export")["trt"]
+
+
+def test_nothing_imports_the_ui():
+    """``apla_ui`` sits above every other package: it may use them, none of them uses it."""
+    found = []
+    for package in ("apla_rt", "export", "apla_train", "apla_eval", "benchmarks", "tools"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                         else [])
+                if any(n.split(".")[0] == "apla_ui" for n in names):
+                    found.append(str(path.relative_to(ROOT)))
+    assert not found, f"these import apla_ui, which sits above them: {found}"
 
 
 def test_the_cycle_finder_finds_a_cycle():
