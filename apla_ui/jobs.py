@@ -397,6 +397,8 @@ def _line(p: dict[str, Any]) -> str:
     if state == TRAINING:
         if p["total"] and p["step"] >= p["total"]:
             return f"training: step {p['step']} / {p['total']} done; inverting the clip and sampling it"
+        if not p["step"]:
+            return f"training: step 0 / {p['total']}, starting (reading the clip, building the models)"
         text = f"training: step {p['step']} / {p['total']}"
         if p["loss"] is not None:
             text += f", loss {p['loss']:.4f}"

@@ -112,7 +112,10 @@ def check(form: TrainForm, max_bytes: int) -> tuple[Any, int]:
     pretrained = args[1] if args[0] == "--pretrained" else None
     cfg = build_config(str(form.clip), form.prompt.strip(), TINY if form.model == TINY else None,
                        pretrained, None, tuple(form.overrides()), {})
-    check_inputs(cfg)
+    try:
+        check_inputs(cfg)
+    except InputError as err:
+        raise InputError(str(err).replace(str(form.clip), form.clip.name)) from err
     return cfg, cfg.train.steps
 
 
@@ -132,4 +135,7 @@ def check_clip_file(path: Path, max_bytes: int) -> None:
                          "this apla-ui takes (--max-upload-mb); trim or re-encode it")
     if size == 0:
         raise InputError("the clip is an empty file; upload a video with frames in it")
-    read_video(path, n_frames=1, size=8)  # a VideoError says what is wrong with it
+    try:
+        read_video(path, n_frames=1, size=8)
+    except InputError as err:  # named by the file the user chose, not the server's copy of it
+        raise InputError(str(err).replace(str(path), path.name)) from err
