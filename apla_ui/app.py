@@ -135,15 +135,21 @@ class App:
             out.append(record)
         return out
 
-    def refresh(self, known: list[str] | None) -> tuple[Any, ...]:
-        """The Train tab's progress, the Jobs table and (when jobs were added) the job list."""
+    def refresh(self, known_jobs: list[str] | None, known_folders: list[list[str]] | None) -> tuple[Any, ...]:
+        """The Train tab's progress and the Jobs table; the lists of jobs, models and runs
+        when they changed (a finished job's engine folder appears in Generate by itself)."""
         jobs = self.queue.jobs()
         shown = views.showing(jobs)
         progress = {j.id: self.queue.progress(j) for j in jobs if j.state in ACTIVE or j is shown}
         panel = views.progress_html(progress.get(shown.id) if shown else None, views.waiting(jobs))
         ids = [j.id for j in jobs]
-        choices = gr.skip() if ids == (known or []) else gr.update(choices=views.job_choices(jobs))
-        return panel, views.job_rows(jobs, progress), choices, ids
+        choices = gr.skip() if ids == (known_jobs or []) else gr.update(choices=views.job_choices(jobs))
+        folders = [self.ws.engine_names(), self.ws.run_names()]
+        if folders == known_folders:
+            lists: tuple[Any, ...] = (gr.skip(),) * 3
+        else:
+            lists = (gr.update(choices=folders[0]), gr.update(choices=folders[0]), gr.update(choices=folders[1]))
+        return (panel, views.job_rows(jobs, progress), choices, ids, *lists, folders)
 
     def cancel(self, job_id: str | None) -> str:
         try:
@@ -201,6 +207,16 @@ class App:
             return views.model_info(pipe.summary(), engine)
         except AplaError as err:
             return views.error(str(err))
+
+    def model_defaults(self, engine: str | None, backend: str, precision: str,
+                       use_vgt: bool) -> tuple[Any, Any, Any]:
+        """The model's own steps, guidance and frame count, to start the fields from."""
+        try:
+            summary = self.pipes.get(check_name(engine or "", "model"),
+                                     gen.open_options(backend, precision, use_vgt)).summary()
+        except AplaError:
+            return gr.skip(), gr.skip(), gr.skip()
+        return summary.get("steps"), summary.get("guidance"), (summary.get("frames") or {}).get("opt")
 
     def generate(self, engine: str | None, prompts: str, seeds: str, negative_prompt: str,
                  scheduler: str | None, steps: float | None, guidance: float | None,
@@ -267,13 +283,14 @@ def build(app: App) -> gr.Blocks:
     tiny, sd = defaults[training.TINY], defaults["sd"]
 
     def hint(key: str) -> str:
-        return f"empty: the preset's ({tiny.get(key)} tiny, {sd.get(key)} SD)"
+        return f"the preset's: {tiny.get(key)} tiny, {sd.get(key)} SD"
 
     with gr.Blocks(title="apla", analytics_enabled=False) as demo:
         gr.Markdown("# apla: one video in, a text-to-video model out\n"
-                    f"Workspace `{app.ws.root}`: `runs/`, `engines/`, `videos/`, `jobs/` "
+                    f"Workspace `{app.ws.given}`: `runs/`, `engines/`, `videos/`, `jobs/` "
                     "(the `apla-train`, `apla-export` and `apla-rt` commands use the same folders).")
         known_jobs = gr.State([])
+        known_folders = gr.State([])
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 with gr.Row():
@@ -294,14 +311,14 @@ def build(app: App) -> gr.Blocks:
                             pretrained = gr.Textbox(label="SD 1.x folder or Hub id (ORG/NAME)", scale=3)
                             variant = gr.Textbox(label="weights variant (e.g. fp16)", scale=1)
                         with gr.Row():
-                            steps = gr.Number(label="Training steps", info=hint("steps"), precision=0,
+                            steps = gr.Number(label="Training steps", value=tiny.get("steps"), info=hint("steps"), precision=0,
                                               elem_id="train-steps")
-                            frames = gr.Number(label="Frames", info=hint("frames"), precision=0,
+                            frames = gr.Number(label="Frames", value=tiny.get("frames"), info=hint("frames"), precision=0,
                                                elem_id="train-frames")
-                            size = gr.Number(label="Size (px)", info=hint("size"), precision=0,
+                            size = gr.Number(label="Size (px)", value=tiny.get("size"), info=hint("size"), precision=0,
                                              elem_id="train-size")
-                            vgt = gr.Dropdown(vgt_kinds, value=None, label="VGT variant",
-                                              info=f"empty: {tiny.get('vgt')}; none = Tune-A-Video")
+                            vgt = gr.Dropdown(vgt_kinds, value=tiny.get("vgt"), label="VGT variant",
+                                              info="none = Tune-A-Video")
                         with gr.Accordion("Advanced", open=False):
                             advanced = gr.Textbox(label="Config overrides, one section.key=value per line "
                                                         "(apla-train --set)", lines=3, elem_id="train-advanced",
@@ -313,21 +330,23 @@ def build(app: App) -> gr.Blocks:
                         train_message = gr.Markdown(elem_id="train-message")
                         job_id = gr.Textbox(visible=False)
                 gr.Markdown("### Current job")
-                progress = gr.HTML(views.progress_html(None, []), elem_id="job-progress")
-                cancel_current = gr.Button("Cancel this job", size="sm", variant="stop")
+                with gr.Row():
+                    progress = gr.HTML(views.progress_html(None, []), elem_id="job-progress")
+                    cancel_current = gr.Button("Cancel this job", size="sm", variant="stop", scale=0,
+                                               min_width=160)
                 cancel_message = gr.Markdown()
             with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
                 table = gr.Dataframe(headers=views.JOB_COLUMNS, interactive=False, wrap=True,
                                      elem_id="jobs-table", label="Jobs (newest first)")
                 with gr.Row():
-                    pick_job = gr.Dropdown([], label="Job", scale=2, elem_id="pick-job", allow_custom_value=True)
+                    pick_job = gr.Dropdown([], value=None, label="Job", scale=2, elem_id="pick-job", allow_custom_value=True)
                     cancel_btn = gr.Button("Cancel", variant="stop")
                     resume_btn = gr.Button("Resume", elem_id="resume-job")
                 job_message = gr.Markdown(elem_id="job-message")
                 log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False)
                 gr.Markdown("### Export a run\nAny run of the workspace, also one made with `apla-train`.")
                 with gr.Row():
-                    export_run = gr.Dropdown(app.ws.run_names(), label="Run", elem_id="export-run", allow_custom_value=True)
+                    export_run = gr.Dropdown(app.ws.run_names(), value=None, label="Run", elem_id="export-run", allow_custom_value=True)
                     export_name = gr.Textbox(label="Engine name (empty: the run's)")
                     replace = gr.Checkbox(False, label="replace the engine folder if it exists")
                     export_cache = gr.Checkbox(True, label="with the DeepCache graphs")
@@ -335,7 +354,7 @@ def build(app: App) -> gr.Blocks:
                 export_message = gr.Markdown()
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row():
-                    engine = gr.Dropdown(app.ws.engine_names(), label="Model (engines/NAME)", scale=3,
+                    engine = gr.Dropdown(app.ws.engine_names(), value=None, label="Model (engines/NAME)", scale=3,
                                          elem_id="gen-model", allow_custom_value=True)
                     reload_models = gr.Button("Refresh", size="sm", scale=0)
                 info = gr.Markdown(elem_id="model-info")
@@ -348,19 +367,20 @@ def build(app: App) -> gr.Blocks:
                         with gr.Row():
                             scheduler = gr.Dropdown(["", *choices["scheduler"]], value="",
                                                     label="Solver", info="empty: the run's")
-                            gen_steps = gr.Number(label="Steps", info="empty: the run's", precision=0,
+                            gen_steps = gr.Number(label="Steps", info="from the model's run", precision=0,
                                                   elem_id="gen-steps")
-                            guidance = gr.Number(label="Guidance", info="empty: the run's")
+                            guidance = gr.Number(label="Guidance", info="from the model's run")
                             interval = gr.Textbox(label="Guidance interval LO:HI", info="empty: every step")
                         with gr.Row():
                             cache_interval = gr.Number(1, label="Cache interval", info="1 = off (DeepCache)",
                                                        precision=0)
                             cache_schedule = gr.Dropdown(list(choices["cache_schedule"]), value="uniform",
                                                          label="Cache schedule")
-                            gen_frames = gr.Number(label="Frames", info="empty: the start latent's", precision=0)
-                            from_noise = gr.Checkbox(False, label="from noise (not the inverted clip)")
+                            gen_frames = gr.Number(label="Frames", info="the start latent's", precision=0)
                         with gr.Row():
-                            use_vgt = gr.Checkbox(True, label="VGT perturbation")
+                            with gr.Column(min_width=180):
+                                use_vgt = gr.Checkbox(True, label="VGT perturbation")
+                                from_noise = gr.Checkbox(False, label="from noise (not the inverted clip)")
                             backend = gr.Dropdown(list(choices["backend"]), value="auto", label="Backend")
                             precision = gr.Dropdown(list(choices["precision"]), value="auto", label="Precision")
                 go = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -372,7 +392,7 @@ def build(app: App) -> gr.Blocks:
                     _show_result(record, "new")
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
                 with gr.Row():
-                    gallery_model = gr.Dropdown(app.ws.engine_names(), label="Model", scale=3,
+                    gallery_model = gr.Dropdown(app.ws.engine_names(), value=None, label="Model", scale=3,
                                                 elem_id="gallery-model", allow_custom_value=True)
                     gallery_reload = gr.Button("Refresh", size="sm", scale=0)
                 gallery_tick = gr.State(0)
@@ -390,12 +410,19 @@ def build(app: App) -> gr.Blocks:
         upload.change(lambda f: app.check_clip(f, None), [upload], [clip_message, preview, name], **private)
         example.change(lambda e: (None, *app.check_clip(None, e)) if e else (gr.skip(),) * 4,
                        [example], [upload, clip_message, preview, name], **private)
+        def preset(choice: str) -> tuple[Any, ...]:
+            values = defaults["sd" if choice == SD_LABEL else training.TINY]
+            return tuple(gr.update(value=values.get(k)) for k in ("steps", "frames", "size", "vgt"))
+
+        model.change(preset, [model], [steps, frames, size, vgt], **private)
         start.click(app.train, [upload, example, prompt, name, model, pretrained, variant, steps, frames,
                                 size, vgt, advanced, export, cache_graphs], [train_message, job_id],
                     api_name="train")
         timer = gr.Timer(1.0)
-        refresh_outputs = [progress, table, pick_job, known_jobs]
-        timer.tick(app.refresh, [known_jobs], refresh_outputs, **private)
+        refresh_inputs = [known_jobs, known_folders]
+        refresh_outputs = [progress, table, pick_job, known_jobs, engine, gallery_model, export_run,
+                           known_folders]
+        timer.tick(app.refresh, refresh_inputs, refresh_outputs, **private)
         cancel_current.click(lambda: app.cancel(None), None, [cancel_message], api_visibility="private")
         cancel_btn.click(app.cancel, [pick_job], [job_message], api_name="cancel")
         resume_btn.click(app.resume, [pick_job], [job_message], api_name="resume")
@@ -414,10 +441,11 @@ def build(app: App) -> gr.Blocks:
         reload_models.click(models, None, model_lists, **private)
         gallery_reload.click(lambda n: (*models(), n + 1), [gallery_tick], [*model_lists, gallery_tick],
                              **private)
-        demo.load(models, None, model_lists, **private)
-        demo.load(app.refresh, [known_jobs], refresh_outputs, **private)
+        demo.load(app.refresh, refresh_inputs, refresh_outputs, **private)
         open_inputs = [engine, backend, precision, use_vgt]
         engine.change(app.model_info, open_inputs, [info], api_name="model_info", concurrency_id="pipes")
+        engine.change(app.model_defaults, open_inputs, [gen_steps, guidance, gen_frames],
+                      concurrency_id="pipes", **private)
         go.click(app.generate, [engine, prompts, seeds, negative, scheduler, gen_steps, guidance, interval,
                                 cache_interval, cache_schedule, gen_frames, from_noise, use_vgt, backend,
                                 precision], [gen_message, result], api_name="generate",

@@ -85,7 +85,7 @@ def model_info(summary: dict[str, Any], name: str) -> str:
         ("videos per batch", summary.get("max_batch")),
         ("networks", ", ".join(summary.get("networks") or {})),
     ]
-    lines = [f"**engines/{html.escape(name)}**", "", "| | |", "|---|---|"]
+    lines = [f"**engines/{html.escape(name)}**", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {html.escape(str(v))} |" for k, v in rows if v is not None]
     return "\n".join(lines)
 

@@ -62,6 +62,7 @@ class Workspace:
     """The folders of one workspace (nothing is created until something is written)."""
 
     def __init__(self, root: str | os.PathLike):
+        self.given = str(root)  # as the user named it, for display
         self.root = Path(root).expanduser().resolve()
         self._lock: IO[str] | None = None
 

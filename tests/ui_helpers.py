@@ -48,9 +48,9 @@ class UIServer:
             "GRADIO_TEMP_DIR": str(self.log.parent / "gradio-tmp")}
         with open(self.log, "a", encoding="utf-8") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "apla_ui.cli", "--workspace", str(self.workspace), "--host",
+                [sys.executable, "-m", "apla_ui.cli", "--workspace", self.workspace.name, "--host",
                  "127.0.0.1", "--port", str(self.port), "--max-upload-mb", str(self.max_upload_mb)],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.workspace.parent, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
