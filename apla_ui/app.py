@@ -285,7 +285,8 @@ def build(app: App) -> gr.Blocks:
     def hint(key: str) -> str:
         return f"the preset's: {tiny.get(key)} tiny, {sd.get(key)} SD"
 
-    with gr.Blocks(title="apla", analytics_enabled=False) as demo:
+    # uploads and served copies of videos live in Gradio's cache: files older than a day go
+    with gr.Blocks(title="apla", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# apla: one video in, a text-to-video model out\n"
                     f"Workspace `{app.ws.given}`: `runs/`, `engines/`, `videos/`, `jobs/` "
                     "(the `apla-train`, `apla-export` and `apla-rt` commands use the same folders).")

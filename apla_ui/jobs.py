@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -167,7 +168,10 @@ class JobQueue:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a bug: say so, keep the queue running
+                traceback.print_exc()
 
     def tick(self) -> None:
         """One round: settle ended processes, escalate cancels, start the next job."""
@@ -326,12 +330,18 @@ class JobQueue:
     def _launch(self, job: Job) -> None:
         args = self._args(job)
         self.ws.jobs.mkdir(parents=True, exist_ok=True)
-        with open(self.ws.jobs / f"{job.id}.log", "a", encoding="utf-8") as log:
-            log.write(f"$ python {' '.join(args)}\n")
-            log.flush()
-            popen = subprocess.Popen([self.python, *args], cwd=self.ws.root, env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        try:
+            with open(self.ws.jobs / f"{job.id}.log", "a", encoding="utf-8") as log:
+                log.write(f"$ python {' '.join(args)}\n")
+                log.flush()
+                popen = subprocess.Popen([self.python, *args], cwd=self.ws.root, env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        except OSError as err:  # no room for the log, no interpreter: the job cannot start
+            job.state, job.finished = FAILED, time.time()
+            job.message = f"could not start: {err.strerror or err}"
+            self._save(job)
+            return
         try:
             created = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:
