@@ -344,7 +344,7 @@ def build(app: App) -> gr.Blocks:
                     cancel_btn = gr.Button("Cancel", variant="stop")
                     resume_btn = gr.Button("Resume", elem_id="resume-job")
                 job_message = gr.Markdown(elem_id="job-message")
-                log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False)
+                log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False, elem_id="job-log")
                 gr.Markdown("### Export a run\nAny run of the workspace, also one made with `apla-train`.")
                 with gr.Row():
                     export_run = gr.Dropdown(app.ws.run_names(), value=None, label="Run", elem_id="export-run", allow_custom_value=True)

@@ -50,7 +50,7 @@ def _when(t: float | None) -> str:
 
 
 def job_choices(jobs: list[Job]) -> list[tuple[str, str]]:
-    return [(f"{j.id} {j.name} [{j.state}]", j.id) for j in reversed(jobs)]
+    return [(f"{j.id} {j.name} ({j.kind})", j.id) for j in reversed(jobs)]
 
 
 def showing(jobs: list[Job]) -> Job | None:

@@ -57,14 +57,17 @@ def wait_text(page, selector: str, pattern: str, timeout_s: float) -> str:
     return text_of(page, selector)
 
 
-def pick(page, dropdown: str, option: str) -> None:
+def pick(page, dropdown: str, option: str | re.Pattern) -> None:
     page.click(f"{dropdown} input")
-    page.get_by_role("option", name=option, exact=True).click()
+    page.get_by_role("option", name=option, exact=isinstance(option, str)).click()
 
 
 def shoot(page, name: str) -> None:
     """A small PNG of the whole page (256 colours)."""
     from PIL import Image
+
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(600)  # a closing dropdown's animation ends
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
@@ -106,6 +109,9 @@ def test_upload_train_reload_generate_in_a_browser(server, page, skiing):
 
     page.click("#tab-jobs-button")
     wait_text(page, "#jobs-table", "runs/man-skiing -> engines/man-skiing", 30)
+    pick(page, "#pick-job", re.compile(r"^0001 man-skiing"))
+    page.wait_for_function("document.querySelector('#job-log textarea').value.includes('engine folder written')",
+                           timeout=30_000)
     shoot(page, "jobs")
 
     # generate two prompts on the new model; the page's videos play
