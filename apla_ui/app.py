@@ -299,7 +299,8 @@ def build(app: App) -> gr.Blocks:
                         upload = gr.File(label="Training clip (mp4, mov, mkv, webm, avi, gif)",
                                          elem_id="clip-upload")
                         example = gr.Dropdown([""] + [p.name for p in app.ws.examples()], value="",
-                                              label="or an example clip", elem_id="clip-example", allow_custom_value=True)
+                                              label="or an example clip", elem_id="clip-example",
+                                              allow_custom_value=True)
                         clip_message = gr.Markdown(elem_id="clip-message")
                         preview = gr.Video(label="clip", interactive=False, height=200, elem_id="clip-preview")
                     with gr.Column():
@@ -312,9 +313,11 @@ def build(app: App) -> gr.Blocks:
                             pretrained = gr.Textbox(label="SD 1.x folder or Hub id (ORG/NAME)", scale=3)
                             variant = gr.Textbox(label="weights variant (e.g. fp16)", scale=1)
                         with gr.Row():
-                            steps = gr.Number(label="Training steps", value=tiny.get("steps"), info=hint("steps"), precision=0,
+                            steps = gr.Number(label="Training steps", value=tiny.get("steps"), info=hint("steps"),
+                                              precision=0,
                                               elem_id="train-steps")
-                            frames = gr.Number(label="Frames", value=tiny.get("frames"), info=hint("frames"), precision=0,
+                            frames = gr.Number(label="Frames", value=tiny.get("frames"), info=hint("frames"),
+                                               precision=0,
                                                elem_id="train-frames")
                             size = gr.Number(label="Size (px)", value=tiny.get("size"), info=hint("size"), precision=0,
                                              elem_id="train-size")
@@ -340,14 +343,16 @@ def build(app: App) -> gr.Blocks:
                 table = gr.Dataframe(headers=views.JOB_COLUMNS, interactive=False, wrap=True,
                                      elem_id="jobs-table", label="Jobs (newest first)")
                 with gr.Row():
-                    pick_job = gr.Dropdown([], value=None, label="Job", scale=2, elem_id="pick-job", allow_custom_value=True)
+                    pick_job = gr.Dropdown([], value=None, label="Job", scale=2, elem_id="pick-job",
+                                           allow_custom_value=True)
                     cancel_btn = gr.Button("Cancel", variant="stop")
                     resume_btn = gr.Button("Resume", elem_id="resume-job")
                 job_message = gr.Markdown(elem_id="job-message")
                 log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False, elem_id="job-log")
                 gr.Markdown("### Export a run\nAny run of the workspace, also one made with `apla-train`.")
                 with gr.Row():
-                    export_run = gr.Dropdown(app.ws.run_names(), value=None, label="Run", elem_id="export-run", allow_custom_value=True)
+                    export_run = gr.Dropdown(app.ws.run_names(), value=None, label="Run", elem_id="export-run",
+                                             allow_custom_value=True)
                     export_name = gr.Textbox(label="Engine name (empty: the run's)")
                     replace = gr.Checkbox(False, label="replace the engine folder if it exists")
                     export_cache = gr.Checkbox(True, label="with the DeepCache graphs")

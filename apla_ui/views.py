@@ -40,7 +40,7 @@ def job_rows(jobs: list[Job], progress: dict[str, dict[str, Any]]) -> list[list[
     for job in reversed(jobs):
         p = progress.get(job.id)
         line = p["line"] if p else job.message
-        folders = " -> ".join(f for f in (job.run, job.engine) if f) if job.kind == "train" else f"{job.run} -> {job.engine}"
+        folders = " -> ".join(f for f in (job.run, job.engine) if f)
         rows.append([job.id, job.kind, job.name, job.state, line, _when(job.created), folders])
     return rows
 
@@ -79,7 +79,8 @@ def model_info(summary: dict[str, Any], name: str) -> str:
         ("start latent", "the inverted training clip " + str(summary.get("start_latent"))
          + f" at t={summary.get('start_timestep')}" if summary.get("start_latent") else "none (noise)"),
         ("defaults", f"{summary.get('scheduler')}, {summary.get('steps')} steps, guidance {summary.get('guidance')}"),
-        ("VGT", ("on" if summary.get("vgt") else "off") + (" (reads the source latent)" if summary.get("vgt_reads_source") else "")),
+        ("VGT", ("on" if summary.get("vgt") else "off")
+         + (" (reads the source latent)" if summary.get("vgt_reads_source") else "")),
         ("backend", summary.get("backend")),
         ("precision", summary.get("precision")),
         ("videos per batch", summary.get("max_batch")),

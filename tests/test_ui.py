@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gradio_client import handle_file
-from ui_helpers import TINY, TINY_TRAIN, UIServer, job, snapshot, wait_for, wait_job
+from ui_helpers import SD_LABEL, TINY_LABEL, TINY_TRAIN, UIServer, job, snapshot, wait_for, wait_job
 
 from apla_rt.video import read_video
 
@@ -37,7 +37,7 @@ def server(tmp_path_factory):
 def train(client, clip, name="", **form):
     """``/train`` with the tiny preset; ``form`` overrides TINY_TRAIN's fields."""
     fields = {"upload": handle_file(str(clip)) if clip else None, "example": "", "prompt": "a man is skiing",
-              "name": name, "model": TINY, "pretrained": "", "variant": "", "vgt": None,
+              "name": name, "model": TINY_LABEL, "pretrained": "", "variant": "", "vgt": None,
               "export": True, "cache_graphs": False, **TINY_TRAIN}
     fields.update(form)
     return client.predict(**fields, api_name="/train")
@@ -139,8 +139,8 @@ def test_bad_uploads_and_settings_answer_one_line_and_change_nothing(server, ski
         ({"clip": clip, "prompt": "  "}, "the prompt is empty"),
         ({"clip": clip, "name": "ski"}, "the name 'ski' is taken"),
         ({"clip": clip, "name": "../up"}, "must be 1-64 letters"),
-        ({"clip": clip, "model": "Stable Diffusion 1.x (folder or Hub id, offline)",
-          "pretrained": str(tmp_path / "no-such-sd")}, "is not a folder, nor a Hugging Face repo id"),
+        ({"clip": clip, "model": SD_LABEL, "pretrained": str(tmp_path / "no-such-sd")},
+         "is not a folder, nor a Hugging Face repo id"),
     ]
     for case, expected in train_cases:
         form = dict(case)

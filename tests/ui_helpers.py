@@ -14,8 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from apla_ui.app import SD_LABEL, TINY_LABEL  # noqa: F401 - the Train tab's model choices, for the tests
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "tiny preset (CPU, random init)"
 # a handful of steps on 4 frames of 32 px; 2 sampling and inversion steps after training
 TINY_TRAIN = {"steps": 4, "frames": 4, "size": 32,
               "advanced": "sample.steps=2\nsample.inversion_steps=2\ntrain.checkpoint_every=2"}
