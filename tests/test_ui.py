@@ -141,6 +141,8 @@ def test_bad_uploads_and_settings_answer_one_line_and_change_nothing(server, ski
         ({"clip": clip, "name": "../up"}, "must be 1-64 letters"),
         ({"clip": clip, "model": SD_LABEL, "pretrained": str(tmp_path / "no-such-sd")},
          "is not a folder, nor a Hugging Face repo id"),
+        ({"clip": clip, "model": SD_LABEL, "pretrained": "nobody/no-such-model"},
+         "HF_HUB_OFFLINE is set"),  # a Hub id is looked up in the cache only, never downloaded
     ]
     for case, expected in train_cases:
         form = dict(case)
