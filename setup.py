@@ -41,6 +41,11 @@ EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
 TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5", "packaging>=23"]
 SERVE = ["ray[serve]>=2.40", "starlette>=0.36", "psutil>=5"]  # apla-rt serve: Ray Serve, the request/response types it serves, psutil to end what a local Ray instance leaves
 BATCH = ["ray[data]>=2.40"]  # apla-rt batch: Ray Data (pandas, pyarrow)
+# apla-ui (apla_ui/): the Gradio app; psutil tells a job's process from a later one with its pid
+UI = ["gradio>=6.31,<7", "psutil>=5"]
+# the UI's tests: Gradio's Python client, and Playwright's bindings driving the system Chromium
+# (Debian's `chromium`; .ci/run installs it: browsers are never downloaded)
+UI_TEST = ["gradio_client>=2", "playwright>=1.45"]
 # --backend openvino (apla_rt/backends/openvino.py): OpenVINO's CPU plugin, fp32 or bf16 (docs/cpu.md)
 OPENVINO = ["openvino>=2025.0"]
 
@@ -49,16 +54,17 @@ setup(
     version="0.1.0",
     description="One-shot text-to-video with APLA (Tune-A-Video + VGT perturbation), "
     "exported to ONNX/TensorRT and sampled with a NumPy runtime",
-    packages=find_packages(include=["apla_train*", "apla_rt*", "export*", "apla_eval*"]),
+    packages=find_packages(include=["apla_train*", "apla_rt*", "export*", "apla_eval*", "apla_ui*"]),
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
         "cpu": ORT_CPU,
         "train": ORT_CPU + TRAIN + EXPORT + EVAL,
-        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE + BATCH + OPENVINO,
+        "test": ORT_CPU + TRAIN + EXPORT + EVAL + TEST + SERVE + BATCH + OPENVINO + UI + UI_TEST,
         "serve": SERVE,
         "batch": BATCH,
         "openvino": OPENVINO,
+        "ui": UI,
         "gpu": ORT_GPU + TENSORRT + TRAIN + EXPORT + EVAL,
     },
     entry_points={
@@ -67,6 +73,7 @@ setup(
             "apla-export=export.cli:main",
             "apla-rt=apla_rt.cli:main",
             "apla-eval=apla_eval.cli:main",
+            "apla-ui=apla_ui.cli:main",
         ]
     },
 )

@@ -65,6 +65,11 @@ def clip_path(name: str) -> Path:
     return example_clip()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--ui-screenshots", action="store_true",
+                     help="write the browser test's screenshots into docs/ui/ (docs/ui.md shows them)")
+
+
 # ---------------------------------------------------------------------------------------
 # Training fixtures (tests/test_train*.py): one tiny trained run shared by the session
 

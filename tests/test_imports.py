@@ -5,7 +5,8 @@ functions (a lazy import hides a cycle, it does not remove it):
   its imports;
 * ``apla_rt``'s subpackages are layers, and a module imports only from its own layer or the
   layers below it (``RT_LAYERS``, bottom first; docs/architecture.md draws them);
-* in ``export``, the TensorRT validation plan (``trt_plan``) sits below the builder."""
+* in ``export``, the TensorRT validation plan (``trt_plan``) sits below the builder;
+* ``apla_ui`` sits above every other package, imported by none."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("package", ["apla_rt", "export", "apla_train", "apla_eval"])
+@pytest.mark.parametrize("package", ["apla_rt", "export", "apla_train", "apla_eval", "apla_ui"])
 def test_no_import_cycle(package):
     graph = module_imports(package)
     # a subpackage's __init__ re-exports its modules; importing it is importing them
@@ -121,6 +122,20 @@ def test_the_layer_check_sees_an_upward_import():
     assert "backends.runners" in graph["engine"]
     assert layer_of("engine") > layer_of("backends.runners")
     assert "trt_plan" in module_imports("export")["trt"]
+
+
+def test_nothing_imports_the_ui():
+    """``apla_ui`` sits above every other package: it may use them, none of them uses it."""
+    found = []
+    for package in ("apla_rt", "export", "apla_train", "apla_eval", "benchmarks", "tools"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                         else [])
+                if any(n.split(".")[0] == "apla_ui" for n in names):
+                    found.append(str(path.relative_to(ROOT)))
+    assert not found, f"these import apla_ui, which sits above them: {found}"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("apla_rt", "apla_train", "export", "apla_eval", "benchmarks", "tests", "tools")
+PACKAGES = ("apla_rt", "apla_train", "export", "apla_eval", "apla_ui", "benchmarks", "tests", "tools")
 # import name -> distribution, for packages not installed here (no metadata to map them)
 NOT_INSTALLED = {"tensorrt": "tensorrt"}
 # declared for what they provide without being imported by name

@@ -11,7 +11,7 @@ import numpy as np
 from reliability_helpers import REPO
 
 
-PRODUCT = ("apla_train", "apla_rt", "export", "apla_eval", "benchmarks", "tools")
+PRODUCT = ("apla_train", "apla_rt", "export", "apla_eval", "apla_ui", "benchmarks", "tools")
 
 
 def _calls(text: str, name: str) -> list[str]:
