@@ -181,7 +181,7 @@ class Pipeline:
             cache = settings.cache_interval > 1
         settings = settings.replace(cache_interval=max(2, settings.cache_interval) if cache else 1)
         start = self.starts.resolve(None, 0, self.manifest.start_latent_path is None, None)
-        text = self.engine.encode_text(["", self.manifest.prompt or ""])
+        text = self.engine.warm_up_text(["", self.manifest.prompt or ""])
         self.engine.prepare(start.start, self.engine.plan(start, text, settings, use_vgt=self.use_vgt))
         self.engine.warm_up_decoder(start.start.shape[2])
 

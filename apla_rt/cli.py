@@ -361,6 +361,26 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
                proxy_location=proxy_location)
 
 
+def _placement_lines(manifest: Any, placement: Any) -> list[str]:
+    """Where each network runs by default and why, with the measured table (candidate, seconds a
+    call, fidelity, chosen) where this machine has one (``apla_rt.backends.choice``)."""
+    from .backends import choice
+    from .backends.precision import probe_cpu
+
+    lines = [f"backend (auto): {placement.describe()}, precision {placement.describe_precision()}"]
+    cpu = probe_cpu()
+    for name, c in placement.networks.items():
+        lines.append(f"  {name}: {c.runner} {c.precision}" + (f" ({c.why})" if c.why else ""))
+        table = choice.measured(manifest, name, placement.threads, cpu, run=False)
+        for row in (table or {}).get("rows", []):
+            chosen = [row["backend"], row["precision"]] == table["chosen"]
+            seconds = "-" if row["seconds"] is None else f"{row['seconds']:.4g} s"
+            lines.append(f"    {row['backend']:<8} {row['precision']:<5} {seconds:>12}  "
+                         f"{'passed' if row['passed'] else 'failed'} {row['fidelity']}"
+                         + ("  <- chosen" if chosen else ""))
+    return lines
+
+
 def _dims(dims: tuple[Any, ...]) -> str:
     return "(" + ", ".join(str(d) for d in dims) + ")"
 
@@ -424,8 +444,10 @@ def batch(engine_dir: Path, jobs: Path, out: Path, address: str | None, actors: 
 @_engine_dir
 @click.option("--verify", is_flag=True, help="Also check every file's sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--threads", type=int, default=None,
+              help="Show where each network runs with this --threads (the measured choice depends on it).")
 @_user_errors
-def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
+def info(engine_dir: Path, verify: bool, as_json: bool, threads: int | None) -> None:
     """Show the networks, dims, profiles, prompt, files and versions of an engine folder."""
     from .backends.placement import place
     from .folder.latents import folder_start_timestep
@@ -470,10 +492,8 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
         out.append("    profile " + ", ".join(f"{d} {r[0]}..{r[2]} (opt {r[1]})"
                                              for d, r in spec.profile.items()))
     try:  # what the defaults would run here, without running a check not cached yet
-        placement = place(manifest, tuple(manifest.networks), check=False)
-        out.append(f"backend (auto): {placement.describe()}, precision {placement.describe_precision()}")
-        out += [f"  {name}: {c.runner} {c.precision}" + (f" ({c.why})" if c.why else "")
-                for name, c in placement.networks.items()]
+        out += _placement_lines(manifest, place(manifest, tuple(manifest.networks), threads=threads,
+                                                check=False))
     except AplaError as err:
         out.append(f"backend (auto): unavailable ({err})")
     out.append("files:" + (" (sha256 verified)" if verify else ""))

@@ -150,6 +150,13 @@ class Engine:
                             use_vgt and self.has_vgt, self._source(start, use_vgt))
         return Run(solver, cond, cache)
 
+    def warm_up_text(self, prompts: list[str]) -> np.ndarray:
+        """``encode_text`` as the warm-up's call (timed as warm-up, not as the text encoder)."""
+        ids = self.tokenizer(prompts)
+        self.pool.open(("text_encoder",))
+        out = self.pool.warm_up("text_encoder", {"input_ids": ids})
+        return self.encode_text(prompts) if out is None else out["last_hidden_state"].astype(np.float32)
+
     def sample(self, start: Latent, text: np.ndarray, settings: SamplingSettings,
                guidance: np.ndarray | None = None, use_vgt: bool = True,
                callback: StepCallback | None = None) -> np.ndarray:
