@@ -104,6 +104,21 @@ def _release_modules(spec) -> None:
     release_memory()
 
 
+def weight_groups(specs) -> list[tuple[str, list]]:
+    """The specs grouped by the external-data file their graphs share (``spec.weights``, else
+    their own name), in ``specs``' order, the UNet's group last."""
+    groups: dict[str, list] = {}
+    for spec in specs:
+        groups.setdefault(spec.weights or spec.name, []).append(spec)
+    return sorted(groups.items(), key=lambda item: item[0].startswith("unet"))
+
+
+def flavours(spec) -> list[tuple[str, bool]]:
+    """(graph label, ONNX Runtime flavour) of each graph written for ``spec``: the portable
+    graph, then the fused-attention one where the spec has it."""
+    return [(spec.name, False)] + ([(spec.name + ".ort", True)] if spec.ort_module is not None else [])
+
+
 def _versions(opset: int) -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -127,6 +142,48 @@ def _check_graph_io(spec, path: Path) -> None:
         got = io["inputs" if t in spec.inputs else "outputs"].get(t.name)
         if got is None or [d if isinstance(d, str) else int(d) for d in t.dims] != got:
             raise IntegrityError(f"{spec.name}: ONNX tensor {t.name} has dims {got}, expected {t.dims}")
+
+
+def export_group(group, tmp: Path, store: WeightStore, dynamo: bool, threads: int,
+                 log: Callable[[str], None]) -> list[tuple]:
+    """Export and validate the graphs of specs that share one weight file (``weight_groups``);
+    returns (spec, label, ort flavour, files, validation result) per graph.
+
+    Every graph of the group (both flavours) is traced and its PyTorch outputs kept before
+    any ONNX Runtime session opens; then the group's modules are freed and the sessions open
+    one at a time: the PyTorch weights the graphs share and a session's copy of them are
+    never in memory together (``benchmarks/export_memory.py``)."""
+    exported = []
+    for spec in group:
+        refs_at: dict[str, list] = {}  # shapes -> PyTorch outputs: both flavours compare against one set
+        for label, ort_flavour in flavours(spec):
+            started = time.time()
+            files = export_onnx(spec, spec.validate_at[0], tmp / f"{label}.onnx", dynamo=dynamo,
+                                ort_flavour=ort_flavour, store=store, external=spec.weights is not None)
+            export_s = time.time() - started
+            release_memory()  # the exporter's transient copies, before the next trace
+            _check_graph_io(spec, files[0])
+            shapes = None if ort_flavour else spec.portable_validate_at
+            if shapes:
+                log(f"{label}: validated at small shapes; its decomposed attention at the full "
+                    f"shapes would not fit in memory (the .ort flavour is validated at full size)")
+            if repr(shapes) not in refs_at:
+                refs_at[repr(shapes)] = reference_outputs(spec, shapes)
+            exported.append((spec, label, ort_flavour, files, export_s, refs_at[repr(shapes)]))
+    for spec in group:
+        _release_modules(spec)
+    results = []
+    for spec, label, ort_flavour, files, export_s, refs in exported:
+        result = compare_network(spec, files[0], refs, threads)
+        release_memory()
+        result["export_seconds"] = round(export_s, 2)
+        worst = max(c["max_abs"] for c in result["checks"])
+        shapes = sorted({tuple(sorted(c["shape"].items())) for c in result["checks"]})
+        log(f"{label:13s} exported in {export_s:5.1f} s; ORT vs PyTorch max abs {worst:.2e} "
+            f"(tolerance {spec.tolerance['max_abs']:.0e}) at {len(shapes)} shapes: "
+            f"{'ok' if result['passed'] else 'FAILED'}")
+        results.append((spec, label, ort_flavour, files, result))
+    return results
 
 
 def run_start_timestep(run: Path, cfg, scheduler: SchedulerConfig) -> int:
@@ -172,7 +229,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
     specs = network_specs(components, vgt, cfg, frames, cache_branch)
     threads = torch.get_num_threads()
     # what the manifest needs from the models; the specs hold the only references to the
-    # networks from here on, and each one's are dropped once it is exported
+    # networks from here on, and each weight group's are dropped once its graphs are exported
     tokenizer, scheduler, codec = components.tokenizer, components.scheduler.to_dict(), components.codec
     codec_info = {"vae_scaling_factor": codec.scaling_factor, "latent_channels": codec.latent_channels,
                   "vae_downsample": codec.downsample}
@@ -182,40 +239,13 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
         networks: dict = {}
         report: dict = {"networks": {}, "frames_profile": list(frames)}
         order = [spec.name for spec in specs]
-        # the UNet graphs last: the smaller networks' modules are freed by the time they are traced
-        stores: dict[str, WeightStore] = {}
-        for spec in sorted(specs, key=lambda s: s.name.startswith("unet")):
-            flavours = [("", False)] + ([(".ort", True)] if spec.ort_module is not None else [])
-            # both flavours' weights go to one file: the same tensors, stored once (and the
-            # UNet's DeepCache graphs point into the UNet's file: ``spec.weights``)
-            key = spec.weights or spec.name
-            store = stores.setdefault(key, WeightStore(tmp / f"{key}.onnx.data"))
-            entry: dict = {}
-            exported = []
-            for suffix, ort_flavour in flavours:
-                label = spec.name + suffix
-                started = time.time()
-                files = export_onnx(spec, spec.validate_at[0], tmp / f"{label}.onnx", dynamo=dynamo,
-                                    ort_flavour=ort_flavour, store=store,
-                                    external=spec.weights is not None)
-                export_s = time.time() - started
-                _check_graph_io(spec, files[0])
-                shapes = None if ort_flavour else spec.portable_validate_at
-                if shapes:
-                    log(f"{label}: validated at small shapes; its decomposed attention at the full "
-                        f"shapes would not fit in memory (the .ort flavour is validated at full size)")
-                exported.append((label, ort_flavour, files, export_s, reference_outputs(spec, shapes)))
-            _release_modules(spec)  # before any ONNX Runtime session maps the same weights
-            for label, ort_flavour, files, export_s, refs in exported:
-                result = compare_network(spec, files[0], refs, threads)
-                release_memory()
-                result["export_seconds"] = round(export_s, 2)
+        # one group per weight file (the UNet family shares one), the UNet's last: the
+        # smaller networks' modules are freed by the time it is traced
+        for key, group in weight_groups(specs):
+            store = WeightStore(tmp / f"{key}.onnx.data")
+            for spec, label, ort_flavour, files, result in export_group(group, tmp, store, dynamo, threads, log):
                 report["networks"][label] = result
-                worst = max(c["max_abs"] for c in result["checks"])
-                shapes = sorted({tuple(sorted(c["shape"].items())) for c in result["checks"]})
-                log(f"{label:13s} exported in {export_s:5.1f} s; ORT vs PyTorch max abs {worst:.2e} "
-                    f"(tolerance {spec.tolerance['max_abs']:.0e}) at {len(shapes)} shapes: "
-                    f"{'ok' if result['passed'] else 'FAILED'}")
+                entry = networks.setdefault(spec.name, {})
                 data = [f.name for f in files[1:]]
                 if ort_flavour:
                     entry["onnx_ort"] = files[0].name
@@ -227,12 +257,11 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
                         "outputs": [t.to_dict() for t in spec.outputs],
                         "profile": spec.profile, "tolerance": spec.tolerance,
                     })
-            del exported
-            if fp16 and spec.name in FP16_NETWORKS:
-                updates, report["networks"][spec.name + ".fp16"] = export_fp16(
-                    spec, tmp, entry, cfg.data.size, threads, log)
-                entry.update(updates)
-            networks[spec.name] = entry
+            for spec in group:
+                if fp16 and spec.name in FP16_NETWORKS:
+                    updates, report["networks"][spec.name + ".fp16"] = export_fp16(
+                        spec, tmp, networks[spec.name], cfg.data.size, threads, log)
+                    networks[spec.name].update(updates)
         networks = {name: networks[name] for name in order}
         report["networks"] = {label: report["networks"][label] for name in order
                               for label in (name, name + ".ort", name + ".fp16") if label in report["networks"]}
