@@ -117,7 +117,7 @@ def machine() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     from apla_rt.backends.gpu import trt_available
-    from apla_rt.backends.runners import ort_cuda_status
+    from apla_rt.backends.gpu import ort_cuda_status
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count()}
@@ -203,7 +203,7 @@ def generate(engines: Path, backend: str, steps: int, threads: int | None, keep:
 
 def check_model(report: Report, model: str, out: Path, clip: Path, args: argparse.Namespace) -> None:
     from apla_rt.backends.gpu import trt_available
-    from apla_rt.backends.runners import ort_cuda_status
+    from apla_rt.backends.gpu import ort_cuda_status
 
     cuda = _torch_cuda()
     entry = report.model(model)

@@ -18,7 +18,7 @@ def test_gpu_check_reports_what_ran_and_skips_the_rest(tmp_path, capsys):
     import torch
 
     from apla_rt.backends.gpu import trt_available
-    from apla_rt.backends.runners import ort_cuda_status
+    from apla_rt.backends.gpu import ort_cuda_status
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_check
