@@ -423,8 +423,13 @@ def world(ref_run, engine, tmp_path_factory) -> World:
     engine_copy("foreign", lambda d: _edit_manifest(d, lambda m: m.update(format="someone-elses")))
     engine_copy("version", lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)))
     engine_copy("notjson", lambda d: (d / "manifest.json").write_text('{"format": "apla-engines", '))
-    # the UNet graph the CPU runtime opens (the ORT-fused flavour)
-    engine_copy("tampered", lambda d: flip_byte(d / "unet.ort.onnx"))
+    # the UNet graph the CPU runtime opens: the ORT-fused flavour of the graph that serves the
+    # UNet's calls (the DeepCache feature graph where the folder has one)
+    from apla_rt.backends.pool import serving_graph
+    from apla_rt.folder.manifest import Manifest
+
+    served = serving_graph(Manifest.open(engine), "unet")
+    engine_copy("tampered", lambda d: flip_byte(d / f"{served}.ort.onnx"))
     engine_copy("tampered-latent", lambda d: flip_byte(d / "start_latent.npy"))
     engine_copy("dotdot", lambda d: _edit_manifest(d, lambda m: m["networks"]["unet"].update(onnx="../engine/unet.onnx")))
     engine_copy("absolute", lambda d: _edit_manifest(d, lambda m: m["networks"]["unet"].update(onnx=str(engine / "unet.onnx"))))
