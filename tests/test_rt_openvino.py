@@ -427,7 +427,7 @@ def test_bf16_runs_here_within_tolerance(exported, fresh_cache):
     with Pipeline.open(exported[1], "openvino", 2, precision="bf16") as pipe:
         assert pipe.placement.notes == (), pipe.placement.notes
         assert pipe.describe_precision() == "bf16"
-        unet = pipe.engine.runners["unet"]
+        unet = pipe.engine.pool.runner("unet")
         assert isinstance(unet, openvino_runner.OvRunner)
         assert "bfloat16" in str(unet.compiled.get_property("INFERENCE_PRECISION_HINT"))
         video, = pipe.generate("a man is skiing", steps=2)

@@ -64,7 +64,9 @@ def server(exported, namespace, tmp_path_factory):
     log = tmp / "serve.log"
     proc, out = start(namespace, serve_cmd(folder, port, "--max-batch", str(MAX_BATCH), "--batch-wait-ms",
                                            "300", "--max-queue", str(MAX_QUEUE), "--from-noise",
-                                           "--threads", "1", "--num-cpus", "0.5"), env, log)
+                                           "--threads", "1", "--num-cpus", "0.5",
+                                           # ONNX Runtime, as the library it is compared with
+                                           "--backend", "ort-cpu"), env, log)
     members: list = []
     try:
         url = f"http://127.0.0.1:{port}"
