@@ -220,7 +220,7 @@ class App:
 
     def generate(self, engine: str | None, prompts: str, seeds: str, negative_prompt: str,
                  scheduler: str | None, steps: float | None, guidance: float | None,
-                 guidance_interval: str, cache_interval: float | None, cache_schedule: str,
+                 guidance_interval: str, cache_interval: float | str | None, cache_schedule: str,
                  frames: float | None, from_noise: bool, use_vgt: bool, backend: str,
                  precision: str, progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
         """Generate every prompt with every seed: (message, the result's record or None)."""
@@ -378,8 +378,8 @@ def build(app: App) -> gr.Blocks:
                             guidance = gr.Number(label="Guidance", info="from the model's run")
                             interval = gr.Textbox(label="Guidance interval LO:HI", info="empty: every step")
                         with gr.Row():
-                            cache_interval = gr.Number(label="Cache interval", precision=0,
-                                                       info="DeepCache; 1 = off; empty: the default")
+                            cache_interval = gr.Textbox(label="Cache interval",
+                                                        info="DeepCache; 1 = off; empty: the default")
                             cache_schedule = gr.Dropdown(["", *choices["cache_schedule"]], value="",
                                                          label="Cache schedule", info="empty: uniform")
                             gen_frames = gr.Number(label="Frames", info="the start latent's", precision=0)

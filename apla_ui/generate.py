@@ -36,7 +36,16 @@ def runtime_choices() -> dict[str, tuple[str, ...]]:
 
 
 def _whole(value: Any, name: str) -> int | None:
-    if value is None or value == "":
+    """A whole number from a field (a number, or text); empty: None."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"{name} must be a whole number (got {value!r})") from None
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise InputError(f"{name} must be a whole number (got {value!r})")

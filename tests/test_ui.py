@@ -46,7 +46,7 @@ def train(client, clip, name="", **form):
 def generate(client, engine, **form):
     fields = {"engine": engine, "prompts": "\n".join(SKI_PROMPTS), "seeds": "3", "negative_prompt": "",
               "scheduler": "", "steps": None, "guidance": None, "guidance_interval": "",
-              "cache_interval": 1, "cache_schedule": "uniform", "frames": None, "from_noise": False,
+              "cache_interval": "1", "cache_schedule": "uniform", "frames": None, "from_noise": False,
               "use_vgt": True, "backend": "ort-cpu", "precision": "fp32"}
     fields.update(form)
     return client.predict(**fields, api_name="/generate")
@@ -154,7 +154,7 @@ def test_bad_uploads_and_settings_answer_one_line_and_change_nothing(server, ski
         ({"guidance_interval": "0.8:0.2"}, "--guidance-interval must be LO:HI"),
         ({"seeds": "one"}, "seeds must be whole numbers"),
         ({"prompts": " \n"}, "give at least one prompt"),
-        ({"cache_interval": 2}, "cache"),  # exported without the DeepCache graphs
+        ({"cache_interval": "2"}, "cache"),  # exported without the DeepCache graphs
         ({"engine": "no-such-model"}, "engines/no-such-model is not an engine folder"),
         ({"engine": "../runs"}, "must be 1-64 letters"),
     ]
