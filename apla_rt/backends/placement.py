@@ -8,9 +8,11 @@ folder has engines and TensorRT and a GPU are usable, else ONNX Runtime's CUDA p
 onnxruntime-gpu sees a GPU, else the CPU: ONNX Runtime, or OpenVINO where ``--precision auto``
 finds that it pays (``auto_cpu_backend``: an AMX CPU and a UNet of 100 MB or more).
 
-``--precision auto|fp32|bf16`` (``apla_rt.backends.precision``): bf16 runs on OpenVINO only,
+``--precision auto|fp32|bf16|int8`` (``apla_rt.backends.precision``): bf16 runs on OpenVINO only,
 network by network where its check against ONNX Runtime fp32 passed (cached per machine); a
-network whose check missed runs fp32 and the placement says so (``notes``).
+network whose check missed runs fp32 and the placement says so (``notes``). int8 likewise runs
+on OpenVINO only, on the folder's int8 models whose recorded check passed
+(``precision.int8_available``); ``auto`` leaves it out.
 
 ``--threads N`` (``check_threads``): the CPU threads of ONNX Runtime or OpenVINO; with N >= 2
 on a CPU the UNet's two guidance halves run side by side (``Placement.split_guidance``).
@@ -26,6 +28,7 @@ from ..folder.manifest import Manifest
 from . import precision as cpu_precision
 from .gpu import ort_cuda_available, ort_cuda_status, trt_available
 from .ort import _onnx_files
+from .precision import int8_available  # (bool, why) per network: int8 is a candidate where True
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort", "openvino")
 BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a GPU are usable, "
@@ -33,8 +36,8 @@ BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a G
                 "Runtime; OpenVINO in bf16 on an AMX CPU for a UNet of 100 MB or more with "
                 "--precision auto); "
                 "ort-cpu / ort-cuda: ONNX Runtime on that provider; trt: TensorRT engines; "
-                "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32 or "
-                "bf16, see --precision; the [openvino] extra).")
+                "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32, "
+                "bf16 or int8, see --precision; the [openvino] extra).")
 # What a placement names: "trt", "ort-cuda", "ort" (ONNX Runtime on the CPU) or "openvino".
 RUNNER_NAMES = {"ort": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda", "trt": "tensorrt",
                 "openvino": "openvino-cpu"}
@@ -51,7 +54,7 @@ def check_threads(threads: Any) -> int | None:
 @dataclass(frozen=True)
 class Choice:
     """How one network runs: ``backend`` ("ort", "ort-cuda", "trt", "openvino"), ``precision``
-    ("fp32", "bf16", "fp16") and why that precision (a check's verdict, a file's type)."""
+    ("fp32", "bf16", "fp16", "int8") and why that precision (a check's verdict, a file's type)."""
 
     backend: str
     precision: str
@@ -60,7 +63,8 @@ class Choice:
     @property
     def runner(self) -> str:
         """The runner's name as outputs report it: "onnxruntime-cpu", "openvino-cpu-bf16", ..."""
-        suffix = f"-{self.precision}" if self.precision in ("bf16", "fp16") and self.backend != "trt" else ""
+        reduced = self.precision in ("bf16", "fp16", "int8") and self.backend != "trt"
+        suffix = f"-{self.precision}" if reduced else ""
         return RUNNER_NAMES[self.backend] + suffix
 
 
@@ -112,13 +116,13 @@ def place(manifest: Manifest, networks: tuple[str, ...], backend: str = "auto",
     ``check=False`` (``apla-rt info``): such a network is placed in fp32, saying so."""
     check_threads(threads)
     precision = cpu_precision.check_precision(precision)
-    if precision == "bf16" and backend == "auto":
+    if precision in ("bf16", "int8") and backend == "auto":
         backend = "openvino"
     chosen, why = select_backend(backend, manifest, networks)
     if backend == "auto" and precision == "auto" and chosen == "ort":
         chosen, why = auto_cpu_backend(manifest, networks) or (chosen, why)
-    if precision == "bf16" and chosen != "openvino":
-        raise InputError(f"--precision bf16 runs on --backend openvino only (backend {backend} "
+    if precision in ("bf16", "int8") and chosen != "openvino":
+        raise InputError(f"--precision {precision} runs on --backend openvino only (backend {backend} "
                          "computes in fp32); drop --backend or use openvino")
     every = tuple(networks) + tuple(n for n in manifest.networks if n not in networks)
     if chosen == "openvino":
@@ -149,6 +153,8 @@ def _openvino_precisions(manifest: Manifest, networks: tuple[str, ...], checked:
 
     if precision == "fp32":
         return {n: Choice("openvino", "fp32", "requested") for n in networks}, ()
+    if precision == "int8":
+        return _int8_choices(manifest, networks)
     cpu = cpu_precision.probe_cpu()
     capabilities = openvino.ov_capabilities()
     if precision == "bf16":
@@ -168,6 +174,24 @@ def _openvino_precisions(manifest: Manifest, networks: tuple[str, ...], checked:
             choices[name] = Choice("openvino", "fp32", line)
             if name in checked:
                 notes.append(line)
+    return choices, tuple(notes)
+
+
+def _int8_choices(manifest: Manifest, networks: tuple[str, ...]) -> tuple[dict[str, Choice], tuple[str, ...]]:
+    """int8 per network where the folder's recorded check passed; refused in one line where
+    the UNet has no such model (int8 is for the UNet); another network whose int8 check missed
+    runs fp32 with a note, one without an int8 model in fp32."""
+    if "unet" in networks:
+        ok, why = int8_available(manifest, "unet")
+        if not ok:
+            raise BackendUnavailable(f"--precision int8: unet: {why}; int8 never runs unchecked: "
+                                     "use --precision fp32 or bf16")
+    choices, notes = {}, []
+    for name in networks:
+        ok, why = int8_available(manifest, name)
+        choices[name] = Choice("openvino", "int8" if ok else "fp32", why)
+        if not ok and name in manifest.int8:
+            notes.append(f"int8 for {name}: {why}: it runs in fp32")
     return choices, tuple(notes)
 
 

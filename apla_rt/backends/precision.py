@@ -1,6 +1,6 @@
 """Reduced precision on the CPU: which precision a network runs in, and the check that earns it.
 
-``--precision auto|fp32|bf16`` (``Pipeline.open(..., precision=...)``):
+``--precision auto|fp32|bf16|int8`` (``Pipeline.open(..., precision=...)``):
 
 * ``fp32``: every backend, today's arithmetic.
 * ``bf16``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=bf16`` (``--backend
@@ -13,8 +13,14 @@
   ONNX Runtime fp32 at SD shape, and the whole generate 1.3x (two runs, docs/cpu.md);
   ``--precision bf16`` still runs it there. Other
   backends (``--backend auto`` included) keep their fp32 path.
+* ``int8``: OpenVINO runs the folder's int8 models (``apla-export --int8``: NNCF under
+  accuracy control, ``apla_rt.folder.int8``) where their recorded end-to-end check passed
+  (``int8_available``), the other networks in fp32. Refused in one line where the UNet has no
+  such model; a cache graph or VAE decoder whose int8 check missed runs fp32 with a note.
+  ``auto`` does not pick int8.
 
-No reduced precision runs unchecked: before a network's first bf16 use on a machine, it is run
+No reduced precision runs unchecked. An int8 model's check is recorded in the folder when it
+is made (the frames it samples against fp32's). Before a network's first bf16 use on a machine, it is run
 in bf16 and in the exact reference (ONNX Runtime fp32, same file) on seeded inputs at its
 profile's opt shape (``seeded_feeds``); the worst max abs and RMS / reference RMS must be
 within ``BF16_TOLERANCE`` (calibrated in docs/cpu.md). The verdict is cached per machine
@@ -39,12 +45,14 @@ import numpy as np
 
 from ..folder.atomic import write_text
 from ..errors import BackendUnavailable, InputError
-from ..folder.manifest import NetworkSpec
+from ..folder.manifest import Manifest, NetworkSpec
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 PRECISION_HELP = ("auto: bf16 on OpenVINO (--backend openvino, or auto on an AMX CPU for a large "
                   "UNet) where the CPU has AMX and the bf16 check passed, else fp32; fp32: full precision (the exact reference); bf16: "
-                  "OpenVINO bf16, refused on a CPU without bf16 units (docs/cpu.md).")
+                  "OpenVINO bf16, refused on a CPU without bf16 units; int8: OpenVINO on the folder's "
+                  "int8 models whose recorded check passed (apla-export --int8), refused without "
+                  "one for the UNet (docs/cpu.md).")
 # A CPU flag either of which gives bf16 dot products in hardware (Linux /proc/cpuinfo names).
 BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
 CACHE_ENV = "APLA_CACHE_DIR"
@@ -128,6 +136,16 @@ def auto_openvino_reason(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None,
     if not auto_openvino_may_pay(cpu, unet_mb) or not auto_picks_bf16(cpu, ov_capabilities):
         return None
     return f"{AUTO_BF16_FLAG} on this CPU and a {unet_mb:,.0f} MB UNet: bf16 where its check passed"
+
+
+def int8_available(manifest: Manifest, name: str) -> tuple[bool, str]:
+    """Whether network ``name`` may run its int8 model: (True, why) where the folder has one
+    whose recorded end-to-end check passed within the budget (``apla_rt.folder.int8``), else
+    (False, one line saying why)."""
+    model = manifest.int8.get(name)
+    if model is None:
+        return False, f"the engine folder has no int8 model for {name} (apla-export --int8 adds one)"
+    return model.usable()
 
 
 def require_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> None:

@@ -21,6 +21,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,6 +31,7 @@ from ..errors import ConfigError, InputError, IntegrityError
 from ..sampling.schedule import SchedulerConfig
 from ..sampling.settings import SamplingSettings, check_steps
 from ..sampling.solvers import check_solver
+from .int8 import Int8Model, parse_section as parse_int8
 
 FORMAT = "apla-engines"
 FORMAT_VERSION = 1
@@ -297,6 +299,7 @@ class Manifest:
     _verified: set[str] = field(default_factory=set)
     source_latent_path: Path | None = None  # the clean latent a vgt.source VGT reads
     start_timestep: int | None = None  # the timestep the start latent belongs to, if recorded
+    int8: dict[str, Int8Model] = field(default_factory=dict)  # apla_rt.folder.int8
 
     # -- opening ------------------------------------------------------------------------
 
@@ -389,7 +392,8 @@ class Manifest:
         manifest = cls(root, data, networks, scheduler, float(factor), int(channels), int(down),
                        tokenizer_dir, int(max_len), start, prompt, dict(files),
                        source_latent_path=source,
-                       start_timestep=int(start_t) if start_t is not None else None)
+                       start_timestep=int(start_t) if start_t is not None else None,
+                       int8=parse_int8(data.get("int8"), partial(safe_path, root), files, networks))
         for spec in networks.values():
             for path in (spec.onnx, spec.onnx_ort, spec.onnx_fp16, spec.engine, *spec.external_data):
                 if path is not None:
