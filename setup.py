@@ -41,8 +41,9 @@ EVAL = ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.8",
 TEST = ["pytest>=8", "mypy>=1.10", "psutil>=5", "packaging>=23"]
 SERVE = ["ray[serve]>=2.40", "starlette>=0.36", "psutil>=5"]  # apla-rt serve: Ray Serve, the request/response types it serves, psutil to end what a local Ray instance leaves
 BATCH = ["ray[data]>=2.40"]  # apla-rt batch: Ray Data (pandas, pyarrow)
-# --backend openvino (apla_rt/backends/openvino.py): OpenVINO's CPU plugin, fp32 or bf16 (docs/cpu.md)
-OPENVINO = ["openvino>=2025.0"]
+# --backend openvino (apla_rt/backends/openvino.py): OpenVINO's CPU plugin, fp32, bf16 or int8
+# (docs/cpu.md); NNCF quantizes for it (apla-export --int8, export/int8.py; docs/export.md)
+OPENVINO = ["openvino>=2025.0", "nncf>=3.4"]
 
 setup(
     name="apla",
