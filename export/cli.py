@@ -107,7 +107,7 @@ def int8_options(run: Path | None, out: Path | None, engine_dir: Path | None, in
                                                  ("--int8-minutes", minutes, 60.0)) if value != default]
     if not int8:
         if given:
-            raise AplaError(f"{', '.join(given)} only go with --int8")
+            raise AplaError(f"{', '.join(given)}: only with --int8")
         return None
     names = None if networks is None else tuple(n.strip() for n in networks.split(",") if n.strip())
     return Int8Options(names, steps, max_drop, minutes, threads, force).check()
