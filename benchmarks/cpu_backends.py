@@ -5,7 +5,7 @@ check passed, ``apla-export --int8``) and the PyTorch reference sampler in fp32 
 
     python benchmarks/cpu_backends.py --engine-dir ENGINES --run RUN [--threads 2]
         [--repeat 3] [--warmup 1] [--steps N] [--tolerance-seeds 5] [--no-torch] [--json OUT]
-        [--networks unet,vgt]
+        [--networks unet,vgt] [--no-generate]
 
 Prints (and ``--json`` writes): the machine (lscpu's model name and flags, OpenVINO's CPU
 capabilities, versions); per network at its profile's opt shape the median call time of each
@@ -132,6 +132,8 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
         out["networks"][name] = row
         log(f"{name:<13} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items() if k != "shape"))
+    if args.no_generate:
+        return out
     start_latent = np.load(args.start)
     ref_frames: Any = None
     ref_latents: Any = None
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--tolerance-seeds", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-generate", action="store_true", help="single calls only")
     parser.add_argument("--networks", default=",".join(NETWORKS),
                         help="the networks whose single calls are timed (comma-separated)")
     parser.add_argument("--json", type=Path)
