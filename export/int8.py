@@ -235,6 +235,7 @@ class Validator:
         self.interval = CACHE_INTERVAL if name in ("unet_feature", "unet_shallow") else 1
         self.deadline: float | None = None
         self.calls = 0
+        self.full: list[float] = []  # the worst PSNR of each call on every case, in order
 
     def __call__(self, compiled: Any, items: Any) -> tuple[float, list[float]]:
         from apla_rt.backends.openvino import OvRunner
@@ -243,9 +244,16 @@ class Validator:
             raise OutOfTime()
         self.calls += 1
         spec = self.pipe.manifest.network(self.name)
-        values = self.measure(OvRunner.from_compiled(spec, compiled, "int8", f"{self.name} candidate"),
-                              [int(i) for i in items])
+        cases = [int(i) for i in items]
+        values = self.measure(OvRunner.from_compiled(spec, compiled, "int8", f"{self.name} candidate"), cases)
+        if len(cases) == len(self.t.references[self.interval]):
+            self.full.append(min(values))
         return min(values), values
+
+    def best_candidate(self) -> float | None:
+        """The best worst-case PSNR among the quantized candidates checked on every case (the
+        first such call is NNCF's check of the fp32 model), or None."""
+        return max(self.full[1:]) if len(self.full) > 1 else None
 
     def measure(self, runner: Any, items: list[int] | None = None) -> list[float]:
         """PSNR (dB, capped) of each validation case with ``runner`` in place of the network."""
@@ -304,6 +312,7 @@ def quantize_network(pipe: Pipeline, name: str, trajectories: Trajectories, opti
     control = {"tool": "nncf.quantize_with_accuracy_control", "model_type": "transformer",
                "drop_type": "absolute", "ranking_cases": RANKING_CASES, "max_drop_db": float(options.max_drop_db),
                "minutes": options.minutes, "finished": finished, "validations": validator.calls,
+               "best_candidate_worst_db": validator.best_candidate(),
                "seconds": round(time.monotonic() - started, 1)}
     return quantized, control
 
