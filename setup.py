@@ -46,8 +46,9 @@ UI = ["gradio>=6.31,<7", "psutil>=5"]
 # the UI's tests: Gradio's Python client, and Playwright's bindings driving the system Chromium
 # (Debian's `chromium`; .ci/run installs it: browsers are never downloaded)
 UI_TEST = ["gradio_client>=2", "playwright>=1.45"]
-# --backend openvino (apla_rt/backends/openvino.py): OpenVINO's CPU plugin, fp32 or bf16 (docs/cpu.md)
-OPENVINO = ["openvino>=2025.0"]
+# --backend openvino (apla_rt/backends/openvino.py): OpenVINO's CPU plugin, fp32, bf16 or int8
+# (docs/cpu.md); NNCF quantizes for it (apla-export --int8, export/int8.py; docs/export.md)
+OPENVINO = ["openvino>=2025.0", "nncf>=3.4"]
 
 setup(
     name="apla",

@@ -16,6 +16,7 @@ import click
 from .errors import AplaError, reported_to_user
 from .backends.precision import PRECISION_HELP, PRECISIONS
 from .backends.placement import BACKEND_HELP, BACKENDS, check_threads
+from .folder.manifest import Manifest
 from .sampling.deepcache import SCHEDULES
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -340,7 +341,6 @@ def serve(engine_dir: Path, host: str, port: int, replicas: int, max_batch: int,
 
     Joins the Ray cluster at --address or RAY_ADDRESS if given, else starts a local one on
     127.0.0.1; SIGINT or SIGTERM deletes the app (and stops the local Ray instance)."""
-    from .folder.manifest import Manifest
 
     check_threads(threads)
     Manifest.open(engine_dir).verify()  # a broken folder fails here, in one line
@@ -371,9 +371,9 @@ def _placement_lines(manifest: Any, placement: Any) -> list[str]:
     cpu = probe_cpu()
     for name, c in placement.networks.items():
         lines.append(f"  {name}: {c.runner} {c.precision}" + (f" ({c.why})" if c.why else ""))
-        table = choice.measured(manifest, name, placement.threads, cpu, run=False)
-        for row in (table or {}).get("rows", []):
-            chosen = [row["backend"], row["precision"]] == table["chosen"]
+        table = choice.measured(manifest, name, placement.threads, cpu, run=False) or {"rows": []}
+        for row in table["rows"]:
+            chosen = [row["backend"], row["precision"]] == table.get("chosen")
             seconds = "-" if row["seconds"] is None else f"{row['seconds']:.4g} s"
             lines.append(f"    {row['backend']:<8} {row['precision']:<5} {seconds:>12}  "
                          f"{'passed' if row['passed'] else 'failed'} {row['fidelity']}"
@@ -451,7 +451,6 @@ def info(engine_dir: Path, verify: bool, as_json: bool, threads: int | None) -> 
     """Show the networks, dims, profiles, prompt, files and versions of an engine folder."""
     from .backends.placement import place
     from .folder.latents import folder_start_timestep
-    from .folder.manifest import Manifest
     from .sampling.solvers import SOLVERS
 
     manifest = Manifest.open(engine_dir)
@@ -496,6 +495,7 @@ def info(engine_dir: Path, verify: bool, as_json: bool, threads: int | None) -> 
                                                 check=False))
     except AplaError as err:
         out.append(f"backend (auto): unavailable ({err})")
+    out += _int8_lines(manifest)
     out.append("files:" + (" (sha256 verified)" if verify else ""))
     out += [f"  {rel}  {digest[:16]}" for rel, digest in manifest.files.items()]
     if manifest.checkpoint_sha256:
@@ -503,6 +503,15 @@ def info(engine_dir: Path, verify: bool, as_json: bool, threads: int | None) -> 
     if manifest.versions:
         out.append("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
     click.echo("\n".join(out))
+
+
+def _int8_lines(manifest: Manifest) -> list[str]:
+    """One line per int8 model of the folder (apla_rt.folder.int8): its file and its check."""
+    lines = []
+    for name, model in manifest.int8.items():
+        ok, why = model.usable()
+        lines.append(f"int8: {name}: {manifest.rel(model.model)}, {why}" + ("" if ok else ": not used"))
+    return lines
 
 
 if __name__ == "__main__":

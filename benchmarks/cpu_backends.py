@@ -1,9 +1,11 @@
 """CPU backends side by side: ONNX Runtime fp32 (the runtime's default), OpenVINO fp32, OpenVINO
-bf16 (where the CPU has bf16 units) and the PyTorch reference sampler in fp32 and under
+bf16 (where the CPU has bf16 units), OpenVINO int8 (the networks whose int8 model's recorded
+check passed, ``apla-export --int8``) and the PyTorch reference sampler in fp32 and under
 ``torch.autocast("cpu", torch.bfloat16)``, on one engine folder and its run, in one run.
 
     python benchmarks/cpu_backends.py --engine-dir ENGINES --run RUN [--threads 2]
         [--repeat 3] [--warmup 1] [--steps N] [--tolerance-seeds 5] [--no-torch] [--json OUT]
+        [--networks unet,vgt] [--no-generate]
 
 Prints (and ``--json`` writes): the machine (lscpu's model name and flags, OpenVINO's CPU
 capabilities, versions); per network at its profile's opt shape the median call time of each
@@ -67,6 +69,7 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
     from apla_rt import Pipeline
     from apla_rt.backends import openvino as openvino_runner, precision as cpu_precision
     from apla_rt.backends.compare import compare_outputs, seeded_feeds, worst
+    from apla_rt.backends.precision import int8_available
     from apla_rt.folder.manifest import Manifest
     from apla_rt.backends.runners import open_runner
     from apla_rt.media.video import psnr
@@ -74,26 +77,35 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
     manifest = Manifest.open(args.engine_dir)
     why = cpu_precision.bf16_unavailable(cpu_precision.probe_cpu(), openvino_runner.ov_capabilities())
     kinds = [("ort", "fp32"), ("openvino", "fp32")] + ([("openvino", "bf16")] if why is None else [])
+
+    def kinds_for(name: str, usable: bool = False) -> list[tuple[str, str]]:
+        """The kinds to run ``name`` in: with its int8 model where the folder has one (its
+        single calls are timed whether or not its check passed; ``usable``: only if it did)."""
+        has = name in manifest.int8 and (not usable or int8_available(manifest, name)[0])
+        return kinds + ([("openvino", "int8")] if has else [])
     ids = openvino_runner.prompt_token_ids(manifest)
     steps_t = manifest.scheduler.num_train_timesteps
     out: dict[str, Any] = {"bf16_unavailable": why, "networks": {}, "generate": {}}
-    names = [n for n in NETWORKS if manifest.has(n)]
+    names = [n for n in args.networks.split(",") if manifest.has(n)]
     for name in names:
         spec = manifest.network(name)
         assert spec.onnx is not None, f"{name} has no portable ONNX file"
         onnx = spec.onnx
         feeds = seeded_feeds(spec, 0, ids if "input_ids" in spec.input_names else None, steps_t)
         row: dict[str, Any] = {"shape": {k: list(v.shape) for k, v in feeds.items()}}
+        if name in manifest.int8:
+            row["int8_check"] = int8_available(manifest, name)[1]
         seeds = [seeded_feeds(spec, seed, ids if "input_ids" in spec.input_names else None, steps_t)
                  for seed in range(100, 100 + args.tolerance_seeds)]
         outputs: dict[str, list[Any]] = {}
         r: Any
-        for backend, precision in kinds:  # one at a time: SD-size networks are GBs each
+        for backend, precision in kinds_for(name):  # one at a time: SD-size networks are GBs each
             label = f"{backend}-{precision}"
             if backend == "openvino":  # cold: empty model cache; warm: the blob just written
                 for state in ("cold", "warm"):
                     start = time.perf_counter()
-                    r = openvino_runner.OvRunner(spec, onnx, precision, args.threads, 1,
+                    path = manifest.int8[name].model if precision == "int8" else onnx
+                    r = openvino_runner.OvRunner(spec, path, precision, args.threads, 1,
                                                  openvino_runner.model_cache_dir(f"{name}-{precision}"))
                     row[f"{label}_start_{state}_s"] = time.perf_counter() - start
                     row[f"{label}_from_cache_{state}"] = r.loaded_from_cache
@@ -105,21 +117,24 @@ def runtime_side(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                 r = open_runner(manifest, name, "ort", args.threads)
                 row[f"{label}_start_s"] = time.perf_counter() - start
             row[f"{label}_call_s"] = timed(lambda: r.run(feeds), args.warmup, args.repeat)
-            if label in ("ort-fp32", "openvino-bf16"):
+            if label in ("ort-fp32", "openvino-bf16", "openvino-int8"):
                 outputs[label] = [r.run(f) for f in seeds]
             r.close()
             del r
-        if "openvino-bf16" in outputs:
-            pairs = zip(outputs["ort-fp32"], outputs["openvino-bf16"])
-            errors = [compare_outputs(ref, got) for ref, got in pairs]
-            row["bf16_error"] = worst(errors, ("max_abs", "rel_rms"))
+        for reduced in ("bf16", "int8"):
+            if f"openvino-{reduced}" in outputs:
+                pairs = zip(outputs["ort-fp32"], outputs[f"openvino-{reduced}"])
+                errors = [compare_outputs(ref, got) for ref, got in pairs]
+                row[f"{reduced}_error"] = worst(errors, ("max_abs", "rel_rms"))
         out["networks"][name] = row
         log(f"{name:<13} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items() if k != "shape"))
+    if args.no_generate:
+        return out
     start_latent = np.load(args.start)
     ref_frames: Any = None
     ref_latents: Any = None
-    for backend, precision in kinds:
+    for backend, precision in kinds_for("unet", usable=True):
         label = f"{backend}-{precision}"
         started = time.perf_counter()
         with Pipeline.open(args.engine_dir, "ort-cpu" if backend == "ort" else backend, args.threads,
@@ -221,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--tolerance-seeds", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-generate", action="store_true", help="single calls only")
+    parser.add_argument("--networks", default=",".join(NETWORKS),
+                        help="the networks whose single calls are timed (comma-separated)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--start", help=argparse.SUPPRESS)

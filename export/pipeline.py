@@ -7,22 +7,20 @@ intact. A lock file next to it makes a second concurrent export of the same fold
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import gc
 import json
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
 from apla_rt.folder.atomic import atomic_dir, check_writable
-from apla_rt.errors import AplaError, BackendUnavailable, InputError, IntegrityError
+from apla_rt.errors import BackendUnavailable, InputError, IntegrityError
 from apla_rt.folder.files import sha256_file
 from apla_rt.folder.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from apla_rt.sampling.schedule import SchedulerConfig
@@ -31,24 +29,11 @@ from apla_rt.sampling.solvers import inverted_timestep
 from apla_train.deepcache import DEFAULT_BRANCH
 
 from .fp16 import FP16_NETWORKS, export_fp16
+from .int8 import Int8Options
+from .lock import export_lock
 from .networks import network_specs
 from .onnx_export import WeightStore, export_onnx, graph_io, onnx_opset
 from .validate import compare_network, reference_outputs
-
-@contextlib.contextmanager
-def export_lock(out: Path) -> Iterator[None]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.parent / f".{out.name}.lock"
-    fh = open(lock_path, "w")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AplaError(f"another apla-export is writing {out}; wait for it to finish") from None
-        yield
-    finally:
-        fh.close()
-
 
 def load_run(run: Path):
     """Rebuild the run's networks from its config and latest checkpoint (strictly)."""
@@ -200,12 +185,15 @@ def run_start_timestep(run: Path, cfg, scheduler: SchedulerConfig) -> int:
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, backend: str = "auto",
                frames_min: int | None = None, frames_opt: int | None = None, frames_max: int | None = None,
                force: bool = False, dynamo: bool = False, cache_branch: int | None = DEFAULT_BRANCH,
-               log: Callable[[str], None] = print) -> dict:
+               int8: "Int8Options | None" = None, log: Callable[[str], None] = print) -> dict:
     """Export a run; returns the manifest. Raises ``AplaError`` on user errors and failures.
 
     ``cache_branch``: the skip branch of the DeepCache graphs (``unet_feature``,
-    ``unet_shallow``; 0 = the outermost), None for no cache graphs."""
+    ``unet_shallow``; 0 = the outermost), None for no cache graphs. ``int8``: also quantize
+    (``export.int8``), in the folder before it is swapped in."""
     run, out = Path(run), Path(out)
+    if int8 is not None:
+        int8 = int8.check()
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"unknown backend {backend!r} (auto, onnx or trt)")
     if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
@@ -313,6 +301,11 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = F
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".lock")}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        if int8 is not None:
+            from .int8 import quantize_into
+
+            manifest["int8"] = quantize_into(tmp, int8, log)
+            manifest["files"] = json.loads((tmp / MANIFEST_NAME).read_text())["files"]
     if trt_reason is not None:
         log(f"TensorRT engines were not built: {trt_reason}; the validated ONNX folder is ready "
             f"for ONNX Runtime")

@@ -52,12 +52,12 @@ def candidates(manifest: Manifest, name: str, cpu: CpuInfo) -> list[tuple[str, s
 
     if not openvino_status()[0] or manifest.network(name).onnx is None:
         return out
-    from .openvino import int8_available, ov_capabilities
+    from .openvino import ov_capabilities
 
     out.append(("openvino", "fp32"))
     if cpu_precision.bf16_unavailable(cpu, ov_capabilities()) is None:
         out.append(("openvino", "bf16"))
-    if int8_available(manifest, name)[0]:
+    if cpu_precision.int8_available(manifest, name)[0]:
         out.append(("openvino", "int8"))
     return out
 
@@ -125,9 +125,7 @@ def _row(manifest: Manifest, name: str, backend: str, precision: str, threads: i
     try:
         row["seconds"] = _median_call(lambda: runner.run(feeds[0]))
         if precision == "int8":
-            from .openvino import int8_available
-
-            ok, why = int8_available(manifest, name)
+            ok, why = cpu_precision.int8_available(manifest, name)
             row.update(passed=ok, fidelity=why)
         else:
             answers = iter(expected)

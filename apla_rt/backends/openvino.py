@@ -1,6 +1,8 @@
 """The runtime's OpenVINO runner (``--backend openvino``): OpenVINO's CPU plugin on the folder's
 portable ONNX graphs (``unet.onnx``; ONNX Runtime's fused-attention ``unet.ort.onnx`` is not
-for it), in fp32 or bf16 (``apla_rt.backends.precision``).
+for it), in fp32 or bf16 (``apla_rt.backends.precision``), or on a network's int8 model (the
+OpenVINO IR ``apla-export --int8`` wrote, ``apla_rt.folder.int8``), its layers left in float
+computing in fp32 as when its fidelity was measured.
 
 What the ONNX Runtime runner does, the same way: ``threads`` CPU threads
 (``INFERENCE_NUM_THREADS``); concurrent ``run`` calls (the guidance halves of
@@ -11,7 +13,8 @@ manifest; the file is hashed against the manifest while OpenVINO compiles it and
 handed out only if it matched.
 
 Compiled models are cached (OpenVINO's ``CACHE_DIR``) under the user cache folder, in a folder
-named after the file's sha256 and the precision (``cache_dir()/openvino/<sha256>/<precision>``):
+named after the file's sha256 (an int8 IR's: of its graph and weights) and the precision
+(``cache_dir()/openvino/<sha256>/<precision>``):
 a second start loads the compiled blob instead of compiling. One folder per precision because
 OpenVINO 2026.4's blob key leaves the inference precision out: in a shared folder a bf16
 compile loaded the fp32 blob and answered NaN (the VGT) or crashed (the UNet), on an AMX Xeon.
@@ -20,6 +23,7 @@ OpenVINO is imported when a runner is made.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,7 +37,9 @@ from ..errors import AplaError, BackendUnavailable, IntegrityError
 from ..folder.manifest import Manifest, NetworkSpec
 from .ort import OrtRunner, _ConstantsMixin, _onnx_files
 
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# INFERENCE_PRECISION_HINT per precision: an int8 model's float layers (those NNCF's accuracy
+# control kept in float) compute in f32, as NNCF's and export's checks ran them.
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def _openvino() -> Any:
@@ -73,27 +79,31 @@ class OvRunner(_ConstantsMixin):
     def __init__(self, spec: NetworkSpec, path: Path, precision: str = "fp32",
                  threads: int | None = None, streams: int = 1, cache: Path | None = None):
         ov = _openvino()
-        self.spec = spec
-        self.precision = precision
-        self.backend = "openvino-cpu" + ("-bf16" if precision == "bf16" else "")
-        self._constants = {}
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
-                                  "NUM_STREAMS": int(streams)}
-        if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache is not None:  # a folder per precision (module docstring)
-            cache = cache / precision
-            cache.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(cache)
         try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+            compiled = ov.Core().compile_model(str(path), "CPU",
+                                               compile_config(precision, threads, streams, cache))
         except Exception as err:  # OpenVINO raises RuntimeError for any graph it cannot read
             first = " ".join(str(err).split())[:300]
             raise AplaError(f"OpenVINO {ov.__version__} cannot compile {path.name} ({first}); "
                             "use --backend ort-cpu or re-export the run") from err
+        self._bind(spec, compiled, precision, path.name)
+
+    @classmethod
+    def from_compiled(cls, spec: NetworkSpec, compiled: Any, precision: str, label: str) -> "OvRunner":
+        """A runner over a model compiled elsewhere (export's int8 candidates, compiled by NNCF)."""
+        runner = cls.__new__(cls)
+        runner._bind(spec, compiled, precision, label)
+        return runner
+
+    def _bind(self, spec: NetworkSpec, compiled: Any, precision: str, label: str) -> None:
+        self.spec = spec
+        self.precision = precision
+        self.backend = "openvino-cpu" + (f"-{precision}" if precision in ("bf16", "int8") else "")
+        self._constants = {}
+        self.compiled = compiled
         self.loaded_from_cache = bool(self._property("LOADED_FROM_CACHE", False))
-        self._in_ports = self._ports(self.compiled.inputs, spec.input_names, "inputs", path)
-        self._out_ports = self._ports(self.compiled.outputs, spec.output_names, "outputs", path)
+        self._in_ports = self._ports(compiled.inputs, spec.input_names, "inputs", label)
+        self._out_ports = self._ports(compiled.outputs, spec.output_names, "outputs", label)
         self._pool: queue.SimpleQueue[tuple[Any, dict[str, np.ndarray]]] = queue.SimpleQueue()
 
     def _property(self, name: str, default: Any) -> Any:
@@ -102,7 +112,7 @@ class OvRunner(_ConstantsMixin):
         except Exception:  # a property this OpenVINO version does not expose
             return default
 
-    def _ports(self, ports: Any, names: tuple[str, ...], what: str, path: Path) -> dict[str, int]:
+    def _ports(self, ports: Any, names: tuple[str, ...], what: str, label: str) -> dict[str, int]:
         found: dict[str, int] = {}
         for i, port in enumerate(ports):
             for name in names:
@@ -110,7 +120,7 @@ class OvRunner(_ConstantsMixin):
                     found[name] = i
         if set(found) != set(names):
             got = sorted(n for p in ports for n in p.get_names())
-            raise IntegrityError(f"{path.name} has {what} {got}, but the manifest lists "
+            raise IntegrityError(f"{label} has {what} {got}, but the manifest lists "
                                  f"{list(names)}; re-run the export")
         return found
 
@@ -148,16 +158,37 @@ class OvRunner(_ConstantsMixin):
                 break
 
 
+def compile_config(precision: str, threads: int | None = None, streams: int = 1,
+                   cache: Path | None = None) -> dict[str, Any]:
+    """OpenVINO's CPU settings for a runner in ``precision`` (the compiled-model cache in a
+    folder per precision, module docstring)."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
+                              "NUM_STREAMS": int(streams)}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if cache is not None:
+        cache = cache / precision
+        cache.mkdir(parents=True, exist_ok=True)
+        config["CACHE_DIR"] = str(cache)
+    return config
+
+
 # --------------------------------------------------------------------------- opening
 
 
 def open_ov_runner(manifest: Manifest, name: str, threads: int | None = None,
                    precision: str = "fp32", streams: int = 1) -> OvRunner:
-    """Verify the network's portable ONNX file while OpenVINO compiles it in ``precision``
-    ("fp32" or "bf16": decided by ``apla_rt.backends.placement``, bf16 only after its check)."""
+    """Verify the network's file while OpenVINO compiles it in ``precision``: the portable
+    ONNX file in "fp32" or "bf16", the int8 model in "int8" (decided by
+    ``apla_rt.backends.placement``: bf16 only after its check, int8 only where its recorded
+    check passed)."""
     spec = manifest.network(name)
-    path, sha = _portable(manifest, spec)
-    pending = manifest.verify_in_background(_onnx_files(manifest, spec, path))
+    if precision == "int8":
+        path, sha, files = _int8_model(manifest, name)
+    else:
+        path, sha = _portable(manifest, spec)
+        files = _onnx_files(manifest, spec, path)
+    pending = manifest.verify_in_background(files)
     runner: OvRunner | None = None
     try:
         runner = OvRunner(spec, path, precision, threads, streams, model_cache_dir(sha))
@@ -179,6 +210,18 @@ def _portable(manifest: Manifest, spec: NetworkSpec) -> tuple[Path, str]:
     if sha is None:
         raise IntegrityError(f"{manifest.rel(spec.onnx)} is used but has no sha256 in 'files'")
     return spec.onnx, sha
+
+
+def _int8_model(manifest: Manifest, name: str) -> tuple[Path, str, list[str]]:
+    """The network's int8 IR, the compiled-model cache's key (its graph's and weights'
+    sha256) and the files to verify; refused unless its recorded check passed."""
+    ok, why = cpu_precision.int8_available(manifest, name)
+    model = manifest.int8.get(name)
+    if not ok or model is None:
+        raise BackendUnavailable(f"{name} cannot run in int8: {why}")
+    files = [manifest.rel(p) for p in model.files]
+    key = hashlib.sha256("".join(manifest.files[f] for f in files).encode()).hexdigest()
+    return model.model, key, files
 
 
 def bf16_verdict(manifest: Manifest, name: str, threads: int | None, cpu: CpuInfo,
@@ -225,8 +268,3 @@ def prompt_token_ids(manifest: Manifest) -> np.ndarray:
     tok = ClipTokenizer.load(manifest.tokenizer_dir, manifest.model_max_length)
     prompts = ["", manifest.prompt or "a video", "a panda is surfing at sunset", "a red car turns"]
     return np.asarray(tok(prompts), dtype=np.int64)
-
-
-def int8_available(manifest: Manifest, name: str) -> tuple[bool, str]:
-    """Whether network ``name`` has an int8 model whose recorded check passed, and why (not)."""
-    return False, f"the engine folder has no int8 model for {name}"

@@ -7,14 +7,16 @@ precision per network, and why), which the runner pool opens, and ``apla-rt info
 folder has engines and TensorRT and a GPU are usable, else ONNX Runtime's CUDA provider where
 onnxruntime-gpu sees a GPU, else the CPU.
 
-``--precision auto|fp32|bf16`` (``apla_rt.backends.precision``): on the CPU, ``auto`` (with
+``--precision auto|fp32|bf16|int8`` (``apla_rt.backends.precision``): on the CPU, ``auto`` (with
 ``--backend auto``, or among OpenVINO's precisions with ``--backend openvino``) runs each
 network where it measured fastest among the candidates that stay faithful
 (``apla_rt.backends.choice``: ONNX Runtime fp32, OpenVINO fp32, bf16 and int8; measured once
 per machine and cached). ``fp32`` keeps the exact reference (ONNX Runtime fp32 unless
 ``--backend`` says otherwise). ``bf16`` runs on OpenVINO only, network by network where its
 check against ONNX Runtime fp32 passed (cached per machine); a network whose check missed runs
-fp32 and the placement says so (``notes``).
+fp32 and the placement says so (``notes``). ``int8`` likewise runs on OpenVINO only, on the
+folder's int8 models whose recorded check passed (``precision.int8_available``), the other
+networks in fp32.
 
 ``--threads N`` (``check_threads``): the CPU threads of ONNX Runtime or OpenVINO; with N >= 2
 on a CPU the UNet's two guidance halves run side by side (``Placement.split_guidance``).
@@ -29,6 +31,7 @@ from ..errors import AplaError, BackendUnavailable, InputError
 from ..folder.manifest import Manifest
 from . import precision as cpu_precision
 from .gpu import ort_cuda_available, ort_cuda_status, trt_available
+from .precision import int8_available  # (bool, why) per network
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "ort", "openvino")
 BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a GPU are usable, "
@@ -36,8 +39,8 @@ BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a G
                 "with --precision auto each network where it measured fastest and faithful on "
                 "this machine (ONNX Runtime fp32, OpenVINO fp32/bf16/int8; measured once, cached); "
                 "ort-cpu / ort-cuda: ONNX Runtime on that provider; trt: TensorRT engines; "
-                "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32 or "
-                "bf16, see --precision; the [openvino] extra).")
+                "ort: ONNX Runtime, CUDA when usable; openvino: OpenVINO's CPU plugin (fp32, "
+                "bf16 or int8, see --precision; the [openvino] extra).")
 # What a placement names: "trt", "ort-cuda", "ort" (ONNX Runtime on the CPU) or "openvino".
 RUNNER_NAMES = {"ort": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda", "trt": "tensorrt",
                 "openvino": "openvino-cpu"}
@@ -54,7 +57,7 @@ def check_threads(threads: Any) -> int | None:
 @dataclass(frozen=True)
 class Choice:
     """How one network runs: ``backend`` ("ort", "ort-cuda", "trt", "openvino"), ``precision``
-    ("fp32", "bf16", "fp16") and why that precision (a check's verdict, a file's type)."""
+    ("fp32", "bf16", "fp16", "int8") and why that precision (a check's verdict, a file's type)."""
 
     backend: str
     precision: str
@@ -63,7 +66,8 @@ class Choice:
     @property
     def runner(self) -> str:
         """The runner's name as outputs report it: "onnxruntime-cpu", "openvino-cpu-bf16", ..."""
-        suffix = f"-{self.precision}" if self.precision in ("bf16", "fp16") and self.backend != "trt" else ""
+        reduced = self.precision in ("bf16", "fp16", "int8") and self.backend != "trt"
+        suffix = f"-{self.precision}" if reduced else ""
         return RUNNER_NAMES[self.backend] + suffix
 
 
@@ -178,6 +182,8 @@ def _openvino_precisions(manifest: Manifest, networks: tuple[str, ...], checked:
 
     if precision == "fp32":
         return {n: Choice("openvino", "fp32", "requested") for n in networks}, ()
+    if precision == "int8":
+        return _int8_choices(manifest, networks)
     cpu = cpu_precision.probe_cpu()
     cpu_precision.require_bf16(cpu, openvino.ov_capabilities())
     choices, notes = {}, []
@@ -192,6 +198,25 @@ def _openvino_precisions(manifest: Manifest, networks: tuple[str, ...], checked:
             choices[name] = Choice("openvino", "fp32", line)
             if name in checked:
                 notes.append(line)
+    return choices, tuple(notes)
+
+
+def _int8_choices(manifest: Manifest, networks: tuple[str, ...]) -> tuple[dict[str, Choice], tuple[str, ...]]:
+    """int8 per network where the folder's recorded check passed; refused in one line where
+    the UNet has no such model (int8 is for the UNet); another network whose int8 check missed
+    runs fp32 with a note, one without an int8 model in fp32."""
+    unet = next((n for n in UNET_GRAPHS if n in networks), None)  # the graph serving the UNet
+    if unet is not None:
+        ok, why = int8_available(manifest, unet)
+        if not ok:
+            raise BackendUnavailable(f"--precision int8: {unet}: {why}; int8 never runs unchecked: "
+                                     "use --precision fp32 or bf16")
+    choices, notes = {}, []
+    for name in networks:
+        ok, why = int8_available(manifest, name)
+        choices[name] = Choice("openvino", "int8" if ok else "fp32", why)
+        if not ok and name in manifest.int8:
+            notes.append(f"int8 for {name}: {why}: it runs in fp32")
     return choices, tuple(notes)
 
 

@@ -1,6 +1,6 @@
 """Reduced precision on the CPU: which precision a network runs in, and the check that earns it.
 
-``--precision auto|fp32|bf16`` (``Pipeline.open(..., precision=...)``):
+``--precision auto|fp32|bf16|int8`` (``Pipeline.open(..., precision=...)``):
 
 * ``fp32``: every backend, today's arithmetic.
 * ``bf16``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=bf16`` (``--backend
@@ -13,8 +13,14 @@
   faster (on a Xeon with avx512_bf16 and no AMX, OpenVINO's bf16 UNet call took 1.1-2.2x the
   time of ONNX Runtime fp32 at SD shape: docs/cpu.md). Other backends keep their files'
   precision.
+* ``int8``: OpenVINO runs the folder's int8 models (``apla-export --int8``: NNCF under
+  accuracy control, ``apla_rt.folder.int8``) where their recorded end-to-end check passed
+  (``int8_available``), the other networks in fp32. Refused in one line where the UNet has no
+  such model; a cache graph or VAE decoder whose int8 check missed runs fp32 with a note.
+  Under ``auto`` a passed int8 model is one of the measured candidates.
 
-No reduced precision runs unchecked: before a network's first forced bf16 use on a machine, it is run
+No reduced precision runs unchecked. An int8 model's check is recorded in the folder when it
+is made (the frames it samples against fp32's). Before a network's first bf16 use on a machine, it is run
 in bf16 and in the exact reference (ONNX Runtime fp32, same file) on seeded inputs at its
 profile's opt shape (``compare.seeded_feeds``); the worst max abs and ``rel_rms``
 (``apla_rt.backends.compare``) must be within ``BF16_TOLERANCE`` (calibrated in docs/cpu.md).
@@ -38,11 +44,15 @@ from typing import Any, Mapping
 
 from ..folder.atomic import write_text
 from ..errors import BackendUnavailable, InputError
+from ..folder.manifest import Manifest
 
-PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_HELP = ("auto: bf16 on OpenVINO (--backend openvino, or auto on an AMX CPU for a large "
-                  "UNet) where the CPU has AMX and the bf16 check passed, else fp32; fp32: full precision (the exact reference); bf16: "
-                  "OpenVINO bf16, refused on a CPU without bf16 units (docs/cpu.md).")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PRECISION_HELP = ("auto: on a CPU, each network in what measured fastest among the candidates that "
+                  "stay faithful on this machine (ONNX Runtime fp32, OpenVINO fp32, bf16, int8; "
+                  "measured once, cached; apla-rt info shows it); fp32: full precision (the exact "
+                  "reference); bf16: OpenVINO bf16, checked, refused on a CPU without bf16 units; "
+                  "int8: OpenVINO on the folder's int8 models whose recorded check passed "
+                  "(apla-export --int8), refused without one for the UNet (docs/cpu.md).")
 # A CPU flag either of which gives bf16 dot products in hardware (Linux /proc/cpuinfo names).
 BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
 CACHE_ENV = "APLA_CACHE_DIR"
@@ -95,6 +105,16 @@ def bf16_unavailable(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> s
         return (f"OpenVINO's CPU plugin does not report BF16 among this CPU's capabilities "
                 f"({', '.join(ov_capabilities)})")
     return None
+
+
+def int8_available(manifest: Manifest, name: str) -> tuple[bool, str]:
+    """Whether network ``name`` may run its int8 model: (True, why) where the folder has one
+    whose recorded end-to-end check passed within the budget (``apla_rt.folder.int8``), else
+    (False, one line saying why)."""
+    model = manifest.int8.get(name)
+    if model is None:
+        return False, f"the engine folder has no int8 model for {name} (apla-export --int8 adds one)"
+    return model.usable()
 
 
 def require_bf16(cpu: CpuInfo, ov_capabilities: tuple[str, ...] | None) -> None:

@@ -27,7 +27,7 @@ from .ort import OrtRunner, Runner, _onnx_files
 def open_runner(manifest: Manifest, name: str, backend: str, threads: int | None = None, *,
                 precision: str = "fp32", streams: int = 1) -> Runner:
     """Verify the network's file against the manifest, then load it with ``backend``
-    ("trt", "ort-cuda", "ort" or "openvino"). ``precision`` ("fp32" or "bf16") and ``streams``
+    ("trt", "ort-cuda", "ort" or "openvino"). ``precision`` ("fp32", "bf16" or "int8") and ``streams``
     are the OpenVINO runner's (``apla_rt.backends.openvino.open_ov_runner``); the others run
     as their files say."""
     spec = manifest.network(name)

@@ -18,6 +18,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -30,6 +31,7 @@ from ..sampling.solvers import check_solver
 from .contract import NetworkSpec, TensorSpec, is_int, parse_networks
 from .files import (Verification, check_file, invalid_manifest, listed_under, optional_path,
                     safe_path, sha256_file)
+from .int8 import Int8Model, parse_section as parse_int8
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "NetworkSpec", "TensorSpec",
            "Verification", "check_latent", "is_int", "load_npy", "safe_path", "sha256_file"]
@@ -62,6 +64,7 @@ class Manifest:
     _verified: set[str] = field(default_factory=set)
     source_latent_path: Path | None = None  # the clean latent a vgt.source VGT reads
     start_timestep: int | None = None  # the timestep the start latent belongs to, if recorded
+    int8: dict[str, Int8Model] = field(default_factory=dict)  # apla_rt.folder.int8
 
     # -- opening ------------------------------------------------------------------------
 
@@ -99,7 +102,8 @@ class Manifest:
         source = optional_path(root, data.get("source_latent"), "source_latent")
         start_t = _start_timestep(data.get("start_timestep"), scheduler)
         manifest = cls(root, data, networks, scheduler, factor, channels, down, tokenizer_dir, max_len,
-                       start, prompt, files, source_latent_path=source, start_timestep=start_t)
+                       start, prompt, files, source_latent_path=source, start_timestep=start_t,
+                       int8=parse_int8(data.get("int8"), partial(safe_path, root), files, networks))
         for path in _named_files(networks, (start, source)):
             manifest._listed(path)
         return manifest
