@@ -35,8 +35,9 @@ from apla_rt.folder.int8 import MAX_DROP_DB, PSNR_CEILING_DB
                    "--engine-dir, add them to an existing engine folder.")
 @click.option("--engine-dir", type=click.Path(path_type=Path),
               help="With --int8 (instead of --run): the existing engine folder to add int8 models to.")
-@click.option("--int8-networks", help="Comma-separated networks to quantize (default: unet, unet_feature, "
-              "unet_shallow, vae_decoder, those the folder has).")
+@click.option("--int8-networks", help="Comma-separated networks to quantize (default: the graphs the runtime "
+              "runs: unet_feature where the folder has it, else unet; unet_shallow; vae_decoder). "
+              "unet names the graph that serves the UNet's calls.")
 @click.option("--int8-steps", type=int, help="Sampling steps of the calibration and validation videos "
               "(default: the run's).")
 @click.option("--int8-max-drop", type=float, default=MAX_DROP_DB, show_default=True,

@@ -1,7 +1,7 @@
 """int8 models checked before they are trusted: ``apla-export --int8`` (a new export) and
-``apla-export --int8 --engine-dir DIR`` (an existing engine folder) quantize the UNet family
-(``unet``, and ``unet_feature`` / ``unet_shallow`` where the folder has them) and the VAE
-decoder with NNCF for OpenVINO, under accuracy control, and record each network's end-to-end
+``apla-export --int8 --engine-dir DIR`` (an existing engine folder) quantize the UNet graphs
+the runtime runs (``unet_feature``, which serves every full UNet call where the folder has it,
+else ``unet``; and ``unet_shallow``) and the VAE decoder with NNCF for OpenVINO, under accuracy control, and record each network's end-to-end
 fidelity in the manifest (``apla_rt.folder.int8``).
 
 * **Calibration** from the model's own sampling trajectories: the runtime itself
@@ -24,8 +24,9 @@ fidelity in the manifest (``apla_rt.folder.int8``).
   could not bring within the budget (or that ran out of ``minutes``) is recorded with its miss
   and never runs.
 
-The cache graphs are checked sampling with ``CACHE_INTERVAL``; the shallow graph after the
-feature graph, with the feature graph's int8 model in place where it passed.
+The full UNet graph is checked sampling without the cache (every call a full one); the shallow
+graph sampling with ``CACHE_INTERVAL``, after the feature graph, with the feature graph's int8
+model in place where it passed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 
 from apla_rt import Pipeline
 from apla_rt.api import Video
+from apla_rt.backends.pool import serving_graph
 from apla_rt.errors import InputError, OutputExistsError
 from apla_rt.folder.atomic import atomic_dir, write_text
 from apla_rt.folder.int8 import MAX_DROP_DB, QUANTIZABLE, SECTION, fidelity
@@ -58,7 +60,7 @@ Log = Callable[[str], None]
 
 CALIBRATION_EDIT = "a panda is surfing at sunset"
 VALIDATION_EDIT = "a red car drives through a snowy forest"
-CACHE_INTERVAL = 2  # the cache graphs' check samples with the full graph every 2nd step
+CACHE_INTERVAL = 2  # the shallow graph's check samples with the full graph every 2nd step
 # Layers are ranked (each reverted to float in turn, compiled and sampled) on the validation
 # case int8 moved most: the budget holds for the worst case, and one case per candidate keeps
 # the ranking's hundreds of compiles and loops affordable.
@@ -123,15 +125,19 @@ class Int8Options:
         return self
 
     def chosen(self, manifest: Manifest) -> tuple[str, ...]:
-        """The networks to quantize, in order (the shallow graph after the feature graph)."""
-        present = tuple(n for n in QUANTIZABLE if manifest.has(n))
+        """The networks to quantize, in order (the shallow graph after the feature graph).
+        ``unet`` where the folder serves the UNet's calls on the feature graph
+        (``serving_graph``) means that graph: the plain one never runs there."""
+        served = serving_graph(manifest, "unet")
+        present = tuple(n for n in QUANTIZABLE if manifest.has(n) and not (n == "unet" and served != n))
         if self.networks is None:
             return present
-        missing = [n for n in self.networks if n not in present]
+        asked = tuple(dict.fromkeys(served if n == "unet" else n for n in self.networks))
+        missing = [n for n in asked if n not in present]
         if missing:
             raise InputError(f"the engine folder {manifest.root} has no {', '.join(missing)} "
                              f"network; it has {', '.join(present)}")
-        return tuple(n for n in present if n in self.networks)
+        return tuple(n for n in present if n in asked)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -188,7 +194,7 @@ class Trajectories:
         with recording(pipe) as seen:
             videos = sample(pipe, cases_for(m, CALIBRATION, 10), settings)
         dec = [f for v in videos for f in decoder_feeds(pipe, v.latents)]
-        intervals = [1] + ([CACHE_INTERVAL] if {"unet_feature", "unet_shallow"} & set(networks) else [])
+        intervals = [1] + ([CACHE_INTERVAL] if "unet_shallow" in networks else [])
         refs = {k: sample(pipe, cases_for(m, VALIDATION, 20), settings.replace(cache_interval=k))
                 for k in intervals}
         timesteps = sorted({int(t) for f in seen for t in f["timestep"]}, reverse=True)
@@ -208,7 +214,7 @@ class Trajectories:
         """How the calibration and validation sets were made (the manifest records it)."""
         s = self.settings.to_dict()
         sampled = {k: s[k] for k in ("steps", "guidance", "scheduler")}
-        interval = CACHE_INTERVAL if name in ("unet_feature", "unet_shallow") else 1
+        interval = CACHE_INTERVAL if name == "unet_shallow" else 1
         items = len(self.decoder_feeds if name == "vae_decoder" else self.unet_feeds)
         return {"calibration": {"cases": [c.to_dict() for c in cases_for(manifest, CALIBRATION, 10)],
                                 **sampled, "items": items, "every_step": True,
@@ -232,7 +238,7 @@ class Validator:
 
     def __init__(self, pipe: Pipeline, name: str, trajectories: Trajectories):
         self.pipe, self.name, self.t = pipe, name, trajectories
-        self.interval = CACHE_INTERVAL if name in ("unet_feature", "unet_shallow") else 1
+        self.interval = CACHE_INTERVAL if name == "unet_shallow" else 1
         self.deadline: float | None = None
         self.calls = 0
         self.full: list[float] = []  # the worst PSNR of each call on every case, in order

@@ -66,8 +66,8 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def quantized(exported, tmp_path_factory):
-    """A copy of the exported folder given int8 through the CLI: the UNet under the test's
-    budget, the VAE decoder under a budget of 0 dB with a time limit that stops accuracy
+    """A copy of the exported folder given int8 through the CLI: the UNet (``--int8-networks
+    unet``: the feature graph that serves its calls in this folder) under the test's budget, the VAE decoder under a budget of 0 dB with a time limit that stops accuracy
     control at once (its record misses). Returns (folder, the folder before, CLI result)."""
     root = tmp_path_factory.mktemp("int8")
     folder = root / "engine"
@@ -78,7 +78,7 @@ def quantized(exported, tmp_path_factory):
     assert result.exit_code == 0, result.output
     section = export_int8.add_int8(folder, export_int8.Int8Options(  # stopped at its first check
         networks=("vae_decoder",), max_drop_db=0.0, minutes=1e-6, threads=2), log=lambda m: None)
-    assert set(section) == {"unet", "vae_decoder"}
+    assert set(section) == {"unet_feature", "vae_decoder"}  # unet: the graph serving it
     return folder, before, result
 
 
@@ -91,7 +91,7 @@ def _record(folder: Path, name: str) -> dict:
 
 def test_the_manifest_records_the_checks(quantized, exported):
     folder, before, result = quantized
-    unet = _record(folder, "unet")
+    unet = _record(folder, "unet_feature")
     fid = unet["fidelity"]
     assert fid["passed"] is True and fid["max_drop_db"] == TEST_MAX_DROP_DB
     assert len(fid["psnr_db"]) == 3 and fid["worst_db"] == min(fid["psnr_db"]) < PSNR_CEILING_DB
@@ -104,10 +104,10 @@ def test_the_manifest_records_the_checks(quantized, exported):
     assert unet["accuracy_control"]["finished"] is True
     manifest = Manifest.open(folder)
     manifest.verify()
-    assert manifest.files["unet.int8.xml"] == hashlib.sha256((folder / "unet.int8.xml").read_bytes()).hexdigest()
-    assert unet["source_sha256"] == manifest.files["unet.onnx"]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("unet:")]
-    assert lines == [f"unet: int8 {fid['worst_db']:.2f} dB PSNR vs fp32 at worst (drop {fid['drop_db']:.2f} "
+    assert manifest.files["unet_feature.int8.xml"] == hashlib.sha256((folder / "unet_feature.int8.xml").read_bytes()).hexdigest()
+    assert unet["source_sha256"] == manifest.files["unet_feature.onnx"]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("unet_feature:")]
+    assert lines == [f"unet_feature: int8 {fid['worst_db']:.2f} dB PSNR vs fp32 at worst (drop {fid['drop_db']:.2f} "
                      f"dB, budget {TEST_MAX_DROP_DB:g}): passed"]
 
 
@@ -124,7 +124,7 @@ def test_an_existing_folder_gets_int8_atomically(quantized):
     folder, before, _ = quantized
     after = snapshot(folder)
     added = set(after) - set(before)
-    assert added == {"unet.int8.xml", "unet.int8.bin", "vae_decoder.int8.xml", "vae_decoder.int8.bin"}
+    assert added == {"unet_feature.int8.xml", "unet_feature.int8.bin", "vae_decoder.int8.xml", "vae_decoder.int8.bin"}
     assert {k for k in before if before[k] != after[k]} == {"manifest.json"}
     assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".") and "lock" not in p.name]
 
@@ -149,11 +149,11 @@ def test_a_failed_add_leaves_the_folder_as_it_was(quantized, tmp_path, monkeypat
 
 def test_int8_runs_within_its_recorded_fidelity(quantized):
     folder, _, _ = quantized
-    rec = _record(folder, "unet")
+    rec = _record(folder, "unet_feature")
     case = export_int8.VALIDATION[0]  # noise seed 1, the training prompt
     settings = dict(seeds=case.seed, from_noise=case.from_noise, steps=rec["validation"]["steps"])
     with Pipeline.open(folder, "openvino", 2, precision="int8") as pipe:
-        assert pipe.placement.choice("unet").precision == "int8"
+        assert pipe.placement.choice("unet_feature").precision == "int8"
         assert pipe.placement.choice("vae_decoder").precision == "fp32"  # its check missed
         assert any("int8 for vae_decoder" in n and "it runs in fp32" in n for n in pipe.placement.notes)
         assert pipe.engine.pool.runner("unet").backend == "openvino-cpu-int8"
@@ -170,21 +170,21 @@ def test_generate_says_int8_ran(quantized, tmp_path):
     result = invoke(rt_cli, "generate", "--engine-dir", folder, "--prompt", "a man is skiing",
                     "--out", tmp_path / "v.mp4", "--precision", "int8", "--threads", 2)
     assert result.exit_code == 0, result.output
-    assert "int8 (unet)" in result.stderr and (tmp_path / "v.mp4").is_file()
+    assert "int8 (unet_feature)" in result.stderr and (tmp_path / "v.mp4").is_file()
     info = invoke(rt_cli, "info", "--engine-dir", folder)
-    assert "int8: unet: unet.int8.xml, its int8 check passed" in info.output
+    assert "int8: unet_feature: unet_feature.int8.xml, its int8 check passed" in info.output
     assert "int8: vae_decoder: vae_decoder.int8.xml, its int8 check did not pass" in info.output
 
 
 def test_a_tampered_int8_file_is_refused(quantized, tmp_path):
     folder = tmp_path / "engine"
     shutil.copytree(quantized[0], folder)
-    data = bytearray((folder / "unet.int8.bin").read_bytes())
+    data = bytearray((folder / "unet_feature.int8.bin").read_bytes())
     data[len(data) // 2] ^= 0x01
-    (folder / "unet.int8.bin").write_bytes(bytes(data))
+    (folder / "unet_feature.int8.bin").write_bytes(bytes(data))
     result = invoke(rt_cli, "generate", "--engine-dir", folder, "--prompt", "a man is skiing",
                     "--out", tmp_path / "v.mp4", "--precision", "int8")
-    one_line_error(result, "unet.int8.bin does not match its sha256")
+    one_line_error(result, "unet_feature.int8.bin does not match its sha256")
     assert not (tmp_path / "v.mp4").exists()
 
 
@@ -198,27 +198,27 @@ def test_a_failed_unet_check_refuses_int8_in_one_line(quantized, tmp_path):
     """The same model recorded under the default budget: its check missed, so int8 is refused."""
     folder = tmp_path / "engine"
     shutil.copytree(quantized[0], folder)
-    drop = _record(folder, "unet")["fidelity"]["drop_db"]
+    drop = _record(folder, "unet_feature")["fidelity"]["drop_db"]
     assert drop > MAX_DROP_DB  # this model's int8 misses the default budget
 
     def missed(data):
-        data["int8"]["unet"]["fidelity"].update(max_drop_db=MAX_DROP_DB, passed=False)
+        data["int8"]["unet_feature"]["fidelity"].update(max_drop_db=MAX_DROP_DB, passed=False)
 
     _edit(folder, missed)
     result = invoke(rt_cli, "generate", "--engine-dir", folder, "--prompt", "a man is skiing",
                     "--out", tmp_path / "v.mp4", "--precision", "int8")
-    line = one_line_error(result, "--precision int8: unet: its int8 check did not pass")
+    line = one_line_error(result, "--precision int8: unet_feature: its int8 check did not pass")
     assert f"missed by {drop - MAX_DROP_DB:.2f} dB" in line and not (tmp_path / "v.mp4").exists()
     with pytest.raises(BackendUnavailable, match="int8 never runs unchecked"):
-        place(Manifest.open(folder), ("unet",), "openvino", "int8")
+        place(Manifest.open(folder), ("unet_feature",), "openvino", "int8")
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["int8"]["unet"]["fidelity"].update(passed=True, max_drop_db=1.0), "inconsistent"),
-    (lambda d: d["files"].pop("unet.int8.bin"), "unet.int8.bin has no sha256"),
-    (lambda d: d["int8"]["unet"].update(source_sha256="0" * 64), "quantized from another unet.onnx"),
-    (lambda d: d["int8"]["unet"].update(model="../unet.int8.xml"), "outside the engine folder"),
-    (lambda d: d["int8"].update(vgt=d["int8"]["unet"]), "only unet, unet_feature"),
+    (lambda d: d["int8"]["unet_feature"]["fidelity"].update(passed=True, max_drop_db=1.0), "inconsistent"),
+    (lambda d: d["files"].pop("unet_feature.int8.bin"), "unet_feature.int8.bin has no sha256"),
+    (lambda d: d["int8"]["unet_feature"].update(source_sha256="0" * 64), "quantized from another unet_feature.onnx"),
+    (lambda d: d["int8"]["unet_feature"].update(model="../unet.int8.xml"), "outside the engine folder"),
+    (lambda d: d["int8"].update(vgt=d["int8"]["unet_feature"]), "only unet, unet_feature"),
 ], ids=["passed-but-missed", "unlisted-file", "stale-source", "escape", "vgt"])
 def test_a_bad_int8_record_is_refused_at_open(quantized, tmp_path, edit, message):
     folder = tmp_path / "engine"

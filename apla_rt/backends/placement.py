@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import AplaError, BackendUnavailable, InputError
 from ..folder.manifest import Manifest
+from ..sampling.deepcache import FULL_NETWORK
 from . import precision as cpu_precision
 from .gpu import ort_cuda_available, ort_cuda_status, trt_available
 from .precision import int8_available  # (bool, why) per network
@@ -45,6 +46,15 @@ BACKEND_HELP = ("auto: TensorRT when the folder has engines and TensorRT and a G
 RUNNER_NAMES = {"ort": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda", "trt": "tensorrt",
                 "openvino": "openvino-cpu"}
 UNET_GRAPHS = ("unet", "unet_feature", "unet_shallow")
+
+
+def serving_graph(manifest: Manifest, name: str) -> str:
+    """The graph that runs ``name``'s calls: ``unet_feature`` for ``unet`` where the folder has
+    it (and, for TensorRT, its engine), else ``name`` itself."""
+    if name != "unet" or not manifest.has(FULL_NETWORK):
+        return name
+    unet, full = manifest.network("unet"), manifest.network(FULL_NETWORK)
+    return FULL_NETWORK if full.engine is not None or unet.engine is None else name
 
 
 def check_threads(threads: Any) -> int | None:
@@ -205,8 +215,8 @@ def _int8_choices(manifest: Manifest, networks: tuple[str, ...]) -> tuple[dict[s
     """int8 per network where the folder's recorded check passed; refused in one line where
     the UNet has no such model (int8 is for the UNet); another network whose int8 check missed
     runs fp32 with a note, one without an int8 model in fp32."""
-    unet = next((n for n in UNET_GRAPHS if n in networks), None)  # the graph serving the UNet
-    if unet is not None:
+    unet = serving_graph(manifest, "unet")
+    if unet in networks:
         ok, why = int8_available(manifest, unet)
         if not ok:
             raise BackendUnavailable(f"--precision int8: {unet}: {why}; int8 never runs unchecked: "

@@ -31,19 +31,9 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from ..folder.manifest import Manifest
-from ..sampling.deepcache import FULL_NETWORK
 from ..sampling.timings import Timings
-from .placement import UNET_GRAPHS, Placement
+from .placement import UNET_GRAPHS, Placement, serving_graph
 from .runners import Runner, open_runner
-
-
-def serving_graph(manifest: Manifest, name: str) -> str:
-    """The graph that runs ``name``'s calls: ``unet_feature`` for ``unet`` where the folder has
-    it (and, for TensorRT, its engine), else ``name`` itself."""
-    if name != "unet" or not manifest.has(FULL_NETWORK):
-        return name
-    unet, full = manifest.network("unet"), manifest.network(FULL_NETWORK)
-    return FULL_NETWORK if full.engine is not None or unet.engine is None else name
 
 
 def dim0_limit(profile: Mapping[str, tuple[int, int, int]], dims: list[object]) -> int | None:
