@@ -22,12 +22,16 @@ What is measured:
   bar minus the budget in every case; its time is the median over its cases of one video's
   sampling (text, loop, decode; opening and warm-up excluded) at the folder's shape.
 
-The search (``Search``) runs the candidates cheapest first by an estimate (each graph's measured
-time per call x its calls, plus the per-step and fixed costs: ``Units``), case after case until
-one misses (the case missed most often first), and stops where the estimate passes the best
-measured passing time by more than ``SLACK``; the setting chosen is the fastest measured that
-passes. A candidate that missed in fp32 is not run in auto (a lower precision moves the frames
-further from the fp32 reference, not back). ``minutes`` bounds one invocation: out of time, it
+The search (``Search``) runs the candidates without the cache first, then those with it, each
+group cheapest first by an estimate (each graph's measured time per call x its calls, plus the
+per-step and fixed costs: ``Units``), case after case until one misses (the case missed most
+often first). It skips a candidate estimated slower than the best passing time by more than
+``SLACK``, one whose setting without the cache missed by more than ``CACHE_GAIN_DB``
+(DeepCache approximates the full UNet's steps: it seldom brings the frames closer, and then by
+little), and in auto one that missed in fp32 by more than ``PRECISION_GAIN_DB`` (a lower
+precision adds an error of its own). The passing
+settings within twice ``SLACK`` of the fastest are then timed again side by side, in turns; the
+setting chosen is the fastest that passed. ``minutes`` bounds one invocation: out of time, it
 keeps what it measured, chooses among what passed and says so. Every run is recorded as it ends
 in a progress folder inside the engine folder (``Progress``), so a killed tune continues where it
 stopped when rerun; the folder goes once a complete ``tuned.json`` entry is written.

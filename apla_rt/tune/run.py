@@ -81,7 +81,7 @@ class _Tune:
             units = bench.units(s.cases[-1], self.cache)
             candidates = self.options.grid.candidates(room, self.cache, self.baseline)
             self.skipped[mode] = s.run_mode(bench, mode, candidates, units)
-            s.confirm(bench, mode, self.baseline if mode == "fp32" else None)
+            s.confirm(bench, mode)
 
     def mode_entry(self, mode: str) -> dict[str, Any] | None:
         """What ``tuned.json`` records for ``mode``: the chosen setting, its time and PSNR per
