@@ -397,6 +397,13 @@ def tune(engine_dir: Path, budget_db: str, minutes: str, threads: int | None, ed
                    "default (--exact: DDIM at the run's steps in fp32)", err=True)
 
 
+def _tuned_here(manifest: Any) -> list[str]:
+    """``info``'s lines on the settings apla-rt tune chose for this folder on this machine."""
+    from .tune import tuned_here
+
+    return [f"tuned here ({threads or 'default'} threads): {line}" for threads, line in tuned_here(manifest)]
+
+
 def _bar(desc: str, total: int) -> Any:
     from tqdm.auto import tqdm
 
@@ -518,6 +525,7 @@ def info(engine_dir: Path, verify: bool, as_json: bool) -> None:
                 for name, c in placement.networks.items()]
     except AplaError as err:
         out.append(f"backend (auto): unavailable ({err})")
+    out += _tuned_here(manifest)
     out.append("files:" + (" (sha256 verified)" if verify else ""))
     out += [f"  {rel}  {digest[:16]}" for rel, digest in manifest.files.items()]
     if manifest.checkpoint_sha256:

@@ -202,6 +202,8 @@ def test_generate_uses_the_tuned_setting_and_exact_does_not(tuned, tmp_path):
     run_steps = Manifest.open(folder).sampling_defaults().steps
     assert (record["scheduler"], record["steps"], record["tuned"]) == ("ddim", run_steps, None)
     assert run_steps != chosen.steps
+    info = run("info", "--engine-dir", folder)
+    assert f"tuned here (2 threads): auto: {entry['modes']['auto']['setting']}" in info.stdout
     with Pipeline.open(folder, threads=2) as pipe:  # the API, and what serve's /info returns
         summary = pipe.summary()
         assert summary["tuned"]["mode"] == "auto" and summary["tuned"]["budget_db"] == BUDGET_DB
@@ -269,3 +271,27 @@ def test_tune_bad_options_are_one_line(fake_engine, extra, message):
 
 def test_tune_needs_an_engine_folder(tmp_path):
     assert_user_error(run("tune", "--engine-dir", tmp_path / "missing"), "missing")
+
+
+def test_fastest_benchmark_reads_the_tuned_setting(tuned, exported, tmp_path):
+    """benchmarks/fastest.py on the tuned tiny folder (tuned at 2 threads: no tune runs): every
+    row runs, the tuned rows sample with the tuned settings, the distances are measured."""
+    folder, entry, _ = tuned
+    run_dir, _ = exported
+    out = tmp_path / "fastest.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fastest.py"), "--tiny",
+                           f"{run_dir}={folder}", "--ddim-steps", "3", "--reference-steps", "8",
+                           "--threads", "2", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, = json.loads(out.read_text())["models"]
+    assert model["tune_s"] is None and model["tuned"]["modes"]["auto"]["setting"] == entry["modes"]["auto"]["setting"]
+    rows = model["rows"]
+    assert [r for r in rows.values() if "error" in r] == []
+    assert rows["apla-rt tuned"]["setting"] == entry["modes"]["auto"]["setting"]
+    assert rows["apla-rt tuned fp32"]["setting"] == entry["modes"]["fp32"]["setting"]
+    assert rows["apla-rt --exact"]["setting"] == "ddim 3" == rows["torch fp32"]["setting"]
+    # the PyTorch sampler and ONNX Runtime fp32 at the same setting: the same frames
+    assert abs(rows["torch fp32"]["psnr_ref_db"] - rows["apla-rt --exact"]["psnr_ref_db"]) < 0.5
+    assert all("held_out_psnr_ref_db" in rows[r] for r in ("apla-rt --exact", "apla-rt tuned"))
+    assert "held-out (noise, seed 1)" in proc.stdout and "x torch" in proc.stdout

@@ -38,6 +38,7 @@ stopped when rerun; the folder goes once a complete ``tuned.json`` entry is writ
 """
 
 from .options import Case, Grid, TuneOptions, cases_for
-from .run import OutOfTime, run_tune, summary_lines
+from .run import OutOfTime, run_tune, summary_lines, tuned_here
 
-__all__ = ["Case", "Grid", "OutOfTime", "TuneOptions", "cases_for", "run_tune", "summary_lines"]
+__all__ = ["Case", "Grid", "OutOfTime", "TuneOptions", "cases_for", "run_tune", "summary_lines",
+           "tuned_here"]

@@ -3,6 +3,7 @@ where it differs, then the folder's ``tuned.json`` entry (``run_tune``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from ..backends.pool import serving_graph
 from ..errors import AplaError, OutputExistsError
 from ..folder.atomic import check_writable
 from ..folder.manifest import Manifest
-from ..folder.tuned import TUNED_NAME, tuned_entry, write_tuned
+from ..folder.tuned import TUNED_NAME, read_tuned, tuned_entry, write_tuned
 from ..sampling.deepcache import NETWORKS as CACHE_NETWORKS
 from ..sampling.settings import SamplingSettings
 from .options import BASELINE_STEPS, TuneOptions, cases_for, label, room
@@ -196,3 +197,19 @@ def summary_lines(entry: Mapping[str, Any]) -> Iterator[str]:
     if not entry["complete"]:
         yield ("out of time: chose among the settings measured so far; rerun the same command to "
                "continue the search")
+
+
+def tuned_here(manifest: Manifest) -> list[tuple[int | None, str]]:
+    """(threads, what was chosen) for each of the folder's tuned entries that belongs to this
+    machine (at its own thread count)."""
+    out = []
+    for entry in read_tuned(manifest.root).values():
+        threads = entry.get("machine", {}).get("threads")
+        if entry.get("machine") != json.loads(json.dumps(machine_key(manifest, threads))):
+            continue
+        modes = entry.get("modes", {})
+        chosen = "; ".join(f"{m}: {e.get('setting')} ({e.get('speedup')}x DDIM 50 fp32)"
+                           for m, e in modes.items() if isinstance(e, dict))
+        state = "" if entry.get("complete", True) else ", incomplete"
+        out.append((threads, f"{chosen or 'nothing chosen'} (budget {entry.get('budget_db')} dB{state})"))
+    return out
