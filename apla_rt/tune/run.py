@@ -49,7 +49,6 @@ class _Tune:
     cache: bool
     baseline: SamplingSettings
     reference_steps: int
-    machine: dict[str, Any]
     placements: dict[str, Placement] = field(default_factory=dict)
     skipped: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -159,7 +158,7 @@ def run_tune(engine_dir: str | Path, options: TuneOptions = TuneOptions(),
         log(f"resuming: {progress.runs} runs kept in {progress.dir}")
     search = Search(progress, cases, options.budget_db, started + 60 * options.minutes,
                     bars or (lambda desc, total: Bar()), log)
-    tune = _Tune(manifest, options, search, cache, baseline, reference_steps, machine)
+    tune = _Tune(manifest, options, search, cache, baseline, reference_steps)
     tune.run_mode("fp32", fits)
     if not search.ready:
         raise OutOfTime(f"--minutes {options.minutes:g} ran out before the references and the "
@@ -189,7 +188,8 @@ def summary_lines(entry: Mapping[str, Any]) -> Iterator[str]:
         if chosen is None:
             yield f"{mode}: nothing measured in time; generate keeps the run's setting in {mode}"
             continue
-        cases = ", ".join(f"{c} {db:.2f} dB (DDIM 50 {base['psnr'][c]:.2f})" for c, db in chosen["psnr"].items())
+        cases = ", ".join(f"{c} {db:.2f} dB ({base['setting']} {base['psnr'][c]:.2f})"
+                          for c, db in chosen["psnr"].items())
         same = " (the same placement as fp32)" if chosen.get("same_as") else ""
         yield (f"{mode}: {chosen['setting']}{same}, {chosen['seconds']:.3g} s a video against "
                f"{base['setting']} fp32's {base['seconds']:.3g} s ({chosen['speedup']:.2f}x); "
