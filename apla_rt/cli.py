@@ -1,4 +1,5 @@
-"""``apla-rt``: thin click commands over ``apla_rt.api`` (generate, invert, serve, batch, info).
+"""``apla-rt``: thin click commands over ``apla_rt.api`` and ``apla_rt.tune`` (generate, invert,
+serve, batch, tune, info).
 
 Every ``AplaError`` is printed as ``error: <one line>`` on stderr with exit code 2 and no
 traceback; outputs are never replaced without ``--force``.
@@ -381,6 +382,56 @@ def _placement_lines(manifest: Any, placement: Any) -> list[str]:
     return lines
 
 
+@main.command(context_settings=_CONTEXT)
+@_engine_dir
+@click.option("--budget-db", default="1.0", show_default=True,
+              help="How far (dB) below DDIM 50 fp32's PSNR against the reference a setting may be, "
+                   "in every case.")
+@click.option("--minutes", default="60", show_default=True,
+              help="Time bound of this run; out of time it chooses among what it measured.")
+@_threads
+@click.option("--edit-prompt", help="The edit case's prompt (default: the training prompt in a "
+                                    "watercolor style).")
+@click.option("--solvers", help="Solvers to try, comma-separated [default: ddim,dpmpp-2m,unipc].")
+@click.option("--steps", "steps_list", help="Step counts to try [default: 10,15,20,25,30,40,50].")
+@click.option("--cache-intervals", help="DeepCache intervals to try, 1 = off [default: 1,2,3,4].")
+@click.option("--reference-steps", type=click.IntRange(1, 1000), default=200, show_default=True,
+              help="DDIM steps of the reference solution (docs/tune.md).")
+@click.option("--force", is_flag=True, help="Tune again where this machine has a tuned setting.")
+@click.option("--quiet", is_flag=True, help="No progress bars, no summary.")
+@_user_errors
+def tune(engine_dir: Path, budget_db: str, minutes: str, threads: int | None, edit_prompt: str | None,
+         solvers: str | None, steps_list: str | None, cache_intervals: str | None,
+         reference_steps: int, force: bool, quiet: bool) -> None:
+    """Measure the fastest sampling setting for the model in --engine-dir on this machine that
+    stays within --budget-db of DDIM 50 in fp32, and record it in the folder's tuned.json:
+    generate, serve and batch then use it (docs/tune.md). A killed run continues when rerun."""
+    from .tune import Grid, TuneOptions, run_tune, summary_lines
+
+    options = TuneOptions(budget_db, minutes, threads, edit_prompt, force,  # type: ignore[arg-type]
+                          Grid.parse(solvers, steps_list, cache_intervals), reference_steps)
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    entry = run_tune(engine_dir, options, log, None if quiet else _bar)
+    if not quiet:
+        for line in summary_lines(entry):
+            click.echo(line, err=True)
+        click.echo(f"wrote {engine_dir / 'tuned.json'}: generate, serve and batch use it here by "
+                   "default (--exact: DDIM at the run's steps in fp32)", err=True)
+
+
+def _tuned_here(manifest: Any) -> list[str]:
+    """``info``'s lines on the settings apla-rt tune chose for this folder on this machine."""
+    from .tune import tuned_here
+
+    return [f"tuned here ({threads or 'default'} threads): {line}" for threads, line in tuned_here(manifest)]
+
+
+def _bar(desc: str, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None)
+
+
 def _dims(dims: tuple[Any, ...]) -> str:
     return "(" + ", ".join(str(d) for d in dims) + ")"
 
@@ -496,6 +547,7 @@ def info(engine_dir: Path, verify: bool, as_json: bool, threads: int | None) -> 
     except AplaError as err:
         out.append(f"backend (auto): unavailable ({err})")
     out += _int8_lines(manifest)
+    out += _tuned_here(manifest)
     out.append("files:" + (" (sha256 verified)" if verify else ""))
     out += [f"  {rel}  {digest[:16]}" for rel, digest in manifest.files.items()]
     if manifest.checkpoint_sha256:

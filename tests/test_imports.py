@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # apla_rt's layers, bottom first: a module's layer is its subpackage, or its own name for the
 # modules at the top of the package.
-RT_LAYERS = ("errors", "sampling", "folder", "media", "backends", "engine", "api", "service",
+RT_LAYERS = ("errors", "sampling", "folder", "media", "backends", "engine", "api", "tune", "service",
              "serve", "cli")
 
 
