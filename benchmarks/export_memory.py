@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 GIB = 1024 ** 3
 TARGET_RATIO = 2.0
 
@@ -159,20 +161,10 @@ def child(args: argparse.Namespace) -> int:
 
 def unet_weight_bytes(engine: Path) -> int:
     """Initializer bytes of the portable ``unet.onnx`` (external lengths; nothing loaded)."""
-    import onnx
+    from benchmarks.sd_scale import onnx_weight_bytes
 
     manifest = json.loads((engine / "manifest.json").read_text())
-    model = onnx.load(str(engine / manifest["networks"]["unet"]["onnx"]), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        if "length" in ext:
-            total += int(ext["length"])
-        elif t.raw_data:
-            total += len(t.raw_data)
-        else:
-            total += onnx.numpy_helper.to_array(t).nbytes
-    return total
+    return onnx_weight_bytes(engine / manifest["networks"]["unet"]["onnx"])
 
 
 def merge_repeats(rows: list[dict]) -> list[dict]:

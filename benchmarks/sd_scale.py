@@ -117,25 +117,28 @@ def worker_generate(args: argparse.Namespace) -> dict:
                 "backend": f"{pipe.describe()}, precision {pipe.describe_precision()}"}
 
 
-def worker_weights(args: argparse.Namespace) -> dict:
-    """Initializer bytes of each network's portable graph (read without its weights)."""
+def onnx_weight_bytes(path: Path) -> int:
+    """Initializer bytes of an ONNX file (external data by its recorded lengths; nothing loaded)."""
     import onnx
 
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            total += int(ext["length"])
+        elif t.raw_data:
+            total += len(t.raw_data)
+        else:
+            total += onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+def worker_weights(args: argparse.Namespace) -> dict:
+    """Initializer bytes of each network's portable graph (read without its weights)."""
     manifest = json.loads((Path(args.engine_dir) / "manifest.json").read_text())
-    out = {}
-    for name, entry in manifest["networks"].items():
-        model = onnx.load(str(Path(args.engine_dir) / entry["onnx"]), load_external_data=False)
-        total = 0
-        for t in model.graph.initializer:
-            ext = {e.key: e.value for e in t.external_data}
-            if "length" in ext:
-                total += int(ext["length"])
-            elif t.raw_data:
-                total += len(t.raw_data)
-            else:
-                total += onnx.numpy_helper.to_array(t).nbytes
-        out[name] = total
-    return out
+    return {name: onnx_weight_bytes(Path(args.engine_dir) / entry["onnx"])
+            for name, entry in manifest["networks"].items()}
 
 
 WORKERS = {"bare": worker_bare, "generate": worker_generate, "weights": worker_weights}

@@ -47,7 +47,9 @@ def export_case(id_, fragment, run="{run}", *extra, out="{w}/new-engine", usage=
 
 def rt_case(id_, fragment, *extra, engine="{engine}", prompt="a man is skiing", out="{w}/new.mp4",
             usage=False, needs="") -> Case:
-    args = ["generate", "--engine-dir", engine, "--steps", "1", "--quiet"]
+    # ONNX Runtime on the CPU: the tampered file is its fused-attention flavour, which OpenVINO
+    # (the measured choice on some machines) never opens
+    args = ["generate", "--engine-dir", engine, "--steps", "1", "--quiet", "--backend", "ort-cpu"]
     if prompt is not None:
         args += ["--prompt", prompt]
     return Case(id_, "apla-rt", (*args, "--out", out, *extra), fragment, usage, needs)
@@ -124,7 +126,7 @@ CASES = [
     export_case("export-run-corrupt-config", "config.json", "{w}/runs/badconfig"),
     export_case("export-run-damaged-checkpoint", "is missing or damaged", "{w}/runs/damaged"),
     export_case("export-run-foreign-checkpoint", "does not match the model", "{w}/runs/foreign"),
-    export_case("export-run-not-given", "Missing option '--run'", "", usage=True),
+    export_case("export-run-not-given", "give --run DIR", ""),
     # apla-export: numbers and options
     export_case("export-frames-min-zero", "--frames-min must be between 1 and 1024", "{run}", "--frames-min", "0"),
     export_case("export-frames-max-negative", "--frames-max must be between 1 and 1024", "{run}", "--frames-max", "-4"),
@@ -222,7 +224,8 @@ def test_bad_input(case: Case, world: World):
 @pytest.mark.parametrize("name, args, fragment", [
     ("apla-train", ["{w}/inputs/nope.mp4", *TRAIN, "--out", "{w}/new-run"], "does not exist"),
     ("apla-export", ["--run", "{w}/runs/nockpt", "--out", "{w}/new-engine"], "no complete checkpoint"),
-    ("apla-rt", ["generate", "--engine-dir", "{w}/engines/tampered", "--prompt", "a man", "--out", "{w}/new.mp4"],
+    ("apla-rt", ["generate", "--engine-dir", "{w}/engines/tampered", "--prompt", "a man", "--out", "{w}/new.mp4",
+                 "--backend", "ort-cpu"],
      "does not match its sha256"),
 ], ids=["train", "export", "rt"])
 def test_bad_input_in_a_real_process(name, args, fragment, world):
