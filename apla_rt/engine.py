@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .backends.placement import Placement, place
-from .backends.pool import RunnerPool, serving_graph
+from .backends.placement import Placement, place, serving_graph
+from .backends.pool import RunnerPool
 from .backends.runners import Runner
 from .errors import BackendUnavailable, InputError
 from .folder.latents import Latent

@@ -124,7 +124,7 @@ def worker_rt(a: dict[str, Any]) -> dict[str, Any]:
 
 def worker_unet(a: dict[str, Any]) -> dict[str, Any]:
     """One guided UNet call at the asked size, on the graph generate runs, in one precision."""
-    from apla_rt.backends.pool import serving_graph
+    from apla_rt.backends.placement import serving_graph
     from apla_rt.backends.runners import open_runner
     from apla_rt.folder.manifest import Manifest
 
@@ -302,14 +302,15 @@ def _tuned_summary(entry: dict[str, Any]) -> dict[str, Any]:
 def unet_calls(engine: Path, opts: argparse.Namespace, tmp: Path, log: Any) -> list[dict[str, Any]]:
     """One guided UNet call per candidate precision at --unet-size px, --unet-frames frames."""
     from apla_rt.backends import precision as cpu_precision
-    from apla_rt.backends.pool import serving_graph
+    from apla_rt.backends.placement import serving_graph
     from apla_rt.folder.manifest import Manifest
 
     manifest = Manifest.open(engine)
     graph = serving_graph(manifest, "unet")
     candidates: list[tuple[str, str, str | None]] = [("ort", "fp32", None)]
     try:
-        from apla_rt.backends.openvino import int8_available, openvino_status, ov_capabilities
+        from apla_rt.backends.openvino import openvino_status, ov_capabilities
+        from apla_rt.backends.precision import int8_available
 
         ok, why = openvino_status()
     except ImportError as err:

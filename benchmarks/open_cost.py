@@ -9,7 +9,7 @@ Each measurement runs in a child process of its own, so that one's memory is not
 
 * ``rss``: resident memory after ``Pipeline.open`` without the cache graphs, and with them
   (``cache=True``), and after one cached ``generate`` on top (targets: with <= 1.1x without;
-  issue 25). The UNet's full calls run on the feature graph either way (``pool.serving_graph``),
+  issue 25). The UNet's full calls run on the feature graph either way (``placement.serving_graph``),
   so the cache adds the shallow graph only.
 * ``calls``: one guided UNet call (batch 2 at the start latent's shape, median of ``--repeat``
   after one warm-up) on the plain ``unet`` graph and on ``unet_feature`` (target: no slower).

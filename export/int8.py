@@ -45,7 +45,7 @@ import numpy as np
 
 from apla_rt import Pipeline
 from apla_rt.api import Video
-from apla_rt.backends.pool import serving_graph
+from apla_rt.backends.placement import serving_graph
 from apla_rt.errors import InputError, OutputExistsError
 from apla_rt.folder.atomic import atomic_dir, write_text
 from apla_rt.folder.int8 import MAX_DROP_DB, QUANTIZABLE, SECTION, fidelity

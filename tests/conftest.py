@@ -425,7 +425,7 @@ def world(ref_run, engine, tmp_path_factory) -> World:
     engine_copy("notjson", lambda d: (d / "manifest.json").write_text('{"format": "apla-engines", '))
     # the UNet graph the CPU runtime opens: the ORT-fused flavour of the graph that serves the
     # UNet's calls (the DeepCache feature graph where the folder has one)
-    from apla_rt.backends.pool import serving_graph
+    from apla_rt.backends.placement import serving_graph
     from apla_rt.folder.manifest import Manifest
 
     served = serving_graph(Manifest.open(engine), "unet")

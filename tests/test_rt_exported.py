@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from apla_rt.errors import IntegrityError
-from apla_rt.backends.pool import serving_graph
+from apla_rt.backends.placement import serving_graph
 from apla_rt.engine import Engine
 from apla_rt.folder.manifest import Manifest
 from rt_run import generate, invert

@@ -375,7 +375,7 @@ def test_verdict_cache_key_and_invalidation(exported, monkeypatch, fresh_cache):
         return dict(verdict)
 
     monkeypatch.setattr(openvino_runner, "bf16_check", counted)
-    from apla_rt.backends.pool import serving_graph
+    from apla_rt.backends.placement import serving_graph
 
     unet = serving_graph(Manifest.open(exported[1]), "unet")  # the graph that serves the UNet
     nets = (unet, "vgt")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..api import Pipeline
 from ..backends.choice import machine_key
 from ..backends.placement import Placement, place
-from ..backends.pool import serving_graph
+from ..backends.placement import serving_graph
 from ..errors import AplaError, OutputExistsError
 from ..folder.atomic import check_writable
 from ..folder.manifest import Manifest
