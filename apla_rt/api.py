@@ -156,9 +156,12 @@ class Pipeline:
         if not o.use_vgt:
             names = tuple(n for n in names if n != "vgt")
         precision = "fp32" if o.exact else o.precision
+        placed = precision  # fp32 where the tuned setting for auto must run in fp32
+        if not o.exact and not o.for_inversion and (backend, precision) == ("auto", "auto"):
+            placed = _tuned_precision(engine_dir, threads)
         engine = Engine.open(engine_dir, "ort-cpu" if o.exact and backend == "auto" else backend,
                              names, threads, None, guidance_batch=not o.for_inversion,
-                             precision=precision)
+                             precision=placed)
         try:
             tuned = None if o.exact or o.for_inversion else tuned_for(engine.manifest, backend, precision, threads)
             pipe = cls(engine, o.use_vgt, o.max_batch, tuned)
@@ -393,6 +396,15 @@ def tuned_for(manifest: Manifest, backend: str, precision: str, threads: int | N
     return {**chosen, "mode": precision, "budget_db": entry.get("budget_db")}
 
 
+def _tuned_precision(engine_dir: str | os.PathLike, threads: int | None) -> str:
+    """``--precision auto``'s precision where a tune found that no setting in the measured
+    placement stays within its budget: "fp32" (the fp32 search's setting then runs in fp32),
+    else "auto"."""
+    manifest = Manifest.open(engine_dir)
+    tuned = tuned_for(manifest, "auto", "auto", threads)
+    return "fp32" if tuned is not None and tuned.get("precision") == "fp32" else "auto"
+
+
 def tuned_line(pipe: Pipeline) -> str | None:
     """The line that says a tuned setting is ``pipe``'s default, or None."""
     if pipe.tuned is None:
@@ -401,4 +413,5 @@ def tuned_line(pipe: Pipeline) -> str | None:
     cache = f", cache interval {d.cache_interval}" if (d.cache_interval or 1) > 1 else ""
     return (f"the setting apla-rt tune chose for this model on this machine: {d.solver} "
             f"{d.steps} steps{cache} ({pipe.tuned['mode']}, within {pipe.tuned.get('budget_db')} dB "
-            "of DDIM 50 fp32); --exact runs DDIM at the run's steps in fp32")
+            "of DDIM 50 fp32" + (f"; in fp32: {pipe.tuned['why']}" if pipe.tuned.get("why") else "")
+            + "); --exact runs DDIM at the run's steps in fp32")

@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from apla_rt import Pipeline
+from apla_rt.api import tuned_line
 from apla_rt.cli import main
 from apla_rt.folder.manifest import Manifest
 from apla_rt.media.video import psnr
@@ -240,6 +241,28 @@ def test_generate_uses_the_tuned_setting_and_exact_does_not(tuned, tmp_path):
         assert (summary["scheduler"], summary["steps"]) == (chosen.solver, chosen.steps)
     with Pipeline.open(folder, threads=1) as pipe:  # tuned for 2 threads: another key
         assert pipe.tuned is None and pipe.summary()["tuned"] is None
+
+
+def test_auto_runs_fp32_where_nothing_in_the_measured_placement_stayed_within_budget(tuned, tmp_path):
+    """A tune whose measured placement ran and had no setting within the budget records the fp32
+    search's setting for ``auto`` too, to run in fp32 (as on the SD-shaped model, where bf16
+    DDIM 50 itself missed): the default then opens the networks in fp32, not in the placement."""
+    folder = tmp_path / "engine"
+    shutil.copytree(tuned.folder, folder)
+    with Pipeline.open(folder, threads=2) as pipe:  # as tuned: the measured placement
+        assert all("measured" in c.why for c in pipe.placement.networks.values()), pipe.placement
+    data = json.loads((folder / "tuned.json").read_text())
+    entry = next(iter(data["machines"].values()))
+    fp32 = {k: v for k, v in entry["modes"]["fp32"].items() if k not in ("table", "skipped")}
+    entry["modes"]["auto"] = {**fp32, "same_as": "fp32", "precision": "fp32", "why": "none within",
+                              "table": [], "skipped": {}}
+    (folder / "tuned.json").write_text(json.dumps(data))
+    with Pipeline.open(folder, threads=2) as pipe:
+        assert pipe.placement.describe_precision() == "fp32"
+        assert not any("measured" in c.why for c in pipe.placement.networks.values()), pipe.placement
+        assert pipe.defaults.to_dict() == SamplingSettings.from_dict(fp32["settings"]).over(
+            pipe.manifest.sampling_defaults()).to_dict()
+        assert "in fp32: none within" in tuned_line(pipe)
 
 
 def test_a_tuned_folder_is_tuned_again_only_with_force(tuned):

@@ -95,23 +95,32 @@ class _Tune:
         base = seconds_of(s.progress.row("fp32", self.baseline))
         seconds = seconds_of(row)
         assert seconds is not None and base is not None
-        rows = sorted(s.progress.rows(mode).items(), key=lambda kr: seconds_of(kr[1]) or math.inf)
-        table = [{"setting": k, "estimate_s": r.get("estimate_s"), "seconds": seconds_of(r),
-                  "psnr": {c: v["psnr"] for c, v in r["cases"].items()}, "verdict": s.verdict(r)}
-                 for k, r in rows]
         placement = self.placements[mode]
         return {"settings": chosen.replace(guidance=None, guidance_interval=None).to_dict(),
-                "setting": name, "seconds": round(seconds, 6), "speedup": round(base / seconds, 3),
+                "setting": name, "seconds": _rounded(seconds), "speedup": round(base / seconds, 3),
                 "psnr": {c: v["psnr"] for c, v in row["cases"].items()},
                 "placement": {"backend": placement.describe(), "precision": placement.describe_precision()},
-                "table": table, "skipped": self.skipped.get(mode, {})}
+                "table": self.table(mode), "skipped": self.skipped.get(mode, {})}
+
+    def table(self, mode: str) -> list[dict[str, Any]]:
+        """Every candidate measured in ``mode``, fastest first, with its PSNRs and verdict."""
+        s = self.search
+        rows = sorted(s.progress.rows(mode).items(), key=lambda kr: seconds_of(kr[1]) or math.inf)
+        return [{"setting": k, "estimate_s": r.get("estimate_s"), "seconds": _rounded(seconds_of(r)),
+                 "psnr": {c: v["psnr"] for c, v in r["cases"].items()}, "verdict": s.verdict(r)}
+                for k, r in rows]
 
     def entry(self, one_mode: bool, started: float) -> dict[str, Any]:
         s = self.search
         modes = {m: e for m in MODES if (e := self.mode_entry(m)) is not None}
-        if one_mode and "fp32" in modes:
-            modes["auto"] = {**{k: v for k, v in modes["fp32"].items() if k not in ("table", "skipped")},
-                             "same_as": "fp32"}
+        if "fp32" in modes and "auto" not in modes and s.stopped is None:
+            same = {k: v for k, v in modes["fp32"].items() if k not in ("table", "skipped")}
+            if one_mode:  # the measured placement is ONNX Runtime fp32: one search served both
+                modes["auto"] = {**same, "same_as": "fp32"}
+            else:  # the measured placement ran, and none of its settings stayed within the budget
+                modes["auto"] = {**same, "same_as": "fp32", "precision": "fp32",
+                                 "why": "no setting in the measured placement stayed within the budget",
+                                 "table": self.table("auto"), "skipped": self.skipped.get("auto", {})}
         base = s.progress.row("fp32", self.baseline)
         return {"budget_db": self.options.budget_db, "complete": s.stopped is None, "stopped": s.stopped,
                 "one_mode": one_mode, "threads": self.options.threads, "minutes": self.options.minutes,
@@ -121,6 +130,11 @@ class _Tune:
                 "baseline": {"setting": label(self.baseline), "seconds": seconds_of(base),
                              "psnr": dict(s.bar_db)},
                 "cases": [c.describe() for c in s.cases], "modes": modes}
+
+
+def _rounded(seconds: float | None) -> float | None:
+    """Seconds as ``tuned.json`` records them (the chosen setting's too, so the two compare)."""
+    return None if seconds is None else round(seconds, 6)
 
 
 def _check_existing(manifest: Manifest, machine: Mapping[str, Any], force: bool) -> None:
@@ -169,7 +183,7 @@ def run_tune(engine_dir: str | Path, options: TuneOptions = TuneOptions(),
         tune.run_mode("auto", fits)
     elif not search.out_of_time():
         log("auto: every network measured fastest in ONNX Runtime fp32 here; one mode")
-    entry = tune.entry(one_mode and search.stopped is None, started)
+    entry = tune.entry(one_mode, started)
     write_tuned(manifest.root, machine, entry)
     if entry["complete"]:
         progress.remove()
@@ -190,7 +204,8 @@ def summary_lines(entry: Mapping[str, Any]) -> Iterator[str]:
             continue
         cases = ", ".join(f"{c} {db:.2f} dB ({base['setting']} {base['psnr'][c]:.2f})"
                           for c, db in chosen["psnr"].items())
-        same = " (the same placement as fp32)" if chosen.get("same_as") else ""
+        same = (f" in fp32 ({chosen['why']})" if chosen.get("why")
+                else " (the same placement as fp32)" if chosen.get("same_as") else "")
         yield (f"{mode}: {chosen['setting']}{same}, {chosen['seconds']:.3g} s a video against "
                f"{base['setting']} fp32's {base['seconds']:.3g} s ({chosen['speedup']:.2f}x); "
                f"PSNR against the reference: {cases}")
