@@ -156,9 +156,7 @@ class Pipeline:
         if not o.use_vgt:
             names = tuple(n for n in names if n != "vgt")
         precision = "fp32" if o.exact else o.precision
-        placed = precision  # fp32 where the tuned setting for auto must run in fp32
-        if not o.exact and not o.for_inversion and (backend, precision) == ("auto", "auto"):
-            placed = _tuned_precision(engine_dir, threads)
+        placed = _placed_precision(engine_dir, backend, precision, o, threads)
         engine = Engine.open(engine_dir, "ort-cpu" if o.exact and backend == "auto" else backend,
                              names, threads, None, guidance_batch=not o.for_inversion,
                              precision=placed)
@@ -396,10 +394,13 @@ def tuned_for(manifest: Manifest, backend: str, precision: str, threads: int | N
     return {**chosen, "mode": precision, "budget_db": entry.get("budget_db")}
 
 
-def _tuned_precision(engine_dir: str | os.PathLike, threads: int | None) -> str:
-    """``--precision auto``'s precision where a tune found that no setting in the measured
-    placement stays within its budget: "fp32" (the fp32 search's setting then runs in fp32),
-    else "auto"."""
+def _placed_precision(engine_dir: str | os.PathLike, backend: str, precision: str, o: Opening,
+                      threads: int | None) -> str:
+    """The precision the networks are placed in: ``precision``, but "fp32" for ``--backend auto
+    --precision auto`` where a tune found that no setting in the measured placement stays within
+    its budget (the fp32 search's setting then runs in fp32)."""
+    if o.exact or o.for_inversion or (backend, precision) != ("auto", "auto"):
+        return precision
     manifest = Manifest.open(engine_dir)
     tuned = tuned_for(manifest, "auto", "auto", threads)
     return "fp32" if tuned is not None and tuned.get("precision") == "fp32" else "auto"
