@@ -69,22 +69,11 @@ def worker_torch(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(a["threads"])
-    from apla_train import checkpoint as ckpt
     from apla_train.components import encode_prompts
-    from apla_train.config import from_dict
     from apla_train.sampling import ddim_sample, decode_video
-    from apla_train.train import apply_checkpoint, build_models
+    from export.pipeline import load_run
 
-    run = Path(a["run"])
-    cfg = from_dict(json.loads((run / "config.json").read_text())).validate()
-    components, vgt = build_models(cfg, run)
-    last = ckpt.latest_checkpoint(run)
-    if last is None:
-        raise SystemExit(f"{run} has no checkpoint")
-    apply_checkpoint(components, vgt, last, cfg.model.trainable)
-    components.unet.eval()
-    if vgt is not None:
-        vgt.eval()
+    _, components, vgt, _ = load_run(Path(a["run"]))  # the run's networks, as apla-export rebuilds them
     start = torch.from_numpy(np.load(a["start"]))
     started = time.perf_counter()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=a["bf16"]):
