@@ -133,6 +133,17 @@ def test_search_out_of_time_keeps_what_it_measured(tmp_path, monkeypatch):
     assert search.best("fp32")[0] == "ddim 50"
 
 
+def test_auto_takes_the_fp32_setting_where_the_placement_found_nothing_faster():
+    from apla_rt.tune.run import _Tune
+
+    fp32 = {"setting": "unipc 30, cache 2 uniform", "seconds": 6.48}
+    assert _Tune.fp32_for_auto({}) is None  # nothing measured in fp32: nothing to fall back on
+    assert "no setting in the measured placement" in _Tune.fp32_for_auto({"fp32": fp32})
+    slower = _Tune.fp32_for_auto({"fp32": fp32, "auto": {"setting": "unipc 30", "seconds": 7.81}})
+    assert slower == "the measured placement's best (unipc 30, 7.81 s) measured slower"
+    assert _Tune.fp32_for_auto({"fp32": fp32, "auto": {"setting": "unipc 20", "seconds": 5.0}}) is None
+
+
 def test_grid_fits_the_start_and_the_folder():
     base = SamplingSettings(steps=50, solver="ddim", cache_interval=1, cache_schedule="uniform")
     got = Grid(("unipc",), (10, 40, 60), (1, 3)).candidates(45, True, base)

@@ -110,16 +110,30 @@ class _Tune:
                  "psnr": {c: v["psnr"] for c, v in r["cases"].items()}, "verdict": s.verdict(r)}
                 for k, r in rows]
 
+    @staticmethod
+    def fp32_for_auto(modes: Mapping[str, Any]) -> str | None:
+        """Why ``auto`` takes the fp32 search's setting (in fp32), or None: no setting of the
+        measured placement stayed within the budget, or its best measured slower."""
+        fp32, auto = modes.get("fp32"), modes.get("auto")
+        if fp32 is None:
+            return None
+        if auto is None:
+            return "no setting in the measured placement stayed within the budget"
+        if auto["seconds"] > fp32["seconds"]:
+            return (f"the measured placement's best ({auto['setting']}, {auto['seconds']:.3g} s) "
+                    f"measured slower")
+        return None
+
     def entry(self, one_mode: bool, started: float) -> dict[str, Any]:
         s = self.search
         modes = {m: e for m in MODES if (e := self.mode_entry(m)) is not None}
-        if "fp32" in modes and "auto" not in modes and s.stopped is None:
+        why = self.fp32_for_auto(modes) if s.stopped is None else None
+        if why is not None:
             same = {k: v for k, v in modes["fp32"].items() if k not in ("table", "skipped")}
             if one_mode:  # the measured placement is ONNX Runtime fp32: one search served both
                 modes["auto"] = {**same, "same_as": "fp32"}
-            else:  # the measured placement ran, and none of its settings stayed within the budget
-                modes["auto"] = {**same, "same_as": "fp32", "precision": "fp32",
-                                 "why": "no setting in the measured placement stayed within the budget",
+            else:  # the fp32 search's setting, run in fp32, is the fastest faithful one
+                modes["auto"] = {**same, "same_as": "fp32", "precision": "fp32", "why": why,
                                  "table": self.table("auto"), "skipped": self.skipped.get("auto", {})}
         base = s.progress.row("fp32", self.baseline)
         return {"budget_db": self.options.budget_db, "complete": s.stopped is None, "stopped": s.stopped,
