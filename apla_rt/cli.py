@@ -19,6 +19,7 @@ from .backends.precision import PRECISION_HELP, PRECISIONS
 from .backends.placement import BACKEND_HELP, BACKENDS, check_threads
 from .folder.manifest import Manifest
 from .sampling.deepcache import SCHEDULES
+from .tune.options import REFERENCE_STEPS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -395,7 +396,7 @@ def _placement_lines(manifest: Any, placement: Any) -> list[str]:
 @click.option("--solvers", help="Solvers to try, comma-separated [default: ddim,dpmpp-2m,unipc].")
 @click.option("--steps", "steps_list", help="Step counts to try [default: 10,15,20,25,30,40,50].")
 @click.option("--cache-intervals", help="DeepCache intervals to try, 1 = off [default: 1,2,3,4].")
-@click.option("--reference-steps", type=click.IntRange(1, 1000), default=200, show_default=True,
+@click.option("--reference-steps", type=click.IntRange(1, 1000), default=REFERENCE_STEPS, show_default=True,
               help="DDIM steps of the reference solution (docs/tune.md).")
 @click.option("--force", is_flag=True, help="Tune again where this machine has a tuned setting.")
 @click.option("--quiet", is_flag=True, help="No progress bars, no summary.")

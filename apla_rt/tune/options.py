@@ -16,7 +16,7 @@ from ..sampling.settings import SamplingSettings, check_steps
 from ..sampling.solvers import SOLVERS, check_solver, noise_timestep
 
 # DDIM steps of the reference solution; docs/tune.md measures it against DDIM 500
-REFERENCE_STEPS = 200
+REFERENCE_STEPS = 400
 BASELINE_STEPS = 50  # DDIM 50 in fp32: Tune-A-Video's sampler, the fidelity to keep
 DEFAULT_BUDGET_DB = 1.0
 DEFAULT_MINUTES = 60.0
