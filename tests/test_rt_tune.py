@@ -260,14 +260,18 @@ def test_auto_runs_fp32_where_nothing_in_the_measured_placement_stayed_within_bu
     DDIM 50 itself missed): the default then opens the networks in fp32, not in the placement."""
     folder = tmp_path / "engine"
     shutil.copytree(tuned.folder, folder)
-    with Pipeline.open(folder, threads=2) as pipe:  # as tuned: the measured placement
-        assert all("measured" in c.why for c in pipe.placement.networks.values()), pipe.placement
     data = json.loads((folder / "tuned.json").read_text())
     entry = next(iter(data["machines"].values()))
     fp32 = {k: v for k, v in entry["modes"]["fp32"].items() if k not in ("table", "skipped")}
-    entry["modes"]["auto"] = {**fp32, "same_as": "fp32", "precision": "fp32", "why": "none within",
-                              "table": [], "skipped": {}}
-    (folder / "tuned.json").write_text(json.dumps(data))
+
+    def auto_entry(**extra) -> None:
+        entry["modes"]["auto"] = {**fp32, **extra}
+        (folder / "tuned.json").write_text(json.dumps(data))
+
+    auto_entry()  # a setting of the measured placement's own
+    with Pipeline.open(folder, threads=2) as pipe:
+        assert all("measured" in c.why for c in pipe.placement.networks.values()), pipe.placement
+    auto_entry(same_as="fp32", precision="fp32", why="none within", table=[], skipped={})
     with Pipeline.open(folder, threads=2) as pipe:
         assert pipe.placement.describe_precision() == "fp32"
         assert not any("measured" in c.why for c in pipe.placement.networks.values()), pipe.placement
