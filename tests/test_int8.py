@@ -7,7 +7,7 @@ accuracy control that could revert layers to float takes far longer than a test 
 candidate is an OpenVINO compile). So the passing folder is made with a budget of
 ``TEST_MAX_DROP_DB`` (recorded in the folder and shown by the runtime), and a failed record
 is made by the real path under a tiny time limit; the fidelity under the default budget on a
-trained model is a benchmark (docs/benchmarks.md, "int8 (issue 25)").
+trained model is a benchmark (docs/benchmarks.md, "int8 under accuracy control").
 """
 
 from __future__ import annotations
