@@ -203,6 +203,7 @@ def test_a_replica_killed_mid_request_is_replaced_and_the_request_retried(server
                 break
             time.sleep(0.2)
         assert info.get("in_flight", 0) >= 1 and not pending.done(), info
+        assert len(info["in_flight_s"]) == info["in_flight"] and 0 <= info["in_flight_s"][0] < 30, info
         os.kill(info["pid"], signal.SIGKILL)
         status, headers, data = pending.result()
     assert status == 200 and headers.get("x-apla-retried") == "1", (status, headers, data[:300])

@@ -226,7 +226,8 @@ class AplaServer:
         batcher.set_max_batch_size(o.max_batch)
         batcher.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
         self.node_id = _node_id()
-        self.in_flight = 0  # accepted /generate requests not yet answered
+        self.accepted: dict[int, float] = {}  # accepted /generate requests not yet answered: when
+        self.accepted_count = 0
         self.batch_seconds = 1.0  # the last batch's duration, for Retry-After
 
     def check_health(self) -> None:
@@ -240,7 +241,8 @@ class AplaServer:
             return _json(200, {"ok": True})
         if path == "/info" and method == "GET":
             return _json(200, {**self.pipe.summary(), "pid": os.getpid(), "node_id": self.node_id,
-                               "in_flight": self.in_flight, "serve": asdict(self.settings)})
+                               "in_flight": self.in_flight, "in_flight_s": self.in_flight_ages(),
+                               "serve": asdict(self.settings)})
         if path == "/generate" and method == "POST":
             return await self._generate(body, timeout_header)
         if path in ("/healthz", "/info", "/generate"):
@@ -255,7 +257,9 @@ class AplaServer:
             return _error(503, f"{self.in_flight} requests are already waiting on this replica "
                                f"(--max-queue {o.max_queue}); retry in {retry} s",
                           {"Retry-After": str(retry)})
-        self.in_flight += 1
+        self.accepted_count += 1
+        key = self.accepted_count
+        self.accepted[key] = time.monotonic()
         try:
             try:
                 timeout = self._timeout(timeout_header)
@@ -270,7 +274,18 @@ class AplaServer:
             return Reply(200, data, CONTENT_TYPES[fmt], {"X-Apla-Seed": str(video.seed),
                                                          "X-Apla-Batch-Size": str(video.batch_size)})
         finally:
-            self.in_flight -= 1
+            del self.accepted[key]
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted /generate requests not yet answered (running, batched or waiting)."""
+        return len(self.accepted)
+
+    def in_flight_ages(self) -> list[float]:
+        """How long each request in flight has been in this replica, in seconds, oldest first
+        (``GET /info``: a stuck request shows as an old one)."""
+        now = time.monotonic()
+        return sorted((round(now - t, 3) for t in self.accepted.values()), reverse=True)
 
     def _timeout(self, given: str | None) -> float:
         timeout = self.settings.timeout_s
