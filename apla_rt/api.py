@@ -156,12 +156,12 @@ class Pipeline:
         if not o.use_vgt:
             names = tuple(n for n in names if n != "vgt")
         precision = "fp32" if o.exact else o.precision
-        placed = _placed_precision(engine_dir, backend, precision, o, threads)
-        engine = Engine.open(engine_dir, "ort-cpu" if o.exact and backend == "auto" else backend,
+        manifest = Manifest.open(engine_dir)
+        tuned = None if o.exact or o.for_inversion else tuned_for(manifest, backend, precision, threads)
+        engine = Engine.open(manifest, "ort-cpu" if o.exact and backend == "auto" else backend,
                              names, threads, None, guidance_batch=not o.for_inversion,
-                             precision=placed)
+                             precision=_placed_precision(tuned, backend, precision))
         try:
-            tuned = None if o.exact or o.for_inversion else tuned_for(engine.manifest, backend, precision, threads)
             pipe = cls(engine, o.use_vgt, o.max_batch, tuned)
             if not o.for_inversion:
                 pipe.warm_up(o.cache)
@@ -394,16 +394,13 @@ def tuned_for(manifest: Manifest, backend: str, precision: str, threads: int | N
     return {**chosen, "mode": precision, "budget_db": entry.get("budget_db")}
 
 
-def _placed_precision(engine_dir: str | os.PathLike, backend: str, precision: str, o: Opening,
-                      threads: int | None) -> str:
+def _placed_precision(tuned: dict[str, Any] | None, backend: str, precision: str) -> str:
     """The precision the networks are placed in: ``precision``, but "fp32" for ``--backend auto
-    --precision auto`` where a tune found that no setting in the measured placement stays within
-    its budget (the fp32 search's setting then runs in fp32)."""
-    if o.exact or o.for_inversion or (backend, precision) != ("auto", "auto"):
-        return precision
-    manifest = Manifest.open(engine_dir)
-    tuned = tuned_for(manifest, "auto", "auto", threads)
-    return "fp32" if tuned is not None and tuned.get("precision") == "fp32" else "auto"
+    --precision auto`` where the tune found that no setting in the measured placement stays
+    within its budget (``tuned``, its entry, then holds the fp32 search's setting, run in fp32)."""
+    if (backend, precision) == ("auto", "auto") and tuned is not None and tuned.get("precision") == "fp32":
+        return "fp32"
+    return precision
 
 
 def tuned_line(pipe: Pipeline) -> str | None:

@@ -165,15 +165,6 @@ def child(kind: str, args: dict[str, Any], threads: int, tmp: Path) -> dict[str,
     return json.loads(out.read_text())
 
 
-def lscpu() -> dict[str, str]:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {"model": "unknown", "flags": ""}
-    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {"model": info.get("Model name", "").strip(), "flags": info.get("Flags", "").strip()}
-
-
 def tuned_entry(engine: Path, threads: int) -> dict[str, Any] | None:
     from apla_rt.backends.choice import machine_key
     from apla_rt.folder.manifest import Manifest
@@ -407,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.repeat < 1:
         p.error("--repeat must be at least 1")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    from benchmarks.cpu_backends import lscpu
+
     cpu = lscpu()
     report: dict[str, Any] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
