@@ -49,14 +49,11 @@ def default_clip() -> Path:
     return shared if shared.is_file() else ROOT / "examples" / "man-skiing.mp4"
 
 
-def until(what: str, check: Callable[[], Any], deadline: float, every: float = 0.25) -> Any:
-    """Poll ``check`` until it returns something true (the time it did is the caller's)."""
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise SystemExit(f"error: timed out waiting for {what}")
+def until(what: str, check: Callable[[], Any], deadline: float) -> Any:
+    """Poll ``check`` every quarter second until it returns something true."""
+    from ui_helpers import wait_for
+
+    return wait_for(what, check, max(deadline - time.monotonic(), 1.0), every=0.25)
 
 
 def cycle(page: Any, url: str, clip: Path, prompt: str, edit: str, deadline: float) -> dict[str, Any]:
@@ -146,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     page = browser.new_page(viewport={"width": 1200, "height": 860})
                     result = cycle(page, server.url, clip, args.prompt, args.edit, deadline)
+                except AssertionError as err:  # a wait timed out
+                    raise SystemExit(f"error: {err}") from None
                 finally:
                     browser.close()
         finally:
