@@ -226,11 +226,13 @@ def test_cancel_a_running_export_keeps_nothing(server, ski):
 def test_public_host_needs_auth(tmp_path):
     from apla_ui.cli import is_loopback, main
 
-    for args, expected in ((["--host", "0.0.0.0"], "--host 0.0.0.0 would open the page beyond this machine"),
-                           (["--host", "192.168.1.7", "--auth", "admin"], "--auth must be USER:PASSWORD"),
-                           (["--host", "::", "--auth", ":secret"], "--auth must be USER:PASSWORD")):
+    # documentation addresses (RFC 5737, RFC 3849): no interface here has them, so even a broken
+    # refusal could not listen anywhere
+    for args, expected in ((["--host", "192.0.2.7"], "--host 192.0.2.7 would open the page beyond this machine"),
+                           (["--host", "192.0.2.8", "--auth", "admin"], "--auth must be USER:PASSWORD"),
+                           (["--host", "2001:db8::7", "--auth", ":secret"], "--auth must be USER:PASSWORD")):
         result = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), *args])
         assert result.exit_code == 2 and result.output.strip().startswith(f"error: {expected}"), result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "ws").exists()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+    assert not is_loopback("192.0.2.7") and not is_loopback("2001:db8::7") and not is_loopback("example.org")
