@@ -43,6 +43,13 @@ GENERATE_NETWORKS = ("text_encoder", "unet", "vgt", "vae_decoder")
 INVERT_NETWORKS = ("text_encoder", "unet", "vgt", "vae_encoder")
 
 
+def graphs_for(manifest: Manifest, networks: tuple[str, ...]) -> tuple[str, ...]:
+    """The graphs that run ``networks`` in this folder (``serving_graph``), the optional ones
+    (the VGT, the cache graphs) where the folder has them."""
+    return tuple(dict.fromkeys(serving_graph(manifest, n) for n in networks
+                               if manifest.has(n) or n not in ("vgt", *CACHE_NETWORKS)))
+
+
 class Engine:
     """An engine folder opened for sampling: its manifest, where its networks run
     (``placement``), their runners (``pool``), the tokenizer and the run's ``timings``."""
@@ -65,8 +72,7 @@ class Engine:
         timings = timings or Timings()
         with timings("load"):
             manifest = engine_dir if isinstance(engine_dir, Manifest) else Manifest.open(engine_dir)
-            present = tuple(dict.fromkeys(serving_graph(manifest, n) for n in networks
-                                          if manifest.has(n) or n not in ("vgt", *CACHE_NETWORKS)))
+            present = graphs_for(manifest, networks)
             placement = place(manifest, present, backend, precision, threads,
                               guidance_batch=guidance_batch)
         engine = cls(manifest, placement, timings)

@@ -1,8 +1,9 @@
 """int8 models checked before they are trusted: ``apla-export --int8`` (a new export) and
 ``apla-export --int8 --engine-dir DIR`` (an existing engine folder) quantize the UNet graphs
 the runtime runs (``unet_feature``, which serves every full UNet call where the folder has it,
-else ``unet``; and ``unet_shallow``) and the VAE decoder with NNCF for OpenVINO, under accuracy control, and record each network's end-to-end
-fidelity in the manifest (``apla_rt.folder.int8``).
+else ``unet``; and ``unet_shallow``) and the VAE decoder with NNCF for OpenVINO, under accuracy
+control, and record each network's end-to-end fidelity in the manifest
+(``apla_rt.folder.int8``).
 
 * **Calibration** from the model's own sampling trajectories: the runtime itself
   (``apla_rt.Pipeline`` on the folder's fp32 ONNX, ONNX Runtime) samples ``CALIBRATION``: the

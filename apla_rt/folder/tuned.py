@@ -42,12 +42,15 @@ def read_tuned(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in data["machines"].items() if isinstance(v, dict)}
 
 
+def is_for(entry: Mapping[str, Any], machine: Mapping[str, Any]) -> bool:
+    """Whether ``entry`` was measured on ``machine`` (compared as JSON stores it)."""
+    return entry.get("machine") == json.loads(json.dumps(dict(machine)))
+
+
 def tuned_entry(folder: Path, machine: Mapping[str, Any]) -> dict[str, Any] | None:
     """This machine's entry, or None."""
     entry = read_tuned(folder).get(machine_id(machine))
-    if entry is None or entry.get("machine") != json.loads(json.dumps(dict(machine))):
-        return None
-    return entry
+    return entry if entry is not None and is_for(entry, machine) else None
 
 
 def write_tuned(folder: Path, machine: Mapping[str, Any], entry: Mapping[str, Any]) -> Path:

@@ -3,7 +3,6 @@ where it differs, then the folder's ``tuned.json`` entry (``run_tune``)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,11 +13,11 @@ from typing import Any, Callable, Iterator, Mapping
 from ..api import Pipeline
 from ..backends.choice import machine_key
 from ..backends.placement import Placement, place
-from ..backends.placement import serving_graph
+from ..engine import GENERATE_NETWORKS, graphs_for
 from ..errors import AplaError, OutputExistsError
 from ..folder.atomic import check_writable
 from ..folder.manifest import Manifest
-from ..folder.tuned import TUNED_NAME, read_tuned, tuned_entry, write_tuned
+from ..folder.tuned import TUNED_NAME, is_for, read_tuned, tuned_entry, write_tuned
 from ..sampling.deepcache import NETWORKS as CACHE_NETWORKS
 from ..sampling.settings import SamplingSettings
 from .options import BASELINE_STEPS, TuneOptions, cases_for, label, room
@@ -29,10 +28,7 @@ MODES = ("fp32", "auto")
 
 def _networks(manifest: Manifest, cache: bool) -> tuple[str, ...]:
     """The graphs a tuned generate runs."""
-    names = [serving_graph(manifest, "unet"), "text_encoder", "vae_decoder"]
-    names += ["vgt"] if manifest.has("vgt") else []
-    names += [CACHE_NETWORKS[1]] if cache else []
-    return tuple(dict.fromkeys(names))
+    return graphs_for(manifest, GENERATE_NETWORKS + (CACHE_NETWORKS if cache else ()))
 
 
 def _all_fp32(placement: Placement) -> bool:
@@ -234,7 +230,7 @@ def tuned_here(manifest: Manifest) -> list[tuple[int | None, str]]:
     out = []
     for entry in read_tuned(manifest.root).values():
         threads = entry.get("machine", {}).get("threads")
-        if entry.get("machine") != json.loads(json.dumps(machine_key(manifest, threads))):
+        if not is_for(entry, machine_key(manifest, threads)):
             continue
         modes = entry.get("modes", {})
         chosen = "; ".join(f"{m}: {e.get('setting')} ({e.get('speedup')}x DDIM 50 fp32)"

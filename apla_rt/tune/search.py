@@ -29,14 +29,14 @@ SLACK = 0.15
 UNIT_STEPS = 4  # steps of the short runs that measure the time per UNet call (``Units``)
 IDENTICAL_DB = 999.0  # the PSNR recorded for identical frames
 PROGRESS_FORMAT = "apla-tune-progress/1"
-CONFIRM_ROUNDS, CONFIRM_MAX = 2, 3
+CONFIRM_ROUNDS, CONFIRM_MAX = 2, 3  # the side-by-side timing of the fastest passing settings
 # A setting that missed by more than this without the cache is not tried with it: DeepCache
 # approximates the full UNet's steps, and brought a setting closer to the 500-step reference in
 # 14 of 240 pairs of docs/fast_sampling_table.txt, by at most 1.14 dB.
 CACHE_GAIN_DB = 1.5
 # A setting that missed in fp32 by more than this is not tried in auto: a lower precision adds
 # an error of its own (the bf16 UNet moved the tiny run's frames by 52 dB PSNR, issue 25).
-PRECISION_GAIN_DB = 0.5  # the side-by-side timing of the fastest passing settings
+PRECISION_GAIN_DB = 0.5
 
 
 class Progress:
@@ -209,11 +209,12 @@ class Search:
 
     def reference(self, bench: Bench, steps: int) -> None:
         """Each case's reference frames: kept from the progress folder, else sampled now."""
-        missing = [c for c in self.cases if self.progress.reference(c.name) is None]
+        kept_frames = {c.name: self.progress.reference(c.name) for c in self.cases}
+        missing = [name for name, frames in kept_frames.items() if frames is None]
         bar = self.bars(f"reference (DDIM {steps} fp32)", steps * len(missing))
         try:
             for case in self.cases:
-                kept = self.progress.reference(case.name)
+                kept = kept_frames[case.name]
                 if kept is None:
                     if self.out_of_time():
                         return
